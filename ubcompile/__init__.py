@@ -1,0 +1,16 @@
+"""ubcompile: a torch.compile backend with unbiased, sampled vector-Jacobian products.
+
+    model = torch.compile(model, backend=ubcompile.backend(p=0.25))
+"""
+
+from ._torch_private import check_torch_version
+
+check_torch_version()
+
+from .backend import Backend, backend  # noqa: E402
+from .config import GRAD_MODES, SamplingConfig  # noqa: E402
+from .explain import explain  # noqa: E402
+from .report import GemmEntry, Report  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["Backend", "GRAD_MODES", "GemmEntry", "Report", "SamplingConfig", "backend", "explain"]

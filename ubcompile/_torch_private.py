@@ -1,0 +1,94 @@
+"""Every torch-private API ubcompile touches, in one place.
+
+Each name below is an import from a private torch module whose location or signature has moved
+between releases. Keeping them here means a torch upgrade breaks one file, not the passes.
+Supported: torch 2.11 through 2.13.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.fx
+
+from torch._functorch import config as _functorch_config
+from torch._guards import detect_fake_mode
+from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch._inductor.decomposition import select_decomp_table
+from torch.fx.experimental.proxy_tensor import make_fx
+
+SUPPORTED_TORCH = ((2, 11), (2, 13))
+
+__all__ = [
+    "CustomGraphPass",
+    "check_torch_version",
+    "compile_with_joint_pass",
+    "fake_mode_of",
+    "trace_with_fake",
+]
+
+
+def check_torch_version(version: str = torch.__version__) -> None:
+    """Raise ImportError unless ``version`` is within :data:`SUPPORTED_TORCH`."""
+    major, minor = (int(part) for part in version.split("+")[0].split(".")[:2])
+    lo, hi = SUPPORTED_TORCH
+    if not lo <= (major, minor) <= hi:
+        raise ImportError(
+            f"ubcompile supports torch {lo[0]}.{lo[1]} through {hi[0]}.{hi[1]}, found {version}. "
+            f"Install a supported release, e.g. `pip install torch=={hi[0]}.{hi[1]}.0`."
+        )
+
+
+def fake_mode_of(graph: torch.fx.Graph) -> Any:
+    """The FakeTensorMode that produced the ``meta["val"]`` of ``graph``'s placeholders."""
+    vals = [n.meta["val"] for n in graph.nodes if n.op == "placeholder" and "val" in n.meta]
+    mode = detect_fake_mode(vals)
+    if mode is None:
+        raise RuntimeError("the joint graph carries no fake tensors in meta['val']")
+    return mode
+
+
+def trace_with_fake(fn: Callable[..., Any], fake_args: Sequence[Any]) -> torch.fx.GraphModule:
+    """Trace ``fn`` to ATen ops after Inductor's decompositions, reusing the fake mode of ``fake_args``.
+
+    The traced nodes carry ``meta["val"]`` in the same fake mode (and shape environment) as the
+    graph the arguments came from, so they can be copied into it as they are.
+    """
+    return make_fx(fn, decomposition_table=select_decomp_table(), tracing_mode="fake")(*fake_args)
+
+
+@contextlib.contextmanager
+def _no_autograd_cache() -> Iterator[None]:
+    # An AOTAutograd cache hit skips the joint graph, so the pass (and its report) would not run.
+    with _functorch_config.patch(enable_autograd_cache=False):
+        yield
+
+
+def compile_with_joint_pass(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    joint_pass: CustomGraphPass | None,
+    on_backward_graph: Callable[[torch.fx.GraphModule], None],
+) -> Any:
+    """Compile ``gm`` with Inductor, running ``joint_pass`` on the AOTAutograd joint graph.
+
+    ``joint_pass`` runs inside Inductor's partitioning step, after ATen canonicalisation and
+    before Inductor's own joint-graph passes; the lazily compiled backward inherits the patch.
+    ``on_backward_graph`` receives each partitioned backward graph before it is lowered.
+    Inductor's FX-graph and AOTAutograd caches are off for these compiles: a hit would replay a
+    graph without running the pass, and its report would be empty.
+    """
+
+    def inner_compile(graph: torch.fx.GraphModule, inputs: Sequence[Any], **kwargs: Any) -> Any:
+        if kwargs.get("is_backward"):
+            on_backward_graph(graph)
+        return compile_fx_inner(graph, inputs, **kwargs)
+
+    patches: dict[str, Any] = {"fx_graph_cache": False}
+    if joint_pass is not None:
+        patches["joint_custom_pre_pass"] = joint_pass
+    with _no_autograd_cache():
+        return compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=patches)

@@ -1,0 +1,64 @@
+"""The ``torch.compile`` backend object."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.fx
+
+from ._torch_private import compile_with_joint_pass
+from .config import SamplingConfig
+from .passes import JointSamplingPass
+from .report import GraphReport, Report
+from .sampler import Sampler
+
+
+class Backend:
+    """A ``torch.compile`` backend that samples gradient GEMMs, then compiles with Inductor.
+
+    It keeps a :class:`~ubcompile.report.GraphReport` for every graph it compiled
+    (:meth:`report`), with the rewritten joint graph's code and the backward graph's code.
+    """
+
+    def __init__(self, config: SamplingConfig) -> None:
+        self.config = config
+        self.sampler = Sampler(config.seed)
+        self.graphs: list[GraphReport] = []
+
+    def __repr__(self) -> str:
+        return f"ubcompile.Backend({self.config})"
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
+        current: list[GraphReport] = []
+
+        def on_report(report: GraphReport) -> None:
+            current.append(report)
+            self.graphs.append(report)
+
+        def on_backward_graph(graph: torch.fx.GraphModule) -> None:
+            if current:
+                current[-1].backward_code = graph.print_readable(print_output=False)
+
+        joint_pass = JointSamplingPass(self.config, self.sampler.id, on_report)
+        return compile_with_joint_pass(gm, example_inputs, joint_pass, on_backward_graph)
+
+    def report(self) -> Report:
+        """What this backend did so far, over every graph it compiled."""
+        return Report(list(self.graphs))
+
+
+def backend(p: float = 0.25, *, grad: str = "weight", seed: Optional[int] = None, min_dim: int = 64) -> Backend:
+    """A ubcompile backend: ``torch.compile(model, backend=ubcompile.backend(p=0.25))``.
+
+    See :class:`~ubcompile.config.SamplingConfig` for the options. The default ``grad="weight"``
+    samples a fraction ``p`` of the batch/token rows of every weight-gradient GEMM and keeps the
+    propagated gradients exact; ``grad="both"`` samples a fraction ``p`` of each layer's output
+    features for both of its gradient GEMMs (cheaper, noisier: the noise compounds with depth).
+    """
+    return Backend(SamplingConfig(p=p, grad=grad, seed=seed, min_dim=min_dim))
+
+
+def default_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
+    """Entry point for ``torch.compile(backend="ubcompile")``: a fresh default backend per compile."""
+    return backend()(gm, example_inputs)

@@ -1,0 +1,93 @@
+"""What the backend did to each graph it compiled, printable as a table."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from tabulate import tabulate
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmEntry:
+    """One backward GEMM: sampled (``k`` of ``n`` along ``axis``) or kept exact (with ``reason``)."""
+
+    module: str
+    role: str
+    shape: tuple  # (M, K, N) of the GEMM
+    exact_flops: int
+    sampled_flops: int
+    axis: Optional[str] = None
+    n: Optional[int] = None
+    k: Optional[int] = None
+    p: Optional[float] = None
+    reason: str = ""
+
+    @property
+    def sampled(self) -> bool:
+        return self.axis is not None
+
+
+@dataclasses.dataclass
+class GraphReport:
+    """The rewrite of one AOTAutograd joint graph and the backward graph compiled from it."""
+
+    entries: list[GemmEntry]
+    joint_code: str = ""
+    backward_code: str = ""
+
+
+def _fmt_flops(flops: int) -> str:
+    return f"{flops / 1e9:.3f}"
+
+
+@dataclasses.dataclass
+class Report:
+    """All graphs one backend compiled. ``str(report)`` is a table; graph code is kept too."""
+
+    graphs: list[GraphReport]
+
+    @property
+    def entries(self) -> list[GemmEntry]:
+        return [e for g in self.graphs for e in g.entries]
+
+    @property
+    def sampled(self) -> list[GemmEntry]:
+        return [e for e in self.entries if e.sampled]
+
+    @property
+    def declined(self) -> list[GemmEntry]:
+        return [e for e in self.entries if not e.sampled]
+
+    @property
+    def exact_flops(self) -> int:
+        return sum(e.exact_flops for e in self.entries)
+
+    @property
+    def sampled_flops(self) -> int:
+        return sum(e.sampled_flops for e in self.entries)
+
+    @property
+    def flop_ratio(self) -> float:
+        """Backward GEMM FLOPs after rewriting / before (1.0 when there are none)."""
+        return self.sampled_flops / self.exact_flops if self.exact_flops else 1.0
+
+    @property
+    def backward_code(self) -> str:
+        return "\n\n".join(g.backward_code for g in self.graphs if g.backward_code)
+
+    def table(self) -> str:
+        rows = [
+            [e.module, e.role, "x".join(map(str, e.shape)),
+             f"{e.k}/{e.n} {e.axis}" if e.sampled else "exact",
+             _fmt_flops(e.exact_flops), _fmt_flops(e.sampled_flops), e.reason]
+            for e in self.entries
+        ]
+        headers = ["module", "gemm", "M x K x N", "kept", "GFLOP exact", "GFLOP sampled", "declined because"]
+        summary = (f"backward GEMM FLOPs: {_fmt_flops(self.sampled_flops)} / {_fmt_flops(self.exact_flops)} "
+                   f"GFLOP = {self.flop_ratio:.3f} of exact; {len(self.sampled)} sampled, "
+                   f"{len(self.declined)} exact")
+        return tabulate(rows, headers=headers) + "\n" + summary
+
+    def __str__(self) -> str:
+        return self.table()

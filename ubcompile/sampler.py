@@ -1,0 +1,68 @@
+"""The backend's own random state, and the graph op that draws from it.
+
+Compiled backward graphs call ``torch.ops.ubcompile.uniform_indices`` to draw the kept indices.
+The op draws from a generator owned by the backend (one per device), never from torch's global
+generator, so sampling does not shift the user's dropout masks or data order.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .sketches.uniform import uniform_subset
+
+_SEED_SALT = 0x5EED_0BC0  # keeps the backend's stream apart from torch's stream for the same seed
+_samplers: dict[int, "Sampler"] = {}
+_ids = itertools.count()
+
+
+class Sampler:
+    """Per-device generators seeded from ``seed``, or from ``torch.initial_seed()`` when ``None``.
+
+    With ``seed=None`` the seed is read at the first draw, so ``torch.manual_seed(s)`` before
+    training reproduces the run (``torch.initial_seed`` reads the seed without drawing from it).
+    """
+
+    def __init__(self, seed: Optional[int] = None) -> None:
+        self.seed = seed
+        self.id = next(_ids)
+        self._generators: dict[torch.device, torch.Generator] = {}
+        _samplers[self.id] = self
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        gen = self._generators.get(device)
+        if gen is None:
+            base = torch.initial_seed() if self.seed is None else self.seed
+            gen = torch.Generator(device=device)
+            gen.manual_seed((base ^ _SEED_SALT) % (2**63))
+            self._generators[device] = gen
+        return gen
+
+
+def sampler(sampler_id: int) -> Sampler:
+    try:
+        return _samplers[sampler_id]
+    except KeyError:
+        raise RuntimeError(
+            f"ubcompile sampler {sampler_id} does not exist in this process; a compiled graph was "
+            "replayed from a cache without its backend. Clear torch's compile caches."
+        ) from None
+
+
+@torch.library.custom_op("ubcompile::uniform_indices", mutates_args=())
+def uniform_indices(anchor: Tensor, n: int, k: int, sampler_id: int, site: int) -> Tensor:
+    """``k`` sorted indices drawn uniformly from ``range(n)`` on ``anchor``'s device.
+
+    ``anchor`` (the cotangent being sampled) fixes the device and orders the draw after the
+    cotangent exists; ``site`` tells the draws of different layers apart so no pass merges them.
+    """
+    return uniform_subset(n, k, sampler(sampler_id).generator(anchor.device), anchor.device)
+
+
+@uniform_indices.register_fake
+def _(anchor: Tensor, n: int, k: int, sampler_id: int, site: int) -> Tensor:
+    return anchor.new_empty((k,), dtype=torch.long)

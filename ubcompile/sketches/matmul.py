@@ -1,0 +1,40 @@
+"""Matrix products with one axis sampled by a diagonal sketch ``S`` (``E[S] = I``).
+
+The sketch keeps the indices ``idx`` (a subset of ``range(n)``) with weight ``scale`` each:
+``S = scale * sum_{j in idx} e_j e_j^T``. For the uniform fixed-size sketch ``scale = n / k``.
+Both functions produce exactly the result of inserting ``S`` in the product, but as smaller
+dense GEMMs on the kept indices: the zero rows/columns of ``S`` are never multiplied.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+from torch import Tensor
+
+Scale = Union[float, Tensor]
+
+
+def sampled_contraction(x: Tensor, y: Tensor, idx: Tensor, scale: Scale) -> Tensor:
+    """``x @ S @ y`` for ``x: (M, n)``, ``y: (n, N)``: column-row sampling of the contraction.
+
+    ``x @ y = sum_j x[:, j] y[j, :]``; the estimator keeps the terms in ``idx``:
+    ``scale * x[:, idx] @ y[idx, :]``, a GEMM of inner size ``k`` instead of ``n``.
+    Unbiased when every ``j`` is kept with probability ``1 / scale``. Its variance for the uniform
+    sketch is :func:`ubcompile.sketches.uniform.uniform_variance` of the terms ``x[:, j] y[j, :]``.
+    """
+    return (x[:, idx] * scale) @ y[idx, :]
+
+
+def sampled_output(x: Tensor, y: Tensor, idx: Tensor, scale: Scale, dim: int) -> Tensor:
+    """``S @ (x @ y)`` (``dim = 0``) or ``(x @ y) @ S`` (``dim = 1``): sampled output rows or columns.
+
+    Only the kept rows (columns) are computed, by a GEMM with ``k`` instead of ``n`` rows
+    (columns), and scaled; the others are zero. Each entry is an independent Horvitz-Thompson
+    estimate ``scale * 1[j kept] * (x @ y)[j]``: unbiased, with variance
+    ``(scale - 1) * (x @ y)[j]^2`` per entry under uniform keep-probability ``1 / scale``.
+    """
+    if dim == 1:
+        return sampled_output(y.t(), x.t(), idx, scale, 0).t()
+    rows = (x[idx, :] * scale) @ y
+    return rows.new_zeros((x.shape[0], y.shape[1])).index_put((idx,), rows)

@@ -1,0 +1,44 @@
+"""The uniform fixed-size sketch: keep ``k`` of ``n`` indices uniformly without replacement.
+
+Every index is kept with probability ``k / n``, so weighting the kept ones by ``n / k`` gives
+``E[S] = I``. The size is fixed (exactly ``k``), which keeps tensor shapes static in compiled graphs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def keep_count(n: int, p: float) -> int:
+    """``k = ceil(p * n)``, at least 1, with ``p * n`` rounded to 9 decimals against float noise."""
+    return max(1, math.ceil(round(p * n, 9)))
+
+
+def uniform_subset(n: int, k: int, generator: Optional[torch.Generator] = None,
+                   device: Optional[torch.device] = None) -> Tensor:
+    """``k`` distinct indices drawn uniformly from ``range(n)``, sorted ascending (int64).
+
+    Sorting changes nothing statistically and makes the gathers that use the indices walk memory
+    in order.
+    """
+    perm = torch.randperm(n, generator=generator, device=device)
+    return perm[:k].sort().values
+
+
+def uniform_variance(terms: Tensor, k: int) -> Tensor:
+    """Exact variance of ``(n / k) * sum_{j in idx} terms[j]`` as an estimator of ``terms.sum(0)``.
+
+    ``terms`` has the ``n`` summands along dim 0 (any trailing shape); the variance is elementwise.
+    For simple random sampling without replacement of ``k`` of ``n`` terms,
+    ``Var = n^2 (1 - k/n) s^2 / k`` with ``s^2 = sum_j (t_j - mean t)^2 / (n - 1)``;
+    it is zero at ``k = n``.
+    """
+    n = terms.shape[0]
+    if n == 1:
+        return torch.zeros_like(terms[0])
+    s2 = terms.var(dim=0, unbiased=True)
+    return n * n * (1.0 - k / n) * s2 / k
