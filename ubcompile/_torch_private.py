@@ -13,7 +13,10 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.fx
 
+from torch._dynamo.backends.common import aot_autograd
 from torch._functorch import config as _functorch_config
+from torch._functorch.aot_autograd import make_boxed_func
+from torch._functorch.partitioners import default_partition
 from torch._guards import detect_fake_mode
 from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 from torch._inductor.custom_graph_pass import CustomGraphPass
@@ -25,6 +28,7 @@ SUPPORTED_TORCH = ((2, 11), (2, 13))
 __all__ = [
     "CustomGraphPass",
     "check_torch_version",
+    "compile_eager_with_joint_pass",
     "compile_with_joint_pass",
     "fake_mode_of",
     "trace_with_fake",
@@ -92,3 +96,33 @@ def compile_with_joint_pass(
         patches["joint_custom_pre_pass"] = joint_pass
     with _no_autograd_cache():
         return compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=patches)
+
+
+def compile_eager_with_joint_pass(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    joint_pass: CustomGraphPass | None,
+    on_backward_graph: Callable[[torch.fx.GraphModule], None],
+) -> Any:
+    """Like :func:`compile_with_joint_pass`, but the partitioned graphs run eagerly (no Inductor).
+
+    AOTAutograd traces the joint graph with Inductor's decompositions, ``joint_pass`` rewrites it
+    inside the partition function, and the forward and backward graphs run op by op: the
+    ``aot_eager`` reference for the Inductor-compiled result.
+    """
+
+    def partition(joint_module: torch.fx.GraphModule, joint_inputs: Any, **kwargs: Any) -> Any:
+        if joint_pass is not None:
+            joint_pass(joint_module.graph)
+            joint_module.recompile()
+        forward, backward = default_partition(joint_module, joint_inputs, **kwargs)
+        on_backward_graph(backward)
+        return forward, backward
+
+    def run_eagerly(graph: torch.fx.GraphModule, _inputs: Sequence[Any]) -> Any:
+        return make_boxed_func(graph.forward)
+
+    compiler = aot_autograd(fw_compiler=run_eagerly, bw_compiler=run_eagerly, partition_fn=partition,
+                            decompositions=select_decomp_table())
+    with _no_autograd_cache():
+        return compiler(gm, example_inputs)

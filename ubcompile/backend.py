@@ -7,7 +7,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.fx
 
-from ._torch_private import compile_with_joint_pass
+from ._torch_private import compile_eager_with_joint_pass, compile_with_joint_pass
 from .config import SamplingConfig
 from .passes import JointSamplingPass
 from .report import GraphReport, Report
@@ -41,14 +41,16 @@ class Backend:
                 current[-1].backward_code = graph.print_readable(print_output=False)
 
         joint_pass = JointSamplingPass(self.config, self.sampler.id, on_report)
-        return compile_with_joint_pass(gm, example_inputs, joint_pass, on_backward_graph)
+        compile_fn = compile_with_joint_pass if self.config.compiler == "inductor" else compile_eager_with_joint_pass
+        return compile_fn(gm, example_inputs, joint_pass, on_backward_graph)
 
     def report(self) -> Report:
         """What this backend did so far, over every graph it compiled."""
         return Report(list(self.graphs))
 
 
-def backend(p: float = 0.25, *, grad: str = "weight", seed: Optional[int] = None, min_dim: int = 64) -> Backend:
+def backend(p: float = 0.25, *, grad: str = "weight", seed: Optional[int] = None, min_dim: int = 64,
+            compiler: str = "inductor") -> Backend:
     """A ubcompile backend: ``torch.compile(model, backend=ubcompile.backend(p=0.25))``.
 
     See :class:`~ubcompile.config.SamplingConfig` for the options. The default ``grad="weight"``
@@ -56,7 +58,7 @@ def backend(p: float = 0.25, *, grad: str = "weight", seed: Optional[int] = None
     propagated gradients exact; ``grad="both"`` samples a fraction ``p`` of each layer's output
     features for both of its gradient GEMMs (cheaper, noisier: the noise compounds with depth).
     """
-    return Backend(SamplingConfig(p=p, grad=grad, seed=seed, min_dim=min_dim))
+    return Backend(SamplingConfig(p=p, grad=grad, seed=seed, min_dim=min_dim, compiler=compiler))
 
 
 def default_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:

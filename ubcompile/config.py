@@ -7,6 +7,9 @@ import math
 import numbers
 from typing import Optional
 
+COMPILERS = ("inductor", "eager")
+"""What compiles the rewritten graphs: Inductor, or nothing (``aot_eager``-style, for reference)."""
+
 GRAD_MODES = ("weight", "both")
 """Where the sketch is applied.
 
@@ -30,12 +33,14 @@ class SamplingConfig:
         min_dim: minimum-size rule. A GEMM ``(M x K) @ (K x N)`` is sampled only if each of
             ``M``, ``K`` and ``N`` is at least ``min_dim`` (so a 10-way classifier head stays exact:
             its few kept features would not pay for the gathers).
+        compiler: one of :data:`COMPILERS`.
     """
 
     p: float = 0.25
     grad: str = "weight"
     seed: Optional[int] = None
     min_dim: int = 64
+    compiler: str = "inductor"
 
     def __post_init__(self) -> None:
         p = self.p
@@ -46,6 +51,8 @@ class SamplingConfig:
         object.__setattr__(self, "p", float(p))
         if self.grad not in GRAD_MODES:
             raise ValueError(f"grad must be one of {', '.join(map(repr, GRAD_MODES))}, got {self.grad!r}")
+        if self.compiler not in COMPILERS:
+            raise ValueError(f"compiler must be one of {', '.join(map(repr, COMPILERS))}, got {self.compiler!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise TypeError(f"seed must be an int or None, got {self.seed!r}")
         if isinstance(self.min_dim, bool) or not isinstance(self.min_dim, int) or self.min_dim < 1:
