@@ -38,7 +38,7 @@ class Backend:
 
         def on_backward_graph(graph: torch.fx.GraphModule) -> None:
             if current:
-                current[-1].backward_code = graph.print_readable(print_output=False)
+                current[-1].backward_graph = _snapshot(graph)
 
         joint_pass = JointSamplingPass(self.config, self.sampler.id, on_report)
         compile_fn = compile_with_joint_pass if self.config.compiler == "inductor" else compile_eager_with_joint_pass
@@ -47,6 +47,13 @@ class Backend:
     def report(self) -> Report:
         """What this backend did so far, over every graph it compiled."""
         return Report(list(self.graphs))
+
+
+def _snapshot(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of ``gm``'s node structure (meta shared), immune to Inductor's in-place passes."""
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return torch.fx.GraphModule(gm, graph)
 
 
 def backend(p: float = 0.25, *, grad: str = "weight", seed: Optional[int] = None, min_dim: int = 64,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+import torch.fx
 from tabulate import tabulate
 
 
@@ -34,7 +35,12 @@ class GraphReport:
 
     entries: list[GemmEntry]
     joint_code: str = ""
-    backward_code: str = ""
+    backward_graph: Optional[torch.fx.GraphModule] = None
+
+    @property
+    def backward_code(self) -> str:
+        """Readable code of the partitioned backward graph, as Inductor received it."""
+        return self.backward_graph.print_readable(print_output=False) if self.backward_graph is not None else ""
 
 
 def _fmt_flops(flops: int) -> str:

@@ -1,0 +1,57 @@
+import math
+
+import pytest
+import torch
+
+import ubcompile
+from ubcompile import SamplingConfig
+
+
+@pytest.mark.parametrize("p", [0, 0.0, -0.1, 1.0000001, 2, math.nan, math.inf, -math.inf])
+def test_p_out_of_range_is_value_error(p):
+    with pytest.raises(ValueError, match=r"p must be a real number in \(0, 1\]"):
+        ubcompile.backend(p=p)
+
+
+@pytest.mark.parametrize("p", ["0.5", None, True, [0.5], torch.tensor(0.5)])
+def test_p_not_a_real_is_type_error(p):
+    with pytest.raises(TypeError, match=r"p must be a real number in \(0, 1\]"):
+        ubcompile.backend(p=p)
+
+
+@pytest.mark.parametrize("p", [1, 1.0, 0.25, 1e-6])
+def test_p_valid(p):
+    assert ubcompile.backend(p=p).config.p == float(p)
+
+
+def test_unknown_grad_mode_lists_valid_ones():
+    with pytest.raises(ValueError, match="grad must be one of 'weight', 'both'"):
+        ubcompile.backend(grad="input-and-weight")
+
+
+def test_other_options_validated():
+    with pytest.raises(ValueError, match="compiler must be one of"):
+        ubcompile.backend(compiler="cudagraphs")
+    with pytest.raises(TypeError, match="seed"):
+        ubcompile.backend(seed="1")
+    with pytest.raises(ValueError, match="min_dim"):
+        ubcompile.backend(min_dim=0)
+
+
+def test_config_is_frozen():
+    config = SamplingConfig()
+    with pytest.raises(AttributeError):
+        config.p = 0.5  # type: ignore[misc]
+
+
+def test_default_is_weight_rows():
+    assert SamplingConfig() == SamplingConfig(p=0.25, grad="weight", seed=None, min_dim=64)
+
+
+def test_unsupported_torch_refused_with_a_message():
+    from ubcompile._torch_private import check_torch_version
+
+    check_torch_version("2.11.0+cu126")
+    check_torch_version("2.13.0+cpu")
+    with pytest.raises(ImportError, match="ubcompile supports torch 2.11 through 2.13, found 2.10.0"):
+        check_torch_version("2.10.0")

@@ -1,0 +1,115 @@
+"""Graph tests: which gradient GEMMs are rewritten, and into what shapes."""
+
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import ubcompile
+from ubcompile.config import SamplingConfig
+from ubcompile.passes import JointSamplingPass
+from ubcompile.passes.matching import FEATURES, ROWS, GemmSite, Role, backward_gemms
+
+from conftest import loss_of, make
+
+# (model, grad mode) -> (sampled, kept exact)
+EXPECTED_COUNTS = {
+    ("mlp", "weight"): (2, 3), ("mlp", "both"): (3, 2),
+    ("mlp_3d", "weight"): (2, 3), ("mlp_3d", "both"): (3, 2),
+    ("frozen_first", "weight"): (1, 2), ("frozen_first", "both"): (1, 2),
+    ("no_bias", "weight"): (2, 3), ("no_bias", "both"): (3, 2),
+}
+
+
+def explain(name, **options):
+    model, x = make(name)
+    return ubcompile.explain(model, x, loss_fn=loss_of, p=0.25, **options)
+
+
+def mm_operand_shapes(report):
+    (graph,) = [g.backward_graph for g in report.graphs]
+    return {tuple(tuple(a.meta["val"].shape) for a in n.args) for n in graph.graph.nodes
+            if n.target is torch.ops.aten.mm.default}
+
+
+@pytest.mark.parametrize("name, grad", sorted(EXPECTED_COUNTS))
+def test_rewrite_counts(name, grad):
+    report = explain(name, grad=grad)
+    assert (len(report.sampled), len(report.declined)) == EXPECTED_COUNTS[name, grad], report.table()
+    assert report.backward_code.count("torch.ops.ubcompile.uniform_indices") == (
+        len(report.sampled) if grad == "weight" else len({e.module for e in report.sampled}))
+
+
+def test_head_declined_by_min_dim_and_listed():
+    report = explain("mlp", grad="both")
+    head = [e for e in report.declined if e.module == "4"]
+    assert {e.role for e in head} == {"grad_input", "grad_weight"}
+    assert all("below min_dim=64" in e.reason for e in head)
+    assert "below min_dim=64" in report.table()
+
+
+def test_weight_mode_keeps_grad_input_exact_and_says_so():
+    report = explain("mlp", grad="weight")
+    assert {e.role for e in report.sampled} == {"grad_weight"}
+    assert all(e.axis == "rows" and (e.n, e.k) == (64, 16) for e in report.sampled)
+    assert any(e.reason == "grad='weight' keeps grad_input exact" for e in report.declined)
+
+
+def test_weight_mode_mm_shapes_use_k():
+    shapes = mm_operand_shapes(explain("mlp", grad="weight"))
+    assert ((128, 16), (16, 96)) in shapes and ((128, 16), (16, 128)) in shapes  # k = 16 of 64 rows
+    assert ((128, 64), (64, 96)) not in shapes and ((128, 64), (64, 128)) not in shapes
+
+
+def test_both_mode_mm_shapes_use_k():
+    shapes = mm_operand_shapes(explain("mlp", grad="both"))
+    # k = 32 of 128 features: grad_input contracts over them, grad_weight computes only their rows.
+    assert {((32, 64), (64, 96)), ((64, 32), (32, 128)), ((32, 64), (64, 128))} <= shapes
+    assert ((64, 128), (128, 128)) not in shapes
+
+
+def test_flops_accounting():
+    report = explain("mlp", grad="both")
+    for e in report.sampled:
+        assert e.sampled_flops * e.n == e.exact_flops * e.k
+    m, k, n = report.sampled[0].shape
+    assert report.sampled[0].exact_flops == 2 * m * k * n
+    assert 0.25 < report.flop_ratio < 0.5
+
+
+def test_p_one_rewrites_nothing():
+    report = ubcompile.explain(*make("mlp"), loss_fn=loss_of, p=1.0, grad="both")
+    assert not report.sampled and report.flop_ratio == 1.0
+    assert "uniform_indices" not in report.backward_code
+
+
+def _ambiguous_backward(x, w, tangents_1):
+    """Hand-written linear backward where batch = in = out = 8: only structure tells the roles apart."""
+    return torch.mm(tangents_1, w), torch.mm(tangents_1.t(), x), torch.mm(x.t(), tangents_1)
+
+
+def test_roles_found_by_structure_not_shape():
+    graph = make_fx(_ambiguous_backward)(torch.randn(8, 8), torch.randn(8, 8), torch.randn(8, 8)).graph
+    sites, unmatched = backward_gemms(graph)
+    assert not unmatched
+    assert [(s.role, s.contracted, s.cotangent_arg) for s in sites] == [
+        (Role.GRAD_INPUT, FEATURES, 0), (Role.GRAD_WEIGHT, ROWS, 0), (Role.GRAD_WEIGHT, ROWS, 1)]
+    assert all(isinstance(s, GemmSite) and str(s.cotangent.target).startswith("tangents") for s in sites)
+
+
+def test_activation_products_are_left_exact():
+    def attention_like(q, tangents_1):
+        return torch.mm(tangents_1, tangents_1.t() @ q)
+
+    graph = make_fx(attention_like)(torch.randn(8, 8), torch.randn(8, 8)).graph
+    sites, unmatched = backward_gemms(graph)
+    assert len(unmatched) == 1 and "both operands depend on the cotangent" in unmatched[0].reason
+
+
+def test_uuid_covers_every_option_and_the_sampler():
+    def uuid(sampler_id=0, **options):
+        return JointSamplingPass(SamplingConfig(**options), sampler_id, lambda r: None).uuid()
+
+    variants = [uuid(), uuid(p=0.5), uuid(grad="both"), uuid(seed=1), uuid(min_dim=8),
+                uuid(compiler="eager"), uuid(sampler_id=1)]
+    assert len(set(variants)) == len(variants)
+    assert uuid() == uuid()
