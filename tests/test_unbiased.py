@@ -1,0 +1,36 @@
+"""Statistical unbiasedness of every rewrite, through the compiled model.
+
+Tolerances come from the measured standard error of the mean over the draws (see
+``ubcompile.testing``): the z-scores must stay below a Bonferroni bound at alpha = 1e-3.
+"""
+
+import pytest
+import torch
+
+import ubcompile
+from ubcompile.passes.rules import Plan
+from ubcompile.testing import assert_unbiased
+
+from conftest import loss_of, make
+
+DRAWS = 200
+CASES = [(name, grad, "inductor") for name in ("mlp", "mlp_3d", "frozen_first", "no_bias")
+         for grad in ubcompile.GRAD_MODES] + [("mlp", grad, "eager") for grad in ubcompile.GRAD_MODES]
+
+
+@pytest.mark.parametrize("name, grad, compiler", CASES)
+def test_gradients_are_unbiased(name, grad, compiler):
+    model, x = make(name)
+    backend = ubcompile.backend(p=0.25, grad=grad, seed=0, compiler=compiler)
+    results = assert_unbiased(model, loss_of, x, draws=DRAWS, backend=backend)
+    assert backend.report().sampled  # the test exercised at least one rewrite
+    assert set(results) == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("grad", ubcompile.GRAD_MODES)
+@pytest.mark.parametrize("factor", [0.25, 1.25])  # "forgot the scale n/k", "scale 25% too large"
+def test_a_biased_rewrite_fails_the_same_test(monkeypatch, grad, factor):
+    monkeypatch.setattr(Plan, "scale", property(lambda plan: factor * plan.n / plan.k))
+    model, x = make("mlp")
+    with pytest.raises(AssertionError, match="looks biased"):
+        assert_unbiased(model, loss_of, x, draws=DRAWS, backend=ubcompile.backend(p=0.25, grad=grad, seed=0))
