@@ -115,3 +115,21 @@ def test_report_keeps_every_graph_and_prints_a_table():
     assert len(report.graphs) == 1 and report.graphs[0].joint_code and "uniform_indices" in report.backward_code
     table = str(report)
     assert "grad_weight" in table and "32/128 features" in table and "of exact" in table
+
+
+@pytest.mark.parametrize("grad", ubcompile.GRAD_MODES)
+def test_dynamic_batch_stays_sampled_with_one_recompile(grad):
+    model, _ = make("mlp")
+    backend = ubcompile.backend(grad=grad, seed=0)
+    compiled = torch.compile(model, backend=backend)
+    params = list(model.parameters())
+    for n in (64, 80, 96, 72):
+        x = torch.randn(n, 96)
+        sampled = torch.autograd.grad(loss_of(compiled(x)), params)
+        exact = torch.autograd.grad(loss_of(model(x)), params)
+        assert not close(sampled, exact)
+    report = backend.report()
+    assert len(report.graphs) == 2  # static, then one dynamic graph for every later size
+    dynamic = report.graphs[1]
+    assert [e.sampled for e in dynamic.entries] == [e.sampled for e in report.graphs[0].entries]
+    assert "Sym(" in dynamic.backward_code and "uniform_indices" in dynamic.backward_code

@@ -31,6 +31,7 @@ __all__ = [
     "compile_eager_with_joint_pass",
     "compile_with_joint_pass",
     "fake_mode_of",
+    "size_hint",
     "trace_with_fake",
 ]
 
@@ -44,6 +45,16 @@ def check_torch_version(version: str = torch.__version__) -> None:
             f"ubcompile supports torch {lo[0]}.{lo[1]} through {hi[0]}.{hi[1]}, found {version}. "
             f"Install a supported release, e.g. `pip install torch=={hi[0]}.{hi[1]}.0`."
         )
+
+
+def size_hint(size: Any) -> int:
+    """The concrete value of a size, ``int`` or ``SymInt`` (its example value), without adding a guard."""
+    if isinstance(size, torch.SymInt):
+        hint = size.node.hint
+        if hint is None:
+            raise ValueError(f"symbolic size {size} has no example value")
+        return int(hint)
+    return int(size)
 
 
 def fake_mode_of(graph: torch.fx.Graph) -> Any:

@@ -1,4 +1,4 @@
-"""FLOP counts of GEMM nodes, from their fake-tensor shapes."""
+"""FLOP counts of GEMM nodes, from their fake-tensor shapes (symbolic sizes at example values)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import math
 
 import torch
 import torch.fx
+
+from .._torch_private import size_hint
 
 aten = torch.ops.aten
 
@@ -19,4 +21,4 @@ def gemm_flops(node: torch.fx.Node) -> int:
     else:
         return 0
     xs, ys = x.meta["val"].shape, y.meta["val"].shape
-    return 2 * math.prod(int(d) for d in xs) * int(ys[-1])
+    return 2 * math.prod(size_hint(d) for d in xs) * size_hint(ys[-1])

@@ -42,10 +42,6 @@ def module_path(node: torch.fx.Node) -> str:
     return path
 
 
-def _draw(anchor: torch.Tensor, *, n: int, k: int, sampler_id: int, site: int) -> torch.Tensor:
-    return torch.ops.ubcompile.uniform_indices(anchor, n, k, sampler_id, site)
-
-
 class JointSamplingPass(CustomGraphPass):
     """Rewrites an AOTAutograd joint graph in place and reports what it did to ``on_report``."""
 
@@ -77,13 +73,12 @@ class JointSamplingPass(CustomGraphPass):
         entry = GemmEntry(
             module=module_path(site.node), role=site.role.value, shape=gemm_dims(site.node),
             exact_flops=gemm_flops(site.node), sampled_flops=gemm_flops(site.node) * decision.k // decision.n,
-            axis=AXIS_NAMES[decision.axis], n=decision.n, k=decision.k, p=self.config.p,
+            axis=AXIS_NAMES[decision.axis], n=decision.n, k=decision.k, p=decision.p,
         )
         with graph.inserting_before(site.node):
             key = (site.cotangent, decision.axis)
             if key not in draws:  # one draw per cotangent axis: a layer's two gradients share it
-                draw = functools.partial(_draw, n=decision.n, k=decision.k,
-                                         sampler_id=self.sampler_id, site=len(draws))
+                draw = decision.draw(self.sampler_id, len(draws))
                 draws[key] = inline_call(graph, draw, [site.cotangent], meta_from=site.node)
             x, y = site.node.args
             sampled = inline_call(graph, decision.estimator(), [x, y, draws[key]], meta_from=site.node)

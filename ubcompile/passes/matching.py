@@ -20,6 +20,8 @@ from typing import Optional, Union
 import torch
 import torch.fx
 
+from .._torch_private import size_hint
+
 aten = torch.ops.aten
 
 ROWS, FEATURES = 0, 1
@@ -120,7 +122,7 @@ def backward_gemms(graph: torch.fx.Graph) -> tuple[list[GemmSite], list[Unmatche
     return sites, unmatched
 
 
-def gemm_dims(node: torch.fx.Node) -> tuple[object, object, object]:
-    """``(M, K, N)`` of ``mm(x: M x K, y: K x N)``."""
+def gemm_dims(node: torch.fx.Node) -> tuple[int, int, int]:
+    """``(M, K, N)`` of ``mm(x: M x K, y: K x N)``, symbolic sizes at their example values."""
     x, y = (_shape(a) for a in node.args[:2])
-    return x[0], x[1], y[1]
+    return size_hint(x[0]), size_hint(x[1]), size_hint(y[1])

@@ -5,6 +5,7 @@ each kept index; :mod:`.matmul` applies it to a matrix product, :mod:`.uniform` 
 """
 
 from .matmul import sampled_contraction, sampled_output
-from .uniform import keep_count, uniform_subset, uniform_variance
+from .uniform import keep_count, uniform_scale, uniform_subset, uniform_variance
 
-__all__ = ["keep_count", "sampled_contraction", "sampled_output", "uniform_subset", "uniform_variance"]
+__all__ = ["keep_count", "sampled_contraction", "sampled_output", "uniform_scale", "uniform_subset",
+           "uniform_variance"]

@@ -6,16 +6,29 @@ Every index is kept with probability ``k / n``, so weighting the kept ones by ``
 
 from __future__ import annotations
 
-import math
-from typing import Optional
+from fractions import Fraction
+from typing import Optional, TypeVar, Union
 
 import torch
 from torch import Tensor
 
 
-def keep_count(n: int, p: float) -> int:
-    """``k = ceil(p * n)``, at least 1, with ``p * n`` rounded to 9 decimals against float noise."""
-    return max(1, math.ceil(round(p * n, 9)))
+Size = TypeVar("Size", int, torch.SymInt)
+
+
+def keep_count(n: Size, p: float) -> Size:
+    """``k = ceil(p * n)`` in integer arithmetic, so it also works on a symbolic size ``n``.
+
+    ``p`` is read as the nearest fraction with a denominator of at most 10**6 (0.1 is 1/10, not
+    0.1000000000000000055), so ``keep_count(100, 0.1) == 10``. ``k >= 1`` whenever ``n >= 1``.
+    """
+    frac = Fraction(p).limit_denominator(10**6)
+    return -((-n * frac.numerator) // frac.denominator)
+
+
+def uniform_scale(n: Union[int, torch.SymInt], k: Union[int, torch.SymInt]) -> Union[float, torch.SymFloat]:
+    """The weight ``n / k`` of each kept index: every index is kept with probability ``k / n``."""
+    return n / k
 
 
 def uniform_subset(n: int, k: int, generator: Optional[torch.Generator] = None,
