@@ -25,8 +25,12 @@ def test_p_valid(p):
 
 
 def test_unknown_grad_mode_lists_valid_ones():
-    with pytest.raises(ValueError, match="grad must be one of 'weight', 'both'"):
-        ubcompile.backend(grad="input-and-weight")
+    with pytest.raises(ValueError, match="grad must be one of 'weight', 'input', 'both', got 'all'"):
+        ubcompile.backend(grad="all")
+    with pytest.raises(ValueError, match="sketch must be one of 'uniform', 'norm', got 'topk'"):
+        ubcompile.backend(sketch="topk")
+    with pytest.raises(ValueError, match="axis must be one of 'rows', 'features', got 'tokens'"):
+        ubcompile.backend(axis="tokens")
 
 
 def test_other_options_validated():
@@ -45,7 +49,12 @@ def test_config_is_frozen():
 
 
 def test_default_is_weight_rows():
-    assert SamplingConfig() == SamplingConfig(p=0.25, grad="weight", seed=None, min_dim=64)
+    assert SamplingConfig() == SamplingConfig(p=0.25, grad="weight", sketch="uniform", axis="rows", min_dim=64)
+
+
+@pytest.mark.parametrize("grad, axis", [("weight", "rows"), ("input", "features"), ("both", "features")])
+def test_axis_defaults_by_grad_mode(grad, axis):
+    assert SamplingConfig(grad=grad).axis == axis
 
 
 def test_unsupported_torch_refused_with_a_message():

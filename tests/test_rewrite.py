@@ -17,6 +17,8 @@ EXPECTED_COUNTS = {
     ("mlp_3d", "weight"): (2, 3), ("mlp_3d", "both"): (3, 2),
     ("frozen_first", "weight"): (1, 2), ("frozen_first", "both"): (1, 2),
     ("no_bias", "weight"): (2, 3), ("no_bias", "both"): (3, 2),
+    ("mlp", "input"): (1, 4), ("mlp_3d", "input"): (1, 4), ("frozen_first", "input"): (0, 3),
+    ("no_bias", "input"): (1, 4),
 }
 
 
@@ -36,7 +38,7 @@ def test_rewrite_counts(name, grad):
     report = explain(name, grad=grad)
     assert (len(report.sampled), len(report.declined)) == EXPECTED_COUNTS[name, grad], report.table()
     assert report.backward_code.count("torch.ops.ubcompile.uniform_indices") == (
-        len(report.sampled) if grad == "weight" else len({e.module for e in report.sampled}))
+        len({e.module for e in report.sampled}))  # one draw per layer, shared under grad="both"
 
 
 def test_head_declined_by_min_dim_and_listed():
@@ -113,3 +115,16 @@ def test_uuid_covers_every_option_and_the_sampler():
                 uuid(compiler="eager"), uuid(sampler_id=1)]
     assert len(set(variants)) == len(variants)
     assert uuid() == uuid()
+
+
+def test_norm_sketch_draws_with_probabilities_from_the_gemm():
+    report = explain("mlp", grad="both", sketch="norm")
+    code = report.backward_code
+    assert code.count("torch.ops.ubcompile.pps_indices") == 2 and "uniform_indices" not in code
+
+
+def test_weight_gradient_on_feature_rows():
+    """grad="weight", axis="features": only the kept output rows of dW are computed; dX stays exact."""
+    report = explain("mlp", grad="weight", axis="features")
+    assert {(e.role, e.axis, e.k, e.n) for e in report.sampled} == {("grad_weight", "features", 32, 128)}
+    assert {((32, 64), (64, 96)), ((32, 64), (64, 128))} <= mm_operand_shapes(report)

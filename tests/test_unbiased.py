@@ -14,14 +14,17 @@ from ubcompile.testing import assert_unbiased
 from conftest import loss_of, make
 
 DRAWS = 200
-CASES = [(name, grad, "inductor") for name in ("mlp", "mlp_3d", "frozen_first", "no_bias")
-         for grad in ubcompile.GRAD_MODES] + [("mlp", grad, "eager") for grad in ubcompile.GRAD_MODES]
+# frozen_first under grad="input" samples nothing (its only input-gradient GEMM is the small head).
+CASES = [(name, grad, sketch, "inductor") for name in ("mlp", "mlp_3d", "frozen_first", "no_bias")
+         for grad in ubcompile.GRAD_MODES for sketch in ubcompile.SKETCHES
+         if (name, grad) != ("frozen_first", "input")]
+CASES += [("mlp", grad, sketch, "eager") for grad in ubcompile.GRAD_MODES for sketch in ubcompile.SKETCHES]
 
 
-@pytest.mark.parametrize("name, grad, compiler", CASES)
-def test_gradients_are_unbiased(name, grad, compiler):
+@pytest.mark.parametrize("name, grad, sketch, compiler", CASES)
+def test_gradients_are_unbiased(name, grad, sketch, compiler):
     model, x = make(name)
-    backend = ubcompile.backend(p=0.25, grad=grad, seed=0, compiler=compiler)
+    backend = ubcompile.backend(p=0.25, grad=grad, sketch=sketch, seed=0, compiler=compiler)
     results = assert_unbiased(model, loss_of, x, draws=DRAWS, backend=backend)
     assert backend.report().sampled  # the test exercised at least one rewrite
     assert set(results) == {n for n, p in model.named_parameters() if p.requires_grad}
@@ -34,3 +37,12 @@ def test_a_biased_rewrite_fails_the_same_test(monkeypatch, grad, factor):
     model, x = make("mlp")
     with pytest.raises(AssertionError, match="looks biased"):
         assert_unbiased(model, loss_of, x, draws=DRAWS, backend=ubcompile.backend(p=0.25, grad=grad, seed=0))
+
+
+@pytest.mark.parametrize("sketch", ubcompile.SKETCHES)
+@pytest.mark.parametrize("grad, axis", [("weight", "features"), ("input", "rows"), ("both", "rows")])
+def test_every_sketch_on_the_other_axis_is_unbiased(grad, axis, sketch):
+    model, x = make("mlp")
+    backend = ubcompile.backend(p=0.25, grad=grad, sketch=sketch, axis=axis, seed=0)
+    assert_unbiased(model, loss_of, x, draws=DRAWS, backend=backend)
+    assert {e.axis for e in backend.report().sampled} == {axis}

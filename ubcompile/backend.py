@@ -56,8 +56,8 @@ def _snapshot(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(gm, graph)
 
 
-def backend(p: float = 0.25, *, grad: str = "weight", seed: Optional[int] = None, min_dim: int = 64,
-            compiler: str = "inductor") -> Backend:
+def backend(p: float = 0.25, *, grad: str = "weight", sketch: str = "uniform", axis: Optional[str] = None,
+            seed: Optional[int] = None, min_dim: int = 64, compiler: str = "inductor") -> Backend:
     """A ubcompile backend: ``torch.compile(model, backend=ubcompile.backend(p=0.25))``.
 
     See :class:`~ubcompile.config.SamplingConfig` for the options. The default ``grad="weight"``
@@ -65,7 +65,8 @@ def backend(p: float = 0.25, *, grad: str = "weight", seed: Optional[int] = None
     propagated gradients exact; ``grad="both"`` samples a fraction ``p`` of each layer's output
     features for both of its gradient GEMMs (cheaper, noisier: the noise compounds with depth).
     """
-    return Backend(SamplingConfig(p=p, grad=grad, seed=seed, min_dim=min_dim, compiler=compiler))
+    return Backend(SamplingConfig(p=p, grad=grad, sketch=sketch, axis=axis, seed=seed, min_dim=min_dim,
+                                  compiler=compiler))
 
 
 def default_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:

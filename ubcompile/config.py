@@ -10,14 +10,30 @@ from typing import Optional
 COMPILERS = ("inductor", "eager")
 """What compiles the rewritten graphs: Inductor, or nothing (``aot_eager``-style, for reference)."""
 
-GRAD_MODES = ("weight", "both")
-"""Where the sketch is applied.
+GRAD_MODES = ("weight", "input", "both")
+"""Which gradient GEMMs of a linear layer ``y = x W^T`` (cotangent ``G``) are sampled.
 
-``"weight"``: batch/token rows of each weight-gradient GEMM are sampled (column-row sampling);
-the propagated input gradients stay exact, so no noise compounds down the network.
-``"both"``: output features of each layer's cotangent are sampled (the VJP sketch ``G S``) and the
-sampled cotangent feeds both the input-gradient and the weight-gradient GEMM.
+``"weight"``: the weight gradient ``G^T x`` only; propagated gradients stay exact, so no noise
+compounds down the network. ``"input"``: the propagated gradient ``G W`` only. ``"both"``: both,
+from one shared draw: the paper's VJP sketch ``G S`` feeding the whole layer's backward.
 """
+
+AXES = ("rows", "features")
+"""Which axis of the cotangent ``G`` (``rows x features``) the sketch samples: batch/token rows, or
+output features. A GEMM that contracts the axis has its inner dimension shrunk (column-row
+sampling); one that does not has only the kept rows/columns of its output computed."""
+
+DEFAULT_AXIS = {"weight": "rows", "input": "features", "both": "features"}
+
+SKETCHES = ("uniform", "norm")
+"""``"uniform"``: ``k`` indices uniformly without replacement, weight ``n / k``. ``"norm"``: the
+minimal-variance probabilities ``pi_j = min(1, c a_j)`` from the norms of the GEMM's terms, a
+fixed-size systematic sample, weights ``1 / pi_j`` (see :mod:`ubcompile.sketches.norm`)."""
+
+
+def _one_of(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +44,9 @@ class SamplingConfig:
         p: keep fraction in (0, 1]. Each sampled GEMM keeps ``k = ceil(p * n)`` of the ``n``
             entries of its sampled axis. ``p = 1`` compiles exact gradients.
         grad: which gradient GEMMs are sampled, one of :data:`GRAD_MODES`.
+        sketch: how the kept indices are drawn, one of :data:`SKETCHES`.
+        axis: the sampled axis of the cotangent, one of :data:`AXES`; ``None`` takes
+            :data:`DEFAULT_AXIS` of ``grad`` (rows for ``"weight"``, features otherwise).
         seed: seed of the backend's own random generator; ``None`` derives it from
             ``torch.initial_seed()`` at the first draw, so ``torch.manual_seed`` reproduces runs.
         min_dim: minimum-size rule. A GEMM ``(M x K) @ (K x N)`` is sampled only if each of
@@ -38,6 +57,8 @@ class SamplingConfig:
 
     p: float = 0.25
     grad: str = "weight"
+    sketch: str = "uniform"
+    axis: Optional[str] = None
     seed: Optional[int] = None
     min_dim: int = 64
     compiler: str = "inductor"
@@ -49,10 +70,12 @@ class SamplingConfig:
         if not (math.isfinite(p) and 0.0 < p <= 1.0):
             raise ValueError(f"p must be a real number in (0, 1], got {p!r}")
         object.__setattr__(self, "p", float(p))
-        if self.grad not in GRAD_MODES:
-            raise ValueError(f"grad must be one of {', '.join(map(repr, GRAD_MODES))}, got {self.grad!r}")
-        if self.compiler not in COMPILERS:
-            raise ValueError(f"compiler must be one of {', '.join(map(repr, COMPILERS))}, got {self.compiler!r}")
+        _one_of("grad", self.grad, GRAD_MODES)
+        _one_of("sketch", self.sketch, SKETCHES)
+        if self.axis is None:
+            object.__setattr__(self, "axis", DEFAULT_AXIS[self.grad])
+        _one_of("axis", self.axis, AXES)
+        _one_of("compiler", self.compiler, COMPILERS)
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise TypeError(f"seed must be an int or None, got {self.seed!r}")
         if isinstance(self.min_dim, bool) or not isinstance(self.min_dim, int) or self.min_dim < 1:

@@ -1,7 +1,7 @@
 """The backend's own random state, and the graph op that draws from it.
 
-Compiled backward graphs call ``torch.ops.ubcompile.uniform_indices`` to draw the kept indices.
-The op draws from a generator owned by the backend (one per device), never from torch's global
+Compiled backward graphs call ``torch.ops.ubcompile.uniform_indices`` or
+``torch.ops.ubcompile.pps_indices`` to draw the kept indices. The ops draw from a generator owned by the backend (one per device), never from torch's global
 generator, so sampling does not shift the user's dropout masks or data order.
 """
 
@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .sketches.norm import pps_sample
 from .sketches.uniform import uniform_subset
 
 _SEED_SALT = 0x5EED_0BC0  # keeps the backend's stream apart from torch's stream for the same seed
@@ -66,3 +67,15 @@ def uniform_indices(anchor: Tensor, n: int, k: int, sampler_id: int, site: int) 
 @uniform_indices.register_fake
 def _(anchor: Tensor, n: int, k: int, sampler_id: int, site: int) -> Tensor:
     return anchor.new_empty((k,), dtype=torch.long)
+
+
+@torch.library.custom_op("ubcompile::pps_indices", mutates_args=())
+def pps_indices(importance: Tensor, k: int, sampler_id: int, site: int) -> tuple[Tensor, Tensor]:
+    """``k`` sorted indices drawn with probabilities ``min(1, c * importance)``, and weights ``1 / pi``."""
+    idx, weights = pps_sample(importance, k, sampler(sampler_id).generator(importance.device))
+    return idx, weights.to(importance.dtype)
+
+
+@pps_indices.register_fake
+def _(importance: Tensor, k: int, sampler_id: int, site: int) -> tuple[Tensor, Tensor]:
+    return importance.new_empty((k,), dtype=torch.long), importance.new_empty((k,))

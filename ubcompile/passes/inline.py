@@ -10,12 +10,13 @@ from .._torch_private import trace_with_fake
 
 
 def inline_call(graph: torch.fx.Graph, fn: Callable[..., Any], args: Sequence[torch.fx.Node],
-                meta_from: torch.fx.Node) -> torch.fx.Node:
+                meta_from: torch.fx.Node) -> Any:
     """Trace ``fn(*args)`` on the args' fake values and copy its nodes into ``graph``.
 
     The nodes are inserted at the graph's current insertion point, keep the ``meta["val"]`` the
     trace gave them (same fake mode as ``graph``), and inherit the other metadata of ``meta_from``
-    (``partitioner_tag``, ``seq_nr``, ``fwd_nn_module_stack``...). ``fn`` must return one tensor.
+    (``partitioner_tag``, ``seq_nr``, ``fwd_nn_module_stack``...). Returns ``fn``'s output with
+    each traced value replaced by its new node (constants stay constants).
     """
     traced = trace_with_fake(fn, [a.meta["val"] for a in args])
     placeholders = iter(args)
@@ -25,8 +26,7 @@ def inline_call(graph: torch.fx.Graph, fn: Callable[..., Any], args: Sequence[to
         if node.op == "placeholder":
             env[node] = next(placeholders)
         elif node.op == "output":
-            (result,) = node.args
-            return env[result] if isinstance(result, torch.fx.Node) else env[result[0]]
+            return torch.fx.map_arg(node.args[0], lambda n: env[n])
         else:
             new = graph.node_copy(node, lambda n: env[n])
             new.meta = {**inherited, "val": node.meta["val"]}

@@ -1,9 +1,10 @@
 """The rewrite rules: one row per (grad mode, gradient role), registered in one table.
 
-A row says which axis of the layer's cotangent ``G`` is sampled for that gradient. The estimator
-follows from where that axis sits in the GEMM: a contracted axis is column-row sampled
-(:func:`~ubcompile.sketches.sampled_contraction`), an output axis has its rows or columns sampled
-(:func:`~ubcompile.sketches.sampled_output`).
+A row says that, under that ``grad`` mode, GEMMs of that role are sampled along the configured
+axis of the layer's cotangent ``G``. The estimator follows from where that axis sits in the GEMM:
+a contracted axis is column-row sampled (:func:`~ubcompile.sketches.sampled_contraction`), an
+output axis has its rows or columns sampled (:func:`~ubcompile.sketches.sampled_output`). The
+sketch (how indices and weights are drawn) is one of :data:`DRAWS`.
 """
 
 from __future__ import annotations
@@ -17,25 +18,27 @@ from torch import Tensor
 from .._torch_private import size_hint
 from ..config import SamplingConfig
 from ..sketches import keep_count, sampled_contraction, sampled_output, uniform_scale
+from ..sketches.norm import contraction_importance
 from .matching import FEATURES, ROWS, GemmSite, Role, gemm_dims
 
 AXIS_NAMES = {ROWS: "rows", FEATURES: "features"}
-Estimator = Callable[[Tensor, Tensor, Tensor], Tensor]
+AXIS_BY_NAME = {name: axis for axis, name in AXIS_NAMES.items()}
+Draw = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+"""``(x, y) -> (idx, weights)``: kept indices and their weights (0-d, or one per index)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
     grad: str  # the SamplingConfig.grad mode this row belongs to
     role: Role
-    axis: int  # the axis of G that is sampled: ROWS or FEATURES
 
 
 RULES: tuple[Rule, ...] = (
-    # Column-row sampling of the weight gradient over batch/token rows; grad_input stays exact.
-    Rule("weight", Role.GRAD_WEIGHT, ROWS),
-    # The VJP sketch G S over output features, shared by both gradients of the layer.
-    Rule("both", Role.GRAD_INPUT, FEATURES),
-    Rule("both", Role.GRAD_WEIGHT, FEATURES),
+    Rule("weight", Role.GRAD_WEIGHT),
+    Rule("input", Role.GRAD_INPUT),
+    # The VJP sketch G S, one draw shared by both gradients of the layer.
+    Rule("both", Role.GRAD_INPUT),
+    Rule("both", Role.GRAD_WEIGHT),
 )
 _TABLE: dict[tuple[str, Role], Rule] = {}
 for _rule in RULES:
@@ -44,7 +47,7 @@ for _rule in RULES:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """An accepted rewrite: keep a fraction ``p`` of ``axis`` of the site's cotangent.
+    """An accepted rewrite of ``mm(x, y)``: keep a fraction ``p`` of ``axis`` of the site's cotangent.
 
     ``n`` and ``k`` are the example sizes (for the report); the inserted nodes compute both from
     the tensors' shapes, so a symbolic (dynamic) size stays symbolic.
@@ -53,30 +56,56 @@ class Plan:
     site: GemmSite
     axis: int
     p: float
+    sketch: str
     n: int
     k: int
 
-    def draw(self, sampler_id: int, key: int) -> Callable[[Tensor], Tensor]:
-        """``g -> idx``: the indices kept along this plan's axis of the cotangent ``g``."""
-        axis, p = self.axis, self.p
+    @property
+    def out_dim(self) -> Optional[int]:
+        """The output dim the sampled axis runs along, or ``None`` when the GEMM contracts it."""
+        return None if self.axis == self.site.contracted else self.site.output_dim(self.axis)
 
-        def draw(g: Tensor) -> Tensor:
-            n = g.shape[axis]
-            return torch.ops.ubcompile.uniform_indices(g, n, keep_count(n, p), sampler_id, key)
+    def size(self, x: Tensor, y: Tensor) -> int:
+        """Length of the sampled axis, from the operands' shapes."""
+        return {None: x.shape[1], 0: x.shape[0], 1: y.shape[1]}[self.out_dim]
 
-        return draw
+    def importance(self, x: Tensor, y: Tensor) -> Tensor:
+        """Norm of the part of ``x @ y`` that each index carries (the minimal-variance weights)."""
+        if self.out_dim is None:
+            return contraction_importance(x, y)
+        return torch.linalg.vector_norm(x, dim=1) if self.out_dim == 0 else torch.linalg.vector_norm(y, dim=0)
 
-    def estimator(self) -> Estimator:
-        """``(x, y, idx) -> estimate of x @ y`` for this site's GEMM, weighting kept indices by n / k."""
-        if self.axis == self.site.contracted:
-            return lambda x, y, idx: sampled_contraction(x, y, idx, uniform_scale(x.shape[1], idx.shape[0]))
-        dim = self.site.output_dim(self.axis)
+    def draw(self, sampler_id: int, key: int) -> Draw:
+        """``(x, y) -> (idx, weights)``: the kept indices and their weights, by this plan's sketch."""
+        return DRAWS[self.sketch](self, sampler_id, key)
 
-        def estimate(x: Tensor, y: Tensor, idx: Tensor) -> Tensor:
-            n = x.shape[0] if dim == 0 else y.shape[1]
-            return sampled_output(x, y, idx, uniform_scale(n, idx.shape[0]), dim)
+    def estimator(self) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
+        """``(x, y, idx, weights) -> estimate of x @ y``."""
+        out_dim = self.out_dim
+        if out_dim is None:
+            return sampled_contraction
+        return lambda x, y, idx, weights: sampled_output(x, y, idx, weights, out_dim)
 
-        return estimate
+
+def _uniform_draw(plan: Plan, sampler_id: int, key: int) -> Draw:
+    def draw(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        n = plan.size(x, y)
+        k = keep_count(n, plan.p)
+        anchor = (x, y)[plan.site.cotangent_arg]  # keeps the draw in the backward, after G exists
+        return torch.ops.ubcompile.uniform_indices(anchor, n, k, sampler_id, key), x.new_full((), uniform_scale(n, k))
+
+    return draw
+
+
+def _norm_draw(plan: Plan, sampler_id: int, key: int) -> Draw:
+    def draw(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        k = keep_count(plan.size(x, y), plan.p)
+        return torch.ops.ubcompile.pps_indices(plan.importance(x, y), k, sampler_id, key)
+
+    return draw
+
+
+DRAWS: dict[str, Callable[[Plan, int, int], Draw]] = {"uniform": _uniform_draw, "norm": _norm_draw}
 
 
 def plan(site: GemmSite, config: SamplingConfig) -> Union[Plan, str]:
@@ -84,14 +113,14 @@ def plan(site: GemmSite, config: SamplingConfig) -> Union[Plan, str]:
 
     Decisions use example sizes, so a dynamic batch is judged by the size it was compiled for.
     """
-    rule: Optional[Rule] = _TABLE.get((config.grad, site.role))
-    if rule is None:
+    if (config.grad, site.role) not in _TABLE:
         return f"grad={config.grad!r} keeps {site.role.value} exact"
     dims = gemm_dims(site.node)
     if min(dims) < config.min_dim:
         return f"GEMM {'x'.join(map(str, dims))} has a dim below min_dim={config.min_dim}"
-    n = size_hint(site.cotangent.meta["val"].shape[rule.axis])
+    axis = AXIS_BY_NAME[config.axis]
+    n = size_hint(site.cotangent.meta["val"].shape[axis])
     k = keep_count(n, config.p)
     if k >= n:
-        return f"p={config.p} keeps all {n} {AXIS_NAMES[rule.axis]}"
-    return Plan(site, rule.axis, config.p, n, k)
+        return f"p={config.p} keeps all {n} {config.axis}"
+    return Plan(site, axis, config.p, config.sketch, n, k)

@@ -1,7 +1,8 @@
 """Matrix products with one axis sampled by a diagonal sketch ``S`` (``E[S] = I``).
 
-The sketch keeps the indices ``idx`` (a subset of ``range(n)``) with weight ``scale`` each:
-``S = scale * sum_{j in idx} e_j e_j^T``. For the uniform fixed-size sketch ``scale = n / k``.
+The sketch keeps the indices ``idx`` (a subset of ``range(n)``) with weights ``scale`` (one number,
+or one per kept index): ``S = sum_{i} scale_i e_{idx_i} e_{idx_i}^T``. For the uniform fixed-size
+sketch ``scale = n / k``; for the norm sketch ``scale_i = 1 / pi_{idx_i}``.
 Both functions produce exactly the result of inserting ``S`` in the product, but as smaller
 dense GEMMs on the kept indices: the zero rows/columns of ``S`` are never multiplied.
 """
@@ -36,5 +37,6 @@ def sampled_output(x: Tensor, y: Tensor, idx: Tensor, scale: Scale, dim: int) ->
     """
     if dim == 1:
         return sampled_output(y.t(), x.t(), idx, scale, 0).t()
-    rows = (x[idx, :] * scale) @ y
+    per_row = isinstance(scale, Tensor) and scale.dim() == 1
+    rows = (x[idx, :] * (scale.unsqueeze(-1) if per_row else scale)) @ y
     return rows.new_zeros((x.shape[0], y.shape[1])).index_put((idx,), rows)

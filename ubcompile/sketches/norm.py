@@ -1,0 +1,82 @@
+"""The data-dependent diagonal sketch of minimal variance, sampled at a fixed size.
+
+To estimate ``T = sum_j t_j`` from ``k`` of the ``n`` terms, keep term ``j`` with probability
+``pi_j`` and weight it by ``1 / pi_j`` (Horvitz-Thompson): unbiased for any ``pi_j > 0``. With
+independent (Poisson) inclusion its variance is ``sum_j (1 / pi_j - 1) ||t_j||^2``; under the
+budget ``sum_j pi_j = k``, ``0 < pi_j <= 1``, it is minimal at ``pi_j = min(1, c ||t_j||)`` with ``c``
+set so the budget is met (the KKT conditions: the uncapped ``pi_j`` are proportional to
+``||t_j||``, the capped ones have ``c ||t_j|| >= 1``). :func:`water_fill` computes these
+probabilities from any importances ``a_j``; for a matrix product ``x @ y`` the term norms are
+``||x[:, j]|| ||y[j, :]||`` (:func:`contraction_importance`).
+
+Compiled graphs need a fixed sample size: :func:`systematic_sample` draws exactly ``k`` distinct
+indices with exactly the inclusion probabilities ``pi`` (systematic PPS sampling: one uniform
+offset, ``k`` evenly spaced points on the cumulative sum of ``pi``). It stays unbiased; its
+variance is close to the Poisson formula and depends on the order of the terms.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+_FLOOR = 1e-6  # relative floor on importances: every index keeps a positive probability
+
+
+def water_fill(importance: Tensor, k: int) -> Tensor:
+    """Inclusion probabilities ``pi_j = min(1, c * a_j)`` with ``sum pi = k`` (cap and re-spread).
+
+    ``importance`` is a non-negative vector ``a`` of length ``n >= k``; entries are floored at
+    ``1e-6`` of their mean so that every index can be drawn (keeps the estimator unbiased when some
+    ``a_j = 0``). Exact, vectorised: with ``a`` sorted in decreasing order, the ``m`` largest are
+    capped where ``m`` is the first count for which ``(k - m) a_(m) <= sum_{j >= m} a_(j)``.
+    """
+    n = importance.shape[0]
+    a = importance.double()
+    a = a.clamp_min(_FLOOR * a.mean() + torch.finfo(torch.float64).tiny)
+    sorted_a, order = a.sort(descending=True)
+    tail = sorted_a.flip(0).cumsum(0).flip(0)  # tail[m] = sum of sorted_a[m:]
+    m = torch.arange(n, device=a.device)
+    # With the m largest capped, the rest stay <= 1. m = k always fits, so argmax finds the first
+    # fit; it is computed on the device, without a host sync.
+    fits = (k - m) * sorted_a <= tail
+    capped = fits.int().argmax()
+    c = (k - capped) / tail[capped]
+    pi_sorted = torch.where(m < capped, torch.ones_like(sorted_a), c * sorted_a).clamp_max(1.0)
+    return torch.empty_like(pi_sorted).scatter_(0, order, pi_sorted).to(importance.dtype)
+
+
+def systematic_sample(pi: Tensor, k: int, offset: Tensor) -> Tensor:
+    """The ``k`` indices hit by the points ``offset + i`` on the cumulative sum of ``pi`` (``sum pi = k``).
+
+    ``offset`` is one ``U[0, 1)`` draw. Index ``j`` owns the interval ``[C_{j-1}, C_j)`` of length
+    ``pi_j <= 1``, so it is hit at most once and with probability exactly ``pi_j``. Sorted output.
+    """
+    cum = pi.double().cumsum(0)
+    cum = cum * (k / cum[-1])  # rounding must not leave the last point past the end
+    points = offset.double() + torch.arange(k, device=pi.device, dtype=torch.float64)
+    return torch.searchsorted(cum, points, right=True).clamp_max(pi.shape[0] - 1)
+
+
+def pps_sample(importance: Tensor, k: int, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+    """``k`` sorted distinct indices drawn with the minimal-variance probabilities, and their weights ``1 / pi``."""
+    pi = water_fill(importance, k)
+    offset = torch.rand((), generator=generator, device=importance.device, dtype=torch.float64)
+    idx = systematic_sample(pi, k, offset)
+    return idx, pi[idx].reciprocal()
+
+
+def contraction_importance(x: Tensor, y: Tensor) -> Tensor:
+    """``a_j = ||x[:, j]|| * ||y[j, :]||``: the norm of the ``j``-th term of ``x @ y``."""
+    return torch.linalg.vector_norm(x, dim=0) * torch.linalg.vector_norm(y, dim=1)
+
+
+def poisson_variance(terms: Tensor, pi: Tensor) -> Tensor:
+    """Elementwise variance of ``sum_j 1[j kept] t_j / pi_j`` with independent inclusions.
+
+    ``terms`` has the ``n`` summands along dim 0: ``Var = sum_j (1 / pi_j - 1) t_j^2``.
+    """
+    weight = (pi.reciprocal() - 1).reshape(-1, *([1] * (terms.dim() - 1)))
+    return (weight * terms.square()).sum(0)
