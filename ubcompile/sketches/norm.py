@@ -9,10 +9,13 @@ set so the budget is met (the KKT conditions: the uncapped ``pi_j`` are proporti
 probabilities from any importances ``a_j``; for a matrix product ``x @ y`` the term norms are
 ``||x[:, j]|| ||y[j, :]||`` (:func:`contraction_importance`).
 
-Compiled graphs need a fixed sample size: :func:`systematic_sample` draws exactly ``k`` distinct
-indices with exactly the inclusion probabilities ``pi`` (systematic PPS sampling: one uniform
-offset, ``k`` evenly spaced points on the cumulative sum of ``pi``). It stays unbiased; its
-variance is close to the Poisson formula and depends on the order of the terms.
+Compiled graphs need a fixed sample size: :func:`pps_sample` draws exactly ``k`` distinct
+indices with exactly the inclusion probabilities ``pi`` by randomised systematic PPS sampling:
+the indices in random order, one uniform offset, ``k`` evenly spaced points on the cumulative sum
+of ``pi``. It is unbiased; the random order makes it simple random sampling when all ``pi`` are
+equal (so it is never worse than the uniform sketch on flat importances), and its variance is
+close to the Poisson formula :func:`poisson_variance` otherwise. :func:`bernoulli_sample` draws
+the Poisson (independent, variable-size) design itself, for analysis only.
 """
 
 from __future__ import annotations
@@ -63,8 +66,20 @@ def systematic_sample(pi: Tensor, k: int, offset: Tensor) -> Tensor:
 def pps_sample(importance: Tensor, k: int, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
     """``k`` sorted distinct indices drawn with the minimal-variance probabilities, and their weights ``1 / pi``."""
     pi = water_fill(importance, k)
-    offset = torch.rand((), generator=generator, device=importance.device, dtype=torch.float64)
-    idx = systematic_sample(pi, k, offset)
+    order = torch.randperm(pi.shape[0], generator=generator, device=pi.device)
+    offset = torch.rand((), generator=generator, device=pi.device, dtype=torch.float64)
+    idx = order[systematic_sample(pi[order], k, offset)].sort().values
+    return idx, pi[idx].reciprocal()
+
+
+def bernoulli_sample(pi: Tensor, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+    """Independent inclusions with probabilities ``pi`` (variable size): indices and weights ``1 / pi``.
+
+    For analysis only: the size varies from draw to draw, so compiled graphs never use it. With
+    ``pi = p`` everywhere it is the uniform Bernoulli mask of the paper.
+    """
+    keep = torch.rand(pi.shape, generator=generator, device=pi.device, dtype=torch.float64) < pi
+    idx = keep.nonzero().squeeze(-1)
     return idx, pi[idx].reciprocal()
 
 
