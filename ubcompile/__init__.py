@@ -10,7 +10,9 @@ check_torch_version()
 from .backend import Backend, backend  # noqa: E402
 from .config import AXES, COMPILERS, GRAD_MODES, SKETCHES, SamplingConfig  # noqa: E402
 from .explain import explain  # noqa: E402
+from .profile import Profile, profile  # noqa: E402
 from .report import GemmEntry, Report  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["AXES", "Backend", "COMPILERS", "GRAD_MODES", "SKETCHES", "GemmEntry", "Report", "SamplingConfig", "backend", "explain"]
+__all__ = ["AXES", "Backend", "COMPILERS", "GRAD_MODES", "SKETCHES", "GemmEntry", "Profile", "Report",
+           "SamplingConfig", "backend", "explain", "profile"]

@@ -95,3 +95,9 @@ def poisson_variance(terms: Tensor, pi: Tensor) -> Tensor:
     """
     weight = (pi.reciprocal() - 1).reshape(-1, *([1] * (terms.dim() - 1)))
     return (weight * terms.square()).sum(0)
+
+
+def contraction_poisson_total_variance(x: Tensor, y: Tensor, pi: Tensor) -> Tensor:
+    """``sum`` over the entries of :func:`poisson_variance` for the terms of ``x @ y``: ``sum_j (1/pi_j - 1) ||t_j||^2``."""
+    norms = x.double().square().sum(0) * y.double().square().sum(1)
+    return ((pi.double().reciprocal() - 1) * norms).sum()

@@ -55,3 +55,17 @@ def uniform_variance(terms: Tensor, k: int) -> Tensor:
         return torch.zeros_like(terms[0])
     s2 = terms.var(dim=0, unbiased=True)
     return n * n * (1.0 - k / n) * s2 / k
+
+
+def contraction_total_variance(x: Tensor, y: Tensor, k: int) -> Tensor:
+    """``sum`` over the entries of :func:`uniform_variance` for the terms ``x[:, j] y[j, :]`` of ``x @ y``.
+
+    Computed without materialising the ``n`` terms: ``sum_j ||t_j - mean t||^2 =
+    sum_j ||x[:, j]||^2 ||y[j, :]||^2 - ||x @ y||^2 / n``.
+    """
+    n = x.shape[1]
+    if n == 1:
+        return x.new_zeros(())
+    norms = x.double().square().sum(0) * y.double().square().sum(1)
+    spread = norms.sum() - (x.double() @ y.double()).square().sum() / n
+    return n * n * (1.0 - k / n) * spread / (k * (n - 1))
