@@ -5,7 +5,7 @@ interleaved (one step of each variant per round) and summarised by medians, so s
 machine hits all variants alike. Ratios are against exact ``torch.compile(backend="inductor")``.
 
     python benchmarks/bench_mlp.py [--width 4096] [--depth 4] [--batch 1024] [--rounds 7]
-        [--p 1 0.5 0.25 0.1] [--grad weight both] [--json out.json]
+        [--p 1 0.5 0.25 0.1] [--grad weight both] [--sketch uniform] [--json out.json]
 """
 
 from __future__ import annotations
@@ -65,19 +65,20 @@ class Variant:
 
 def ideal_bwd(grad: str, p: float, depth: int) -> float:
     """Backward GEMM FLOPs / exact when every layer is sampled (the first has no grad_input GEMM)."""
+    sampled = {"weight": depth, "input": depth - 1, "both": 2 * depth - 1}[grad]
     gemms = 2 * depth - 1
-    if grad == "both":
-        return p
-    return (depth * p + depth - 1) / gemms
+    return (sampled * p + gemms - sampled) / gemms
 
 
 def build(args: argparse.Namespace) -> list[Variant]:
     base = make_mlp(args.width, args.depth)
     variants = [Variant("exact inductor", "-", 1.0, copy.deepcopy(base), "inductor")]
-    for grad in args.grad:
-        for p in args.p:
-            backend = ubcompile.backend(p=p, grad=grad, seed=0)
-            variants.append(Variant(f"ubcompile {grad} p={p:g}", grad, p, copy.deepcopy(base), backend))
+    for sketch in args.sketch:
+        for grad in args.grad:
+            for p in args.p:
+                backend = ubcompile.backend(p=p, grad=grad, sketch=sketch, seed=0)
+                name = f"{sketch} {grad} p={p:g}"
+                variants.append(Variant(name, grad, p, copy.deepcopy(base), backend))
     return variants
 
 
@@ -128,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--p", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.1])
     parser.add_argument("--grad", nargs="+", default=["weight", "both"], choices=ubcompile.GRAD_MODES)
+    parser.add_argument("--sketch", nargs="+", default=["uniform"], choices=ubcompile.SKETCHES)
     parser.add_argument("--json", help="write the rows as JSON to this path")
     args = parser.parse_args(argv)
     rows = run(args)
