@@ -128,3 +128,12 @@ def test_weight_gradient_on_feature_rows():
     report = explain("mlp", grad="weight", axis="features")
     assert {(e.role, e.axis, e.k, e.n) for e in report.sampled} == {("grad_weight", "features", 32, 128)}
     assert {((32, 64), (64, 96)), ((32, 64), (64, 128))} <= mm_operand_shapes(report)
+
+
+def test_projection_declined_where_it_costs_more():
+    report = explain("mlp", grad="both", sketch="lowrank")  # p = 0.25: three GEMMs of 1/4 each
+    assert not report.sampled
+    assert any("rank-32 lowrank projection costs more than the exact GEMM" in e.reason for e in report.declined)
+    cheap = ubcompile.explain(*make("mlp"), loss_fn=loss_of, grad="both", sketch="lowrank", p=0.1)
+    assert len(cheap.sampled) == 3 and "rank 13/128 features" in cheap.table()
+    assert cheap.backward_code.count("torch.ops.ubcompile.projection") == 2 and 0.3 < cheap.flop_ratio < 0.6

@@ -15,16 +15,19 @@ from conftest import loss_of, make
 
 DRAWS = 200
 # frozen_first under grad="input" samples nothing (its only input-gradient GEMM is the small head).
+# The diagonal sketches on every model; the projections (same graph code paths) on the MLP.
 CASES = [(name, grad, sketch, "inductor") for name in ("mlp", "mlp_3d", "frozen_first", "no_bias")
-         for grad in ubcompile.GRAD_MODES for sketch in ubcompile.SKETCHES
+         for grad in ubcompile.GRAD_MODES for sketch in ("uniform", "norm")
          if (name, grad) != ("frozen_first", "input")]
-CASES += [("mlp", grad, sketch, "eager") for grad in ubcompile.GRAD_MODES for sketch in ubcompile.SKETCHES]
+CASES += [("mlp", grad, sketch, "inductor") for grad in ubcompile.GRAD_MODES for sketch in ("lowrank", "gaussian")]
+CASES += [("mlp", grad, sketch, "eager") for grad in ubcompile.GRAD_MODES for sketch in ("uniform", "norm")]
 
 
 @pytest.mark.parametrize("name, grad, sketch, compiler", CASES)
 def test_gradients_are_unbiased(name, grad, sketch, compiler):
     model, x = make(name)
-    backend = ubcompile.backend(p=0.25, grad=grad, sketch=sketch, seed=0, compiler=compiler)
+    p = 0.1 if sketch in ("lowrank", "gaussian") else 0.25  # a projection only pays at small p
+    backend = ubcompile.backend(p=p, grad=grad, sketch=sketch, seed=0, compiler=compiler)
     results = assert_unbiased(model, loss_of, x, draws=DRAWS, backend=backend)
     assert backend.report().sampled  # the test exercised at least one rewrite
     assert set(results) == {n for n, p in model.named_parameters() if p.requires_grad}
@@ -43,6 +46,6 @@ def test_a_biased_rewrite_fails_the_same_test(monkeypatch, grad, factor):
 @pytest.mark.parametrize("grad, axis", [("weight", "features"), ("input", "rows"), ("both", "rows")])
 def test_every_sketch_on_the_other_axis_is_unbiased(grad, axis, sketch):
     model, x = make("mlp")
-    backend = ubcompile.backend(p=0.25, grad=grad, sketch=sketch, axis=axis, seed=0)
+    backend = ubcompile.backend(p=0.1, grad=grad, sketch=sketch, axis=axis, seed=0)
     assert_unbiased(model, loss_of, x, draws=DRAWS, backend=backend)
     assert {e.axis for e in backend.report().sampled} == {axis}

@@ -25,10 +25,13 @@ sampling); one that does not has only the kept rows/columns of its output comput
 
 DEFAULT_AXIS = {"weight": "rows", "input": "features", "both": "features"}
 
-SKETCHES = ("uniform", "norm")
+SKETCHES = ("uniform", "norm", "lowrank", "gaussian")
 """``"uniform"``: ``k`` indices uniformly without replacement, weight ``n / k``. ``"norm"``: the
 minimal-variance probabilities ``pi_j = min(1, c a_j)`` from the norms of the GEMM's terms, a
-fixed-size systematic sample, weights ``1 / pi_j`` (see :mod:`ubcompile.sketches.norm`)."""
+fixed-size systematic sample, weights ``1 / pi_j`` (see :mod:`ubcompile.sketches.norm`).
+``"lowrank"`` / ``"gaussian"``: a rank-``k`` random projection ``S = Omega Omega^T`` with
+orthonormal (scaled) or Gaussian ``Omega`` (see :mod:`ubcompile.sketches.lowrank`); used only
+where the three thinner GEMMs cost less than the exact one."""
 
 
 def _one_of(name: str, value: object, allowed: tuple[str, ...]) -> None:

@@ -19,6 +19,7 @@ class GemmEntry:
     exact_flops: int
     sampled_flops: int
     axis: Optional[str] = None
+    sketch: Optional[str] = None
     n: Optional[int] = None
     k: Optional[int] = None
     p: Optional[float] = None
@@ -41,6 +42,13 @@ class GraphReport:
     def backward_code(self) -> str:
         """Readable code of the partitioned backward graph, as Inductor received it."""
         return self.backward_graph.print_readable(print_output=False) if self.backward_graph is not None else ""
+
+
+def _kept(e: GemmEntry) -> str:
+    if not e.sampled:
+        return "exact"
+    rank = "rank " if e.sketch in ("lowrank", "gaussian") else ""
+    return f"{rank}{e.k}/{e.n} {e.axis}"
 
 
 def _fmt_flops(flops: int) -> str:
@@ -85,7 +93,7 @@ class Report:
     def table(self) -> str:
         rows = [
             [e.module, e.role, "x".join(map(str, e.shape)),
-             f"{e.k}/{e.n} {e.axis}" if e.sampled else "exact",
+             _kept(e),
              _fmt_flops(e.exact_flops), _fmt_flops(e.sampled_flops), e.reason]
             for e in self.entries
         ]

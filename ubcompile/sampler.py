@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .sketches.lowrank import gaussian_sketch, orthonormal_sketch
 from .sketches.norm import pps_sample
 from .sketches.uniform import uniform_subset
 
@@ -79,3 +80,18 @@ def pps_indices(importance: Tensor, k: int, sampler_id: int, site: int) -> tuple
 @pps_indices.register_fake
 def _(importance: Tensor, k: int, sampler_id: int, site: int) -> tuple[Tensor, Tensor]:
     return importance.new_empty((k,), dtype=torch.long), importance.new_empty((k,))
+
+
+_PROJECTIONS = {"lowrank": orthonormal_sketch, "gaussian": gaussian_sketch}
+
+
+@torch.library.custom_op("ubcompile::projection", mutates_args=())
+def projection(anchor: Tensor, n: int, k: int, kind: str, sampler_id: int, site: int) -> Tensor:
+    """An ``n x k`` random projection ``Omega`` with ``E[Omega Omega^T] = I`` (``kind``: lowrank, gaussian)."""
+    gen = sampler(sampler_id).generator(anchor.device)
+    return _PROJECTIONS[kind](n, k, gen, anchor.device, anchor.dtype).contiguous()
+
+
+@projection.register_fake
+def _(anchor: Tensor, n: int, k: int, kind: str, sampler_id: int, site: int) -> Tensor:
+    return anchor.new_empty((n, k))

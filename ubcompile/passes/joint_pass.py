@@ -57,7 +57,7 @@ class JointSamplingPass(CustomGraphPass):
     def __call__(self, graph: torch.fx.Graph) -> None:
         sites, unmatched = backward_gemms(graph)
         entries = [self._exact_entry(u.node, "", u.reason) for u in unmatched]
-        draws: dict[tuple[torch.fx.Node, int], tuple[torch.fx.Node, torch.fx.Node]] = {}
+        draws: dict[tuple[torch.fx.Node, int], tuple[torch.fx.Node, ...]] = {}
         for site in sites:
             decision = plan(site, self.config)
             if isinstance(decision, Plan):
@@ -68,12 +68,12 @@ class JointSamplingPass(CustomGraphPass):
         self.on_report(GraphReport(entries, joint_code=graph.python_code("self").src))
 
     def _rewrite(self, graph: torch.fx.Graph, decision: Plan,
-                 draws: dict[tuple[torch.fx.Node, int], tuple[torch.fx.Node, torch.fx.Node]]) -> GemmEntry:
+                 draws: dict[tuple[torch.fx.Node, int], tuple[torch.fx.Node, ...]]) -> GemmEntry:
         site: GemmSite = decision.site
         entry = GemmEntry(
             module=module_path(site.node), role=site.role.value, shape=gemm_dims(site.node),
-            exact_flops=gemm_flops(site.node), sampled_flops=gemm_flops(site.node) * decision.k // decision.n,
-            axis=AXIS_NAMES[decision.axis], n=decision.n, k=decision.k, p=decision.p,
+            exact_flops=gemm_flops(site.node), sampled_flops=decision.sampled_flops(gemm_flops(site.node)),
+            axis=AXIS_NAMES[decision.axis], sketch=decision.sketch, n=decision.n, k=decision.k, p=decision.p,
         )
         x, y = site.node.args
         with graph.inserting_before(site.node):

@@ -2,9 +2,9 @@
 
 A row says that, under that ``grad`` mode, GEMMs of that role are sampled along the configured
 axis of the layer's cotangent ``G``. The estimator follows from where that axis sits in the GEMM:
-a contracted axis is column-row sampled (:func:`~ubcompile.sketches.sampled_contraction`), an
-output axis has its rows or columns sampled (:func:`~ubcompile.sketches.sampled_output`). The
-sketch (how indices and weights are drawn) is one of :data:`DRAWS`.
+a contracted axis is sketched inside the product (``x S y``), an output axis outside it
+(``S (x y)``). Each sketch family is one row of :data:`SKETCH_TABLE`: how it draws, and its two
+estimators from :mod:`ubcompile.sketches`.
 """
 
 from __future__ import annotations
@@ -18,13 +18,15 @@ from torch import Tensor
 from .._torch_private import size_hint
 from ..config import SamplingConfig
 from ..sketches import keep_count, sampled_contraction, sampled_output, uniform_scale
+from ..sketches.lowrank import projected_contraction, projected_output
 from ..sketches.norm import contraction_importance
 from .matching import FEATURES, ROWS, GemmSite, Role, gemm_dims
 
 AXIS_NAMES = {ROWS: "rows", FEATURES: "features"}
 AXIS_BY_NAME = {name: axis for axis, name in AXIS_NAMES.items()}
-Draw = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
-"""``(x, y) -> (idx, weights)``: kept indices and their weights (0-d, or one per index)."""
+Draw = Callable[[Tensor, Tensor], tuple[Tensor, ...]]
+"""``(x, y) -> sketch tensors``: kept indices and their weights (0-d, or one per index) for the
+diagonal sketches, the ``n x k`` projection for the rank-constrained ones."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,15 +78,25 @@ class Plan:
         return torch.linalg.vector_norm(x, dim=1) if self.out_dim == 0 else torch.linalg.vector_norm(y, dim=0)
 
     def draw(self, sampler_id: int, key: int) -> Draw:
-        """``(x, y) -> (idx, weights)``: the kept indices and their weights, by this plan's sketch."""
-        return DRAWS[self.sketch](self, sampler_id, key)
+        """``(x, y) -> sketch tensors``: what this plan's sketch draws for one step."""
+        return SKETCH_TABLE[self.sketch].draw(self, sampler_id, key)
 
-    def estimator(self) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
-        """``(x, y, idx, weights) -> estimate of x @ y``."""
-        out_dim = self.out_dim
+    def estimator(self) -> Callable[..., Tensor]:
+        """``(x, y, *sketch tensors) -> estimate of x @ y``."""
+        rule, out_dim = SKETCH_TABLE[self.sketch], self.out_dim
         if out_dim is None:
-            return sampled_contraction
-        return lambda x, y, idx, weights: sampled_output(x, y, idx, weights, out_dim)
+            return rule.contraction
+        return lambda x, y, *sketch: rule.output(x, y, *sketch, out_dim)
+
+    def sampled_flops(self, exact_flops: int) -> int:
+        """GEMM FLOPs of the rewritten product (``exact_flops = 2 M K N`` of the original)."""
+        m, k_inner, n_out = gemm_dims(self.site.node)
+        if SKETCH_TABLE[self.sketch].projects:
+            # The three GEMMs through the k-dimensional projection.
+            outer = {None: (m, k_inner, n_out), 0: (k_inner, m, n_out), 1: (m, n_out, k_inner)}[self.out_dim]
+            a, n, b = outer
+            return 2 * self.k * (a * n + n * b + a * b)
+        return exact_flops * self.k // self.n
 
 
 def _uniform_draw(plan: Plan, sampler_id: int, key: int) -> Draw:
@@ -105,7 +117,31 @@ def _norm_draw(plan: Plan, sampler_id: int, key: int) -> Draw:
     return draw
 
 
-DRAWS: dict[str, Callable[[Plan, int, int], Draw]] = {"uniform": _uniform_draw, "norm": _norm_draw}
+def _projection_draw(plan: Plan, sampler_id: int, key: int) -> Draw:
+    def draw(x: Tensor, y: Tensor) -> tuple[Tensor]:
+        n = plan.size(x, y)
+        anchor = (x, y)[plan.site.cotangent_arg]
+        return (torch.ops.ubcompile.projection(anchor, n, keep_count(n, plan.p), plan.sketch, sampler_id, key),)
+
+    return draw
+
+
+@dataclasses.dataclass(frozen=True)
+class SketchRule:
+    """How one sketch family draws, and how its draw enters a product."""
+
+    draw: Callable[[Plan, int, int], Draw]
+    contraction: Callable[..., Tensor]  # (x, y, *drawn) -> x S y
+    output: Callable[..., Tensor]  # (x, y, *drawn, dim) -> S (x y) or (x y) S
+    projects: bool = False  # the draw is a dense n x k projection, not indices
+
+
+SKETCH_TABLE: dict[str, SketchRule] = {
+    "uniform": SketchRule(_uniform_draw, sampled_contraction, sampled_output),
+    "norm": SketchRule(_norm_draw, sampled_contraction, sampled_output),
+    "lowrank": SketchRule(_projection_draw, projected_contraction, projected_output, projects=True),
+    "gaussian": SketchRule(_projection_draw, projected_contraction, projected_output, projects=True),
+}
 
 
 def plan(site: GemmSite, config: SamplingConfig) -> Union[Plan, str]:
@@ -123,4 +159,8 @@ def plan(site: GemmSite, config: SamplingConfig) -> Union[Plan, str]:
     k = keep_count(n, config.p)
     if k >= n:
         return f"p={config.p} keeps all {n} {config.axis}"
-    return Plan(site, axis, config.p, config.sketch, n, k)
+    accepted = Plan(site, axis, config.p, config.sketch, n, k)
+    exact = 2 * dims[0] * dims[1] * dims[2]
+    if accepted.sampled_flops(exact) >= exact:
+        return f"a rank-{k} {config.sketch} projection costs more than the exact GEMM"
+    return accepted
