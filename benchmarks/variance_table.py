@@ -22,7 +22,7 @@ from tabulate import tabulate
 import ubcompile
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "examples"))
-from datasets import load_fashion_mnist, normalize  # noqa: E402
+from fashion_data import load_fashion_mnist, normalize  # noqa: E402
 from fashion_mlp import make_model  # noqa: E402
 
 MODES = [("weight", "rows"), ("weight", "features"), ("input", "features"), ("both", "features")]

@@ -11,7 +11,7 @@ time, and the relative error of the first layer's weight gradient at init (mean 
     python examples/fashion_mlp.py [--mode exact --mode weight:uniform:rows ...] [--epochs 6]
         [--lr 0.05] [--p 0.25] [--seed 0] [--limit-train N] [--data-dir DIR] [--json PATH]
 
-Data: ``sudo apt-get install dataset-fashion-mnist`` (see ``examples/datasets.py``).
+Data: ``sudo apt-get install dataset-fashion-mnist`` (see ``examples/fashion_data.py``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tabulate import tabulate
 
 import ubcompile
-from datasets import Split, full_batches, load_fashion_mnist, normalize
+from fashion_data import Split, full_batches, load_fashion_mnist, normalize
 
 BATCH = 256
 WIDTH = 1024

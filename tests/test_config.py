@@ -48,8 +48,8 @@ def test_config_is_frozen():
         config.p = 0.5  # type: ignore[misc]
 
 
-def test_default_is_weight_rows():
-    assert SamplingConfig() == SamplingConfig(p=0.25, grad="weight", sketch="uniform", axis="rows", min_dim=64)
+def test_default_is_norm_weighted_weight_rows():
+    assert SamplingConfig() == SamplingConfig(p=0.25, grad="weight", sketch="norm", axis="rows", min_dim=64)
 
 
 @pytest.mark.parametrize("grad, axis", [("weight", "rows"), ("input", "features"), ("both", "features")])

@@ -22,9 +22,9 @@ EXPECTED_COUNTS = {
 }
 
 
-def explain(name, **options):
+def explain(name, sketch="uniform", **options):
     model, x = make(name)
-    return ubcompile.explain(model, x, loss_fn=loss_of, p=0.25, **options)
+    return ubcompile.explain(model, x, loss_fn=loss_of, p=0.25, sketch=sketch, **options)
 
 
 def mm_operand_shapes(report):

@@ -56,14 +56,15 @@ def _snapshot(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(gm, graph)
 
 
-def backend(p: float = 0.25, *, grad: str = "weight", sketch: str = "uniform", axis: Optional[str] = None,
+def backend(p: float = 0.25, *, grad: str = "weight", sketch: str = "norm", axis: Optional[str] = None,
             seed: Optional[int] = None, min_dim: int = 64, compiler: str = "inductor") -> Backend:
     """A ubcompile backend: ``torch.compile(model, backend=ubcompile.backend(p=0.25))``.
 
-    See :class:`~ubcompile.config.SamplingConfig` for the options. The default ``grad="weight"``
-    samples a fraction ``p`` of the batch/token rows of every weight-gradient GEMM and keeps the
-    propagated gradients exact; ``grad="both"`` samples a fraction ``p`` of each layer's output
-    features for both of its gradient GEMMs (cheaper, noisier: the noise compounds with depth).
+    See :class:`~ubcompile.config.SamplingConfig` for the options. The default, chosen by
+    measurement (README, "Defaults"), samples a fraction ``p`` of the batch/token rows of every
+    weight-gradient GEMM with the minimal-variance norm sketch and keeps the propagated gradients
+    exact; ``grad="both"`` samples a fraction ``p`` of each layer's output features for both of its
+    gradient GEMMs (cheaper, noisier: the noise compounds with depth).
     """
     return Backend(SamplingConfig(p=p, grad=grad, sketch=sketch, axis=axis, seed=seed, min_dim=min_dim,
                                   compiler=compiler))

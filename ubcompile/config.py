@@ -60,7 +60,7 @@ class SamplingConfig:
 
     p: float = 0.25
     grad: str = "weight"
-    sketch: str = "uniform"
+    sketch: str = "norm"
     axis: Optional[str] = None
     seed: Optional[int] = None
     min_dim: int = 64
