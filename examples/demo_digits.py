@@ -1,8 +1,9 @@
 """Train a small MLP on scikit-learn's digits with exact and sampled backward GEMMs.
 
-Three runs from the same initial weights and the same batch order, in one process:
-``torch.compile`` with Inductor (exact gradients), then ``ubcompile.backend(p=P, grad="weight")``
-and ``ubcompile.backend(p=P, grad="both")``. Each reports test accuracy, backward GEMM FLOPs
+Four runs from the same initial weights and the same batch order, in one process:
+``torch.compile`` with Inductor (exact gradients), then ``ubcompile.backend(p=P, grad=G, sketch=S)``
+for the default (weight-gradient rows, norm sketch), ``grad="both"`` with the norm sketch, and
+``grad="both"`` with the uniform sketch (which diverges at the default learning rate). Each reports test accuracy, backward GEMM FLOPs
 relative to exact, and the median training step time.
 
     python examples/demo_digits.py [--epochs 30] [--lr 0.05] [--p 0.25] [--seed 0] [--json out.json]
@@ -105,22 +106,24 @@ def main() -> None:
     args = parse_args()
     data = load_data()
     results: list[dict[str, Any]] = []
-    runs: list[tuple[str, Optional[str]]] = [("exact (inductor)", None), ("ubcompile", "weight"), ("ubcompile", "both")]
-    for name, grad in runs:
+    runs: list[tuple[str, Optional[str], str]] = [
+        ("exact (inductor)", None, "-"), ("ubcompile", "weight", "norm"), ("ubcompile", "both", "norm"),
+        ("ubcompile", "both", "uniform")]
+    for name, grad, sketch in runs:
         if grad is None:
             res, ratio, p = train("inductor", data, args), 1.0, None
         else:
-            b = ubcompile.backend(p=args.p, grad=grad)
+            b = ubcompile.backend(p=args.p, grad=grad, sketch=sketch)
             res, p = train(b, data, args), args.p
             report = b.report()
             ratio = report.flop_ratio
-            print(f"== ubcompile grad={grad!r} p={args.p} ==\n{report}\n")
-        results.append({"run": name, "grad": grad, "p": p, "flop_ratio": ratio, **res})
+            print(f"== ubcompile grad={grad!r} sketch={sketch!r} p={args.p} ==\n{report}\n")
+        results.append({"run": name, "grad": grad, "sketch": sketch, "p": p, "flop_ratio": ratio, **res})
 
-    rows = [[r["run"], r["grad"] or "-", "-" if r["p"] is None else r["p"],
+    rows = [[r["run"], r["grad"] or "-", r["sketch"], "-" if r["p"] is None else r["p"],
              "-" if r["test_acc"] is None else f"{r['test_acc']:.1f}",
              f"{r['flop_ratio']:.3f}", f"{r['median_step_ms']:.2f}", r["status"]] for r in results]
-    headers = ["run", "grad", "p", "test acc %", "bwd GEMM FLOPs vs exact", "median step ms", "status"]
+    headers = ["run", "grad", "sketch", "p", "test acc %", "bwd GEMM FLOPs vs exact", "median step ms", "status"]
     print(tabulate(rows, headers=headers))
     if args.json:
         with open(args.json, "w") as f:

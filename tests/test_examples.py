@@ -29,7 +29,8 @@ def test_digits_demo(tmp_path):
     out = run("examples/demo_digits.py", "--epochs", "1", "--json", str(tmp_path / "r.json"))
     assert "exact (inductor)" in out and "backward GEMM FLOPs" in out
     results = json.loads((tmp_path / "r.json").read_text())["results"]
-    assert [r["grad"] for r in results] == [None, "weight", "both"]
+    assert [(r["grad"], r["sketch"]) for r in results] == [
+        (None, "-"), ("weight", "norm"), ("both", "norm"), ("both", "uniform")]
 
 
 def test_fashion_mlp_on_synthetic_idx_files(tmp_path):
