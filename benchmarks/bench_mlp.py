@@ -18,7 +18,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn

@@ -109,7 +109,7 @@ def test_norm_variance_is_lower_on_skewed_terms_and_no_larger_on_flat_ones(skew)
 
 def test_poisson_variance_closed_form():
     x, y = _operands(skew=True)
-    n, k = x.shape[1], 10
+    _n, k = x.shape[1], 10
     pi = water_fill(contraction_importance(x, y), k)
     gen = torch.Generator().manual_seed(4)
     samples = []

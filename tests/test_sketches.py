@@ -85,7 +85,7 @@ def test_a_biased_estimator_fails_the_same_test(bias):
 
 def test_uniform_variance_matches_closed_form():
     x, y = _operands(m=3, n=30, q=2)
-    n, k = x.shape[1], 6
+    _n, k = x.shape[1], 6
     gen = torch.Generator().manual_seed(3)
     samples = torch.stack([_draw_contraction(x, y, k, gen) for _ in range(DRAWS)]).double()
     terms = torch.einsum("mj,jq->jmq", x, y).double()  # the n summands of x @ y

@@ -5,7 +5,6 @@ Tolerances come from the measured standard error of the mean over the draws (see
 """
 
 import pytest
-import torch
 
 import ubcompile
 from ubcompile.passes import rules

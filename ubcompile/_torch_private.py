@@ -17,7 +17,6 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._functorch import config as _functorch_config
 from torch._functorch.aot_autograd import make_boxed_func
 from torch._functorch.partitioners import default_partition
-from torch._guards import detect_fake_mode
 from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.decomposition import select_decomp_table
@@ -30,7 +29,6 @@ __all__ = [
     "check_torch_version",
     "compile_eager_with_joint_pass",
     "compile_with_joint_pass",
-    "fake_mode_of",
     "size_hint",
     "trace_with_fake",
 ]
@@ -55,15 +53,6 @@ def size_hint(size: Any) -> int:
             raise ValueError(f"symbolic size {size} has no example value")
         return int(hint)
     return int(size)
-
-
-def fake_mode_of(graph: torch.fx.Graph) -> Any:
-    """The FakeTensorMode that produced the ``meta["val"]`` of ``graph``'s placeholders."""
-    vals = [n.meta["val"] for n in graph.nodes if n.op == "placeholder" and "val" in n.meta]
-    mode = detect_fake_mode(vals)
-    if mode is None:
-        raise RuntimeError("the joint graph carries no fake tensors in meta['val']")
-    return mode
 
 
 def trace_with_fake(fn: Callable[..., Any], fake_args: Sequence[Any]) -> torch.fx.GraphModule:

@@ -29,22 +29,13 @@ Draw = Callable[[Tensor, Tensor], tuple[Tensor, ...]]
 diagonal sketches, the ``n x k`` projection for the rank-constrained ones."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Rule:
-    grad: str  # the SamplingConfig.grad mode this row belongs to
-    role: Role
-
-
-RULES: tuple[Rule, ...] = (
-    Rule("weight", Role.GRAD_WEIGHT),
-    Rule("input", Role.GRAD_INPUT),
+RULES: frozenset[tuple[str, Role]] = frozenset({
+    ("weight", Role.GRAD_WEIGHT),
+    ("input", Role.GRAD_INPUT),
     # The VJP sketch G S, one draw shared by both gradients of the layer.
-    Rule("both", Role.GRAD_INPUT),
-    Rule("both", Role.GRAD_WEIGHT),
-)
-_TABLE: dict[tuple[str, Role], Rule] = {}
-for _rule in RULES:
-    _TABLE[(_rule.grad, _rule.role)] = _rule
+    ("both", Role.GRAD_INPUT),
+    ("both", Role.GRAD_WEIGHT),
+})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +140,7 @@ def plan(site: GemmSite, config: SamplingConfig) -> Union[Plan, str]:
 
     Decisions use example sizes, so a dynamic batch is judged by the size it was compiled for.
     """
-    if (config.grad, site.role) not in _TABLE:
+    if (config.grad, site.role) not in RULES:
         return f"grad={config.grad!r} keeps {site.role.value} exact"
     dims = gemm_dims(site.node)
     if min(dims) < config.min_dim:
