@@ -7,9 +7,10 @@ from torch.fx.experimental.proxy_tensor import make_fx
 import ubcompile
 from ubcompile.config import SamplingConfig
 from ubcompile.passes import JointSamplingPass
-from ubcompile.passes.matching import FEATURES, ROWS, GemmSite, Role, backward_gemms
+from ubcompile.passes.gemm import gemm_sites
+from ubcompile.passes.graph import GradientFlow, cotangent_dependent
 
-from conftest import loss_of, make
+from conftest import loss_of, make, mlp
 
 # (model, grad mode) -> (sampled, kept exact)
 EXPECTED_COUNTS = {
@@ -84,18 +85,41 @@ def test_p_one_rewrites_nothing():
     assert "uniform_indices" not in report.backward_code
 
 
-def _ambiguous_backward(x, w, tangents_1):
-    """Hand-written linear backward where batch = in = out = 8: only structure tells the roles apart."""
-    return torch.mm(tangents_1, w), torch.mm(tangents_1.t(), x), torch.mm(x.t(), tangents_1)
+def roles(report):
+    return sorted((e.module, e.role, e.sampled) for e in report.entries)
 
 
 def test_roles_found_by_structure_not_shape():
-    graph = make_fx(_ambiguous_backward)(torch.randn(8, 8), torch.randn(8, 8), torch.randn(8, 8)).graph
-    sites, unmatched = backward_gemms(graph)
-    assert not unmatched
-    assert [(s.role, s.contracted, s.cotangent_arg) for s in sites] == [
-        (Role.GRAD_INPUT, FEATURES, 0), (Role.GRAD_WEIGHT, ROWS, 0), (Role.GRAD_WEIGHT, ROWS, 1)]
-    assert all(isinstance(s, GemmSite) and str(s.cotangent.target).startswith("tangents") for s in sites)
+    """batch = in = out = 8: only where each gradient flows tells the roles apart."""
+    model = mlp(8, 8, 8)
+    report = ubcompile.explain(model, torch.randn(8, 8), loss_fn=loss_of, min_dim=1)
+    assert roles(report) == [("0", "grad_weight", True), ("2", "grad_input", False), ("2", "grad_weight", True)]
+
+
+class LeftWeight(torch.nn.Module):
+    """``y = W @ x``: the parameter is the left operand, so its gradient contracts G's features."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(64, 96) / 10)
+
+    def forward(self, x):
+        return (self.w @ x.t()).t()
+
+
+def test_weight_on_the_left_is_still_a_weight_gradient():
+    report = ubcompile.explain(LeftWeight(), torch.randn(128, 96), loss_fn=loss_of)
+    (entry,) = report.entries
+    assert (entry.role, entry.sampled, entry.axis) == ("grad_weight", True, "rows")
+
+
+def test_gradient_leaving_the_graph_for_an_input_is_propagated():
+    """The input gradient of a graph's first layer feeds the graph before it (a split model)."""
+    model, x = make("mlp")
+    report = ubcompile.explain(model, x.requires_grad_(), loss_fn=loss_of)
+    first = {e.role: e for e in report.entries if e.module == "0"}
+    assert not first["grad_input"].sampled and "keeps grad_input exact" in first["grad_input"].reason
+    assert first["grad_weight"].sampled
 
 
 def test_activation_products_are_left_exact():
@@ -103,7 +127,7 @@ def test_activation_products_are_left_exact():
         return torch.mm(tangents_1, tangents_1.t() @ q)
 
     graph = make_fx(attention_like)(torch.randn(8, 8), torch.randn(8, 8)).graph
-    sites, unmatched = backward_gemms(graph)
+    sites, unmatched = gemm_sites(graph, cotangent_dependent(graph), GradientFlow(graph))
     assert len(unmatched) == 1 and "both operands depend on the cotangent" in unmatched[0].reason
 
 

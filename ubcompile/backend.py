@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.fx
@@ -40,7 +40,8 @@ class Backend:
             if current:
                 current[-1].backward_graph = _snapshot(graph)
 
-        joint_pass = JointSamplingPass(self.config, self.sampler.id, on_report)
+        parameters = [isinstance(t, torch.nn.Parameter) for t in example_inputs]
+        joint_pass = JointSamplingPass(self.config, self.sampler.id, on_report, parameters)
         compile_fn = compile_with_joint_pass if self.config.compiler == "inductor" else compile_eager_with_joint_pass
         return compile_fn(gm, example_inputs, joint_pass, on_backward_graph)
 
@@ -57,7 +58,8 @@ def _snapshot(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 
 def backend(p: float = 0.25, *, grad: str = "weight", sketch: str = "norm", axis: Optional[str] = None,
-            seed: Optional[int] = None, min_dim: int = 64, compiler: str = "inductor") -> Backend:
+            seed: Optional[int] = None, min_dim: int = 64, compiler: str = "inductor",
+            filter: Optional[Callable[[str], bool]] = None) -> Backend:
     """A ubcompile backend: ``torch.compile(model, backend=ubcompile.backend(p=0.25))``.
 
     See :class:`~ubcompile.config.SamplingConfig` for the options. The default, chosen by
@@ -67,7 +69,7 @@ def backend(p: float = 0.25, *, grad: str = "weight", sketch: str = "norm", axis
     gradient GEMMs (cheaper, noisier: the noise compounds with depth).
     """
     return Backend(SamplingConfig(p=p, grad=grad, sketch=sketch, axis=axis, seed=seed, min_dim=min_dim,
-                                  compiler=compiler))
+                                  compiler=compiler, filter=filter))
 
 
 def default_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Optional
+from typing import Callable, Optional
 
 COMPILERS = ("inductor", "eager")
 """What compiles the rewritten graphs: Inductor, or nothing (``aot_eager``-style, for reference)."""
@@ -56,6 +56,10 @@ class SamplingConfig:
             ``M``, ``K`` and ``N`` is at least ``min_dim`` (so a 10-way classifier head stays exact:
             its few kept features would not pay for the gathers).
         compiler: one of :data:`COMPILERS`.
+        filter: ``filter(module_path) -> bool`` chooses the layers to sample; a gradient of a layer
+            it rejects stays exact. ``module_path`` is the layer's dotted path in the compiled
+            module (``"blocks.0.attn.qkv"``; ``"<root>"`` for the module's own ``forward``), as
+            in the report. ``None`` samples every layer.
     """
 
     p: float = 0.25
@@ -65,6 +69,7 @@ class SamplingConfig:
     seed: Optional[int] = None
     min_dim: int = 64
     compiler: str = "inductor"
+    filter: Optional[Callable[[str], bool]] = None
 
     def __post_init__(self) -> None:
         p = self.p
@@ -83,3 +88,5 @@ class SamplingConfig:
             raise TypeError(f"seed must be an int or None, got {self.seed!r}")
         if isinstance(self.min_dim, bool) or not isinstance(self.min_dim, int) or self.min_dim < 1:
             raise ValueError(f"min_dim must be a positive int, got {self.min_dim!r}")
+        if self.filter is not None and not callable(self.filter):
+            raise TypeError(f"filter must be a callable module_path -> bool or None, got {self.filter!r}")

@@ -97,11 +97,11 @@ class Report:
              _fmt_flops(e.exact_flops), _fmt_flops(e.sampled_flops), e.reason]
             for e in self.entries
         ]
-        headers = ["module", "gemm", "M x K x N", "kept", "GFLOP exact", "GFLOP sampled", "declined because"]
+        headers = ["module", "gradient", "M x K x N", "kept", "GFLOP exact", "GFLOP sampled", "declined because"]
         summary = (f"backward GEMM FLOPs: {_fmt_flops(self.sampled_flops)} / {_fmt_flops(self.exact_flops)} "
                    f"GFLOP = {self.flop_ratio:.3f} of exact; {len(self.sampled)} sampled, "
                    f"{len(self.declined)} exact")
-        return tabulate(rows, headers=headers) + "\n" + summary
+        return tabulate(rows, headers=headers, disable_numparse=True) + "\n" + summary
 
     def __str__(self) -> str:
         return self.table()

@@ -19,6 +19,7 @@ def inline_call(graph: torch.fx.Graph, fn: Callable[..., Any], args: Sequence[to
     each traced value replaced by its new node (constants stay constants).
     """
     traced = trace_with_fake(fn, [a.meta["val"] for a in args])
+    traced.graph.eliminate_dead_code()  # e.g. the getitem of an output a multi-output op skipped
     placeholders = iter(args)
     env: dict[torch.fx.Node, torch.fx.Node] = {}
     inherited = {k: v for k, v in meta_from.meta.items() if k not in ("val", "tensor_meta", "stack_trace")}

@@ -1,11 +1,16 @@
-"""The joint-graph pass: replace recognised gradient GEMMs by sampled, smaller GEMMs."""
+"""The joint-graph pass: replace recognised gradient products by sampled, smaller ones.
+
+Two rewrite families share one draw per (cotangent, axis): GEMMs (:mod:`.gemm`) and
+convolutions (:mod:`.conv`). Every gradient node the pass sees is reported, sampled or with the
+reason it stayed exact.
+"""
 
 from __future__ import annotations
 
 import functools
 import hashlib
 import pathlib
-from typing import Callable
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.fx
@@ -13,10 +18,13 @@ import torch.fx
 from .._torch_private import CustomGraphPass
 from ..config import SamplingConfig
 from ..report import GemmEntry, GraphReport
-from .flops import gemm_flops
+from .conv import ConvRewrite, ConvSite, conv_dims, conv_flops, conv_sites, narrow_exact, plan_conv
+from .gemm import GEMMS, GemmRewrite, gemm_dims, gemm_flops, gemm_sites, plan_gemm
+from .graph import GradientFlow, Role, Unmatched, cotangent_dependent, fused_kernels, module_path
 from .inline import inline_call
-from .matching import GemmSite, backward_gemms, gemm_dims
-from .rules import AXIS_NAMES, Plan, plan
+from .rules import AXIS_NAMES, SKETCH_TABLE
+
+Draws = dict[tuple[torch.fx.Node, int], tuple[torch.fx.Node, ...]]
 
 
 @functools.lru_cache(maxsize=None)
@@ -30,68 +38,108 @@ def _source_hash() -> str:
     return digest.hexdigest()
 
 
-def module_path(node: torch.fx.Node) -> str:
-    """The innermost forward module of a backward node, e.g. ``layers.2`` (``?`` if unknown)."""
-    stack = node.meta.get("fwd_nn_module_stack") or node.meta.get("nn_module_stack")
-    if not stack:
-        return "?"
-    path = list(stack.values())[-1][0]
-    for prefix in ("L['self'].", "L['fn'].", "L['self']", "L['fn']"):
-        if path.startswith(prefix):
-            return path[len(prefix):] or "<root>"
-    return path
-
-
 class JointSamplingPass(CustomGraphPass):
-    """Rewrites an AOTAutograd joint graph in place and reports what it did to ``on_report``."""
+    """Rewrites an AOTAutograd joint graph in place and reports what it did to ``on_report``.
 
-    def __init__(self, config: SamplingConfig, sampler_id: int,
-                 on_report: Callable[[GraphReport], None]) -> None:
+    ``parameters[i]`` says whether the graph's ``i``-th input is a parameter (see
+    :class:`~.graph.GradientFlow`); ``None`` treats every input gradient as a parameter's.
+    """
+
+    def __init__(self, config: SamplingConfig, sampler_id: int, on_report: Callable[[GraphReport], None],
+                 parameters: Optional[Sequence[bool]] = None) -> None:
         self.config = config
         self.sampler_id = sampler_id
         self.on_report = on_report
+        self.parameters = None if parameters is None else tuple(parameters)
 
     def uuid(self) -> str:
-        return f"ubcompile-{self.config!r}-sampler{self.sampler_id}-{_source_hash()}"
+        return f"ubcompile-{self.config!r}-sampler{self.sampler_id}-{self.parameters}-{_source_hash()}"
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        sites, unmatched = backward_gemms(graph)
-        entries = [self._exact_entry(u.node, "", u.reason) for u in unmatched]
-        draws: dict[tuple[torch.fx.Node, int], tuple[torch.fx.Node, ...]] = {}
-        for site in sites:
-            decision = plan(site, self.config)
-            if isinstance(decision, Plan):
-                entries.append(self._rewrite(graph, decision, draws))
+        dependent = cotangent_dependent(graph)
+        flow = GradientFlow(graph, self.parameters)
+        gemms, unmatched = gemm_sites(graph, dependent, flow)
+        convs = conv_sites(graph, dependent, flow)
+        entries = [_exact_entry(u) for u in unmatched + fused_kernels(graph, dependent)]
+        draws: Draws = {}
+        for site in gemms:
+            decision = plan_gemm(site, self.config)
+            if isinstance(decision, GemmRewrite):
+                entries.append(self._rewrite_gemm(graph, decision, draws))
             else:
-                entries.append(self._exact_entry(site.node, site.role.value, decision))
+                entries.append(_gemm_entry(site.node, site.role, decision))
+        for conv in convs:
+            rewrite, reasons = plan_conv(conv, self.config)
+            entries += _conv_entries(conv, rewrite, reasons)
+            if rewrite is not None:
+                self._rewrite_conv(graph, rewrite, draws)
         graph.lint()
         self.on_report(GraphReport(entries, joint_code=graph.python_code("self").src))
 
-    def _rewrite(self, graph: torch.fx.Graph, decision: Plan,
-                 draws: dict[tuple[torch.fx.Node, int], tuple[torch.fx.Node, ...]]) -> GemmEntry:
-        site: GemmSite = decision.site
-        entry = GemmEntry(
-            module=module_path(site.node), role=site.role.value, shape=gemm_dims(site.node),
-            exact_flops=gemm_flops(site.node), sampled_flops=decision.sampled_flops(gemm_flops(site.node)),
-            axis=AXIS_NAMES[decision.axis], sketch=decision.sketch, n=decision.n, k=decision.k, p=decision.p,
-        )
-        x, y = site.node.args
-        with graph.inserting_before(site.node):
-            key = (site.cotangent, decision.axis)
-            if key not in draws:  # one draw per cotangent axis: a layer's two gradients share it
-                draw = decision.draw(self.sampler_id, len(draws))
-                draws[key] = inline_call(graph, draw, [x, y], meta_from=site.node)
-            sampled = inline_call(graph, decision.estimator(), [x, y, *draws[key]], meta_from=site.node)
-        site.node.replace_all_uses_with(sampled)
-        graph.erase_node(site.node)
+    def _draw(self, graph: torch.fx.Graph, rewrite, operands: list[torch.fx.Node],
+              site_node: torch.fx.Node, draws: Draws) -> tuple[torch.fx.Node, ...]:
+        """The draw for ``rewrite``'s cotangent axis, inserted once and shared by the layer's gradients."""
+        key = (rewrite.site.cotangent, rewrite.axis)
+        if key not in draws:
+            draw = SKETCH_TABLE[rewrite.sketch].draw(rewrite, self.sampler_id, len(draws))
+            draws[key] = inline_call(graph, draw, operands, meta_from=site_node)
+        return draws[key]
+
+    def _rewrite_gemm(self, graph: torch.fx.Graph, rewrite: GemmRewrite, draws: Draws) -> GemmEntry:
+        node = rewrite.site.node
+        x, y = node.args
+        with graph.inserting_before(node):
+            drawn = self._draw(graph, rewrite, [x, y], node, draws)
+            sampled = inline_call(graph, rewrite.estimator(), [x, y, *drawn], meta_from=node)
+        entry = _gemm_entry(node, rewrite.site.role, rewrite)
+        node.replace_all_uses_with(sampled)
+        graph.erase_node(node)
         return entry
 
-    @staticmethod
-    def _exact_entry(node: torch.fx.Node, role: str, reason: str) -> GemmEntry:
-        flops = gemm_flops(node)
-        return GemmEntry(module=module_path(node), role=role or str(node.target), shape=_dims_or_empty(node),
-                         exact_flops=flops, sampled_flops=flops, reason=reason)
+    def _rewrite_conv(self, graph: torch.fx.Graph, rewrite: ConvRewrite, draws: Draws) -> None:
+        node = rewrite.site.node
+        operands = list(node.args[:3])
+        with graph.inserting_before(node):
+            drawn = self._draw(graph, rewrite, operands, node, draws)
+            estimates = inline_call(graph, rewrite.estimator(), [*operands, *drawn], meta_from=node)
+        for output, estimate in zip(rewrite.site.outputs, estimates):
+            if estimate is not None:
+                output.replace_all_uses_with(estimate)
+                graph.erase_node(output)
+        narrow_exact(rewrite.site, rewrite.sampled)
 
 
-def _dims_or_empty(node: torch.fx.Node) -> tuple:
-    return gemm_dims(node) if node.target is torch.ops.aten.mm.default else ()
+def _sampling_fields(rewrite) -> dict:
+    return dict(axis=AXIS_NAMES[rewrite.axis], sketch=rewrite.sketch, n=rewrite.n, k=rewrite.k, p=rewrite.p)
+
+
+def _gemm_entry(node: torch.fx.Node, role: Role, decision) -> GemmEntry:
+    """The report line of a GEMM site: sampled by ``decision`` or kept exact for the reason it gives."""
+    flops = gemm_flops(node)
+    label = f"bmm {role.value}" if node.target is torch.ops.aten.bmm.default else role.value
+    common = dict(module=module_path(node), role=label, shape=gemm_dims(node), exact_flops=flops)
+    if isinstance(decision, GemmRewrite):
+        return GemmEntry(**common, sampled_flops=decision.sampled_flops(), **_sampling_fields(decision))
+    return GemmEntry(**common, sampled_flops=flops, reason=decision)
+
+
+def _conv_entries(site: ConvSite, rewrite: Optional[ConvRewrite], reasons: dict[int, str]) -> list[GemmEntry]:
+    entries = []
+    for output, role in enumerate(site.roles):
+        if role is None:
+            continue
+        common = dict(module=module_path(site.node), role=f"conv {role.value}", shape=conv_dims(site, output),
+                      exact_flops=conv_flops(site, output))
+        if output in reasons or rewrite is None:
+            entries.append(GemmEntry(**common, sampled_flops=common["exact_flops"], reason=reasons.get(output, "")))
+        else:
+            entries.append(GemmEntry(**common, sampled_flops=rewrite.sampled_flops(output), **_sampling_fields(rewrite)))
+    return entries
+
+
+def _exact_entry(unmatched: Unmatched) -> GemmEntry:
+    node = unmatched.node
+    flops = gemm_flops(node) if node.target in GEMMS else 0
+    return GemmEntry(module=module_path(node), role=str(getattr(node.target, "_opname", node.target)),
+                     shape=gemm_dims(node) if flops else (), exact_flops=flops, sampled_flops=flops,
+                     reason=unmatched.reason)

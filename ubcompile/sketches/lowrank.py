@@ -49,7 +49,7 @@ def projected_output(x: Tensor, y: Tensor, omega: Tensor, dim: int) -> Tensor:
     Evaluated through the ``k``-dimensional projection: ``Omega @ ((Omega^T @ x) @ y)``.
     """
     if dim == 1:
-        return projected_output(y.T, x.T, omega, 0).T
+        return projected_output(y.mT, x.mT, omega, 0).mT
     return omega @ ((omega.T @ x) @ y)
 
 

@@ -17,18 +17,21 @@ Scale = Union[float, Tensor]
 
 
 def sampled_contraction(x: Tensor, y: Tensor, idx: Tensor, scale: Scale) -> Tensor:
-    """``x @ S @ y`` for ``x: (M, n)``, ``y: (n, N)``: column-row sampling of the contraction.
+    """``x @ S @ y`` for ``x: (..., M, n)``, ``y: (..., n, N)``: column-row sampling of the contraction.
 
-    ``x @ y = sum_j x[:, j] y[j, :]``; the estimator keeps the terms in ``idx``:
-    ``scale * x[:, idx] @ y[idx, :]``, a GEMM of inner size ``k`` instead of ``n``.
+    ``x @ y = sum_j x[..., j] y[..., j, :]``; the estimator keeps the terms in ``idx`` (one draw
+    shared by every batch entry): ``scale * x[..., idx] @ y[..., idx, :]``, a (batched) GEMM of
+    inner size ``k`` instead of ``n``.
     Unbiased when every ``j`` is kept with probability ``1 / scale``. Its variance for the uniform
     sketch is :func:`ubcompile.sketches.uniform.uniform_variance` of the terms ``x[:, j] y[j, :]``.
     """
-    return (x[:, idx] * scale) @ y[idx, :]
+    return (x[..., idx] * scale) @ y[..., idx, :]
 
 
 def sampled_output(x: Tensor, y: Tensor, idx: Tensor, scale: Scale, dim: int) -> Tensor:
     """``S @ (x @ y)`` (``dim = 0``) or ``(x @ y) @ S`` (``dim = 1``): sampled output rows or columns.
+
+    ``dim`` counts the two matrix dims; leading batch dims share the draw.
 
     Only the kept rows (columns) are computed, by a GEMM with ``k`` instead of ``n`` rows
     (columns), and scaled; the others are zero. Each entry is an independent Horvitz-Thompson
@@ -36,7 +39,14 @@ def sampled_output(x: Tensor, y: Tensor, idx: Tensor, scale: Scale, dim: int) ->
     ``(scale - 1) * (x @ y)[j]^2`` per entry under uniform keep-probability ``1 / scale``.
     """
     if dim == 1:
-        return sampled_output(y.t(), x.t(), idx, scale, 0).t()
+        return sampled_output(y.mT, x.mT, idx, scale, 0).mT
     per_row = isinstance(scale, Tensor) and scale.dim() == 1
-    rows = (x[idx, :] * (scale.unsqueeze(-1) if per_row else scale)) @ y
-    return rows.new_zeros((x.shape[0], y.shape[1])).index_put((idx,), rows)
+    rows = (x[..., idx, :] * (scale.unsqueeze(-1) if per_row else scale)) @ y
+    return scatter_rows(rows, idx, x.shape[-2], dim=-2)
+
+
+def scatter_rows(rows: Tensor, idx: Tensor, n: int, dim: int) -> Tensor:
+    """The tensor with ``n`` entries along ``dim`` that holds ``rows`` at ``idx`` and zeros elsewhere."""
+    moved = rows.movedim(dim, 0)
+    full = moved.new_zeros((n, *moved.shape[1:])).index_put((idx,), moved)
+    return full.movedim(0, dim)

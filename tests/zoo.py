@@ -1,0 +1,204 @@
+"""A zoo of small models of the kinds users train: each a factory and an example batch.
+
+Sizes are small enough for CPU tests yet keep the hidden widths at 32 or more, so that with
+``min_dim=16`` most gradient products are sampled. No dropout: the unbiasedness tests compare
+against exact gradients of the same deterministic function.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class BagNet(nn.Module):
+    """BagNet-style CNN: small receptive fields (3x3 then 1x1 convs), class evidence averaged over patches."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 32, 3), nn.ReLU(),
+            nn.Conv2d(32, 64, 1), nn.ReLU(),
+            nn.Conv2d(64, 64, 3, stride=2), nn.ReLU(),
+            nn.Conv2d(64, 64, 1), nn.ReLU(),
+        )
+        self.classifier = nn.Conv2d(64, classes, 1)
+
+    def forward(self, x):
+        return self.classifier(self.features(x)).mean((2, 3))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int = 1, groups: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """ResNet-style CNN with batch norm, a strided projection shortcut and a grouped (ResNeXt) conv."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.layer1 = BasicBlock(32, 32)
+        self.layer2 = BasicBlock(32, 64, stride=2, groups=4)
+        self.head = nn.Linear(64, classes)
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(self.stem(x)))
+        return self.head(x.mean((2, 3)))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention written out: ``softmax(q k^T / sqrt(d)) v`` as two batched matmuls,
+    or the fused ``F.scaled_dot_product_attention`` kernel."""
+
+    def __init__(self, dim: int, heads: int, fused: bool = False, causal: bool = False):
+        super().__init__()
+        self.heads, self.fused, self.causal = heads, fused, causal
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        if self.fused:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        else:
+            scores = q @ k.transpose(-2, -1) / math.sqrt(d // self.heads)
+            if self.causal:
+                mask = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
+                scores = scores.masked_fill(mask, float("-inf"))
+            out = scores.softmax(-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(b, t, d))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, dim: int, heads: int, fused: bool = False, causal: bool = False):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, fused, causal)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """Small Vision Transformer: conv patch embedding, class token, hand-written attention."""
+
+    def __init__(self, dim: int = 64, heads: int = 2, depth: int = 2, classes: int = 10):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, stride=4)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, 17, dim) * 0.02)
+        self.blocks = nn.Sequential(*[Block(dim, heads) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls.expand(x.shape[0], -1, -1), tokens], 1) + self.pos
+        return self.head(self.norm(self.blocks(tokens))[:, 0])
+
+
+class GPT(nn.Module):
+    """Small GPT: token and position embeddings, causal blocks (fused SDPA in the first, written out in
+    the second), LM head tied to the token embedding."""
+
+    def __init__(self, vocab: int = 96, dim: int = 64, heads: int = 2, context: int = 32):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, dim)
+        self.pos = nn.Embedding(context, dim)
+        self.blocks = nn.Sequential(Block(dim, heads, fused=True, causal=True), Block(dim, heads, causal=True))
+        self.norm = nn.LayerNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+        self.lm_head.weight = self.tok.weight  # tied
+
+    def forward(self, idx):
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        return self.lm_head(self.norm(self.blocks(self.tok(idx) + self.pos(pos))))
+
+
+class LSTMTagger(nn.Module):
+    """An LSTM under a linear encoder and head. Dynamo runs ``nn.LSTM`` outside the graph (a graph
+    break), so its gradients are exact; the linear layers around it are compiled and sampled."""
+
+    def __init__(self, dim: int = 32, hidden: int = 64, classes: int = 10):
+        super().__init__()
+        self.encoder = nn.Linear(dim, hidden)
+        self.lstm = nn.LSTM(hidden, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        out, _ = self.lstm(torch.tanh(self.encoder(x)))
+        return self.head(out)
+
+
+class ConvKinds(nn.Module):
+    """Every convolution geometry in one net: padding, stride, dilation, groups, depthwise,
+    transposed, then conv1d and conv3d on reshaped activations."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.plain = nn.Conv2d(4, 32, 3, padding=1)
+        self.dilated = nn.Conv2d(32, 32, 3, stride=2, padding=2, dilation=2)
+        self.grouped = nn.Conv2d(32, 32, 3, padding=1, groups=4)
+        self.depthwise = nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.transposed = nn.ConvTranspose2d(32, 32, 2, stride=2, bias=False)
+        self.conv1d = nn.Conv1d(32, 32, 5, padding=2)
+        self.conv3d = nn.Conv3d(32, 32, (1, 3, 3), padding=(0, 1, 1))
+        self.head = nn.Linear(32, classes)
+
+    def forward(self, x):
+        h = torch.relu(self.plain(x))
+        h = torch.relu(self.grouped(torch.relu(self.dilated(h))))
+        h = torch.tanh(self.transposed(torch.relu(self.depthwise(h))))
+        b, c, height, width = h.shape
+        h = torch.relu(self.conv1d(h.flatten(2))).view(b, c, 1, height, width)
+        return self.head(torch.relu(self.conv3d(h)).mean((2, 3, 4)))
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(48, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+ZOO: dict[str, tuple[Callable[[], nn.Module], Callable[[torch.Generator], torch.Tensor]]] = {
+    "mlp": (_mlp, lambda g: torch.randn(64, 48, generator=g)),
+    "bagnet": (BagNet, lambda g: torch.randn(16, 3, 16, 16, generator=g)),
+    "resnet": (ResNet, lambda g: torch.randn(16, 3, 16, 16, generator=g)),
+    "vit": (ViT, lambda g: torch.randn(16, 3, 16, 16, generator=g)),
+    "gpt": (GPT, lambda g: torch.randint(0, 96, (8, 32), generator=g)),
+    "lstm": (LSTMTagger, lambda g: torch.randn(8, 12, 32, generator=g)),
+    "conv_kinds": (ConvKinds, lambda g: torch.randn(16, 4, 12, 12, generator=g)),
+}
+
+
+def make_zoo(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    factory, example = ZOO[name]
+    torch.manual_seed(seed)
+    model = factory()
+    return model, example(torch.Generator().manual_seed(seed + 1))
+
+
+def zoo_loss(out: torch.Tensor) -> torch.Tensor:
+    """A loss with a non-constant cotangent on every output entry."""
+    weights = torch.linspace(-1, 1, out.shape[-1], device=out.device)
+    return (out.float().tanh() * weights).sum() / out.shape[0]

@@ -1,0 +1,169 @@
+"""The convolution family: ``aten.convolution_backward`` nodes, rewritten per gradient.
+
+A ``convolution_backward(G, x, w, ..., output_mask)`` node computes up to three gradients, read
+through ``getitem`` 0 (``x``), 1 (``w``) and 2 (bias). Each of the first two is sampled or kept
+exact on its own (its role comes from where it flows, as for GEMMs); the bias gradient, a cheap
+sum, stays exact. The sampled gradients come from one smaller convolution backward on the kept
+channels or samples (:mod:`ubcompile.sketches.conv`); the original node keeps computing the exact
+ones, with its ``output_mask`` narrowed, and disappears when nothing is left for it.
+
+The ``features`` axis of ``G`` is its output channels; ``rows`` is its batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+from typing import Callable, Optional, Union
+
+import torch
+import torch.fx
+from torch import Tensor
+
+from .._torch_private import size_hint
+from ..config import SamplingConfig
+from ..sketches import keep_count
+from ..sketches.axis import axis_sketch
+from ..sketches.conv import BATCH, CHANNELS, ConvGeometry, batch_sketched_vjp, channel_sketched_vjp, conv_importance
+from .graph import FEATURES, ROWS, GradientFlow, Role, module_path, shape_of
+from .rules import AXIS_BY_NAME, SKETCH_TABLE, decline
+
+aten = torch.ops.aten
+
+_AXIS_OF_G = {FEATURES: CHANNELS, ROWS: BATCH}
+_CONTRACTED_OUTPUT = {CHANNELS: 0, BATCH: 1}  # the gradient (0: input, 1: weight) that sums over the axis
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvSite:
+    """One ``convolution_backward`` node whose cotangent depends on the tangents."""
+
+    node: torch.fx.Node
+    outputs: tuple[Optional[torch.fx.Node], Optional[torch.fx.Node]]  # getitem 0 and 1, if used
+    roles: tuple[Optional[Role], Optional[Role]]
+    geometry: ConvGeometry
+
+    @property
+    def cotangent(self) -> torch.fx.Node:
+        return self.node.args[0]
+
+
+def conv_sites(graph: torch.fx.Graph, dependent: set[torch.fx.Node], flow: GradientFlow) -> list[ConvSite]:
+    sites = []
+    for node in graph.nodes:
+        if node.target is aten.convolution_backward.default and node.args[0] in dependent:
+            getitems = {u.args[1]: u for u in node.users if u.target is operator.getitem}
+            outputs = (getitems.get(0), getitems.get(1))
+            roles = tuple(flow.role(out) if out is not None else None for out in outputs)
+            stride, padding, dilation, transposed, output_padding, groups = node.args[4:10]
+            geometry = ConvGeometry(tuple(stride), tuple(padding), tuple(dilation), bool(transposed),
+                                    tuple(output_padding), int(groups))
+            sites.append(ConvSite(node, outputs, roles, geometry))
+    return sites
+
+
+def _sizes(site: ConvSite) -> tuple[int, int, int]:
+    """``(batch, channels of G, positions)``: each position of the convolution's input side (``x``
+    for a transposed convolution, else ``G``) meets the whole kernel once."""
+    g, x, w = (shape_of(a) for a in site.node.args[:3])
+    small_side = x if site.geometry.transposed else g
+    positions = math.prod(size_hint(d) for d in small_side[2:])
+    return size_hint(g[0]), size_hint(g[1]), positions
+
+
+def conv_dims(site: ConvSite, output: int) -> tuple[int, int, int]:
+    """``(M, K, N)`` of the implicit GEMM of gradient ``output`` (0: input, 1: weight)."""
+    batch, channels, positions = _sizes(site)
+    per_channel = math.prod(size_hint(d) for d in shape_of(site.node.args[2])) // channels
+    if output == 0:
+        return batch * positions, channels, per_channel
+    return channels, batch * positions, per_channel
+
+
+def conv_flops(site: ConvSite, output: int) -> int:
+    m, k, n = conv_dims(site, output)
+    return 2 * m * k * n
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvRewrite:
+    """Sample ``axis`` of the site's cotangent for the gradients in ``sampled`` (by output index)."""
+
+    site: ConvSite
+    sampled: tuple[bool, bool]
+    axis: int  # ROWS or FEATURES of G
+    p: float
+    sketch: str
+    n: int
+    k: int
+
+    @property
+    def g_axis(self) -> int:
+        return _AXIS_OF_G[self.axis]
+
+    def size(self, g: Tensor, x: Tensor, w: Tensor) -> int:
+        return g.shape[self.g_axis]
+
+    def importance(self, g: Tensor, x: Tensor, w: Tensor) -> Tensor:
+        if self.g_axis == CHANNELS:
+            co_operand, co_dim = w, self.site.geometry.out_channel_dim
+        else:
+            co_operand, co_dim = x, BATCH
+        return conv_importance(g, co_operand, self.g_axis, co_dim, self.sampled[_CONTRACTED_OUTPUT[self.g_axis]])
+
+    def anchor(self, g: Tensor, x: Tensor, w: Tensor) -> Tensor:
+        return g
+
+    def estimator(self) -> Callable[..., tuple[Optional[Tensor], Optional[Tensor]]]:
+        """``(g, x, w, *sketch tensors) -> (grad_input, grad_weight)`` estimates (``None`` where not sampled)."""
+        vjp = channel_sketched_vjp if self.g_axis == CHANNELS else batch_sketched_vjp
+        geometry, sampled = self.site.geometry, self.sampled
+        return lambda g, x, w, *drawn: vjp(g, x, w, axis_sketch(*drawn), geometry, sampled)
+
+    def sampled_flops(self, output: int) -> int:
+        exact = conv_flops(self.site, output)
+        if not self.sampled[output]:
+            return exact
+        flops = exact * self.k // self.n
+        if SKETCH_TABLE[self.sketch].projects:  # moving G, the co-operand and the result through Omega
+            g, x, w = (math.prod(size_hint(d) for d in shape_of(a)) for a in self.site.node.args[:3])
+            flops += 2 * self.k * (g + (w if self.g_axis == CHANNELS else x) + (w, x)[1 - output])
+        return flops
+
+
+def plan_conv(site: ConvSite, config: SamplingConfig) -> tuple[Optional[ConvRewrite], dict[int, str]]:
+    """The rewrite of ``site`` (or ``None``), and the reason each unsampled gradient stays exact."""
+    axis = AXIS_BY_NAME[config.axis]
+    g_axis = _AXIS_OF_G[axis]
+    n = size_hint(shape_of(site.cotangent)[g_axis])
+    reasons: dict[int, str] = {}
+    for output, role in enumerate(site.roles):
+        if role is None:
+            continue
+        reason = decline(config, role, module_path(site.node), conv_dims(site, output), n)
+        if reason is None and g_axis == CHANNELS and site.geometry.groups != 1:
+            reason = (f"grouped convolution (groups={site.geometry.groups}): sampling channels would "
+                      "change the groups; axis='rows' samples its batch")
+        if reason is not None:
+            reasons[output] = reason
+    sampled = tuple(role is not None and output not in reasons for output, role in enumerate(site.roles))
+    if not any(sampled):
+        return None, reasons
+    rewrite = ConvRewrite(site, sampled, axis, config.p, config.sketch, n, keep_count(n, config.p))
+    for output in (0, 1):
+        if sampled[output] and rewrite.sampled_flops(output) >= conv_flops(site, output):
+            return None, {**reasons, output: f"a rank-{rewrite.k} {config.sketch} projection costs more "
+                                             "than the exact convolution"}
+    return rewrite, reasons
+
+
+def narrow_exact(site: ConvSite, sampled: tuple[bool, bool]) -> None:
+    """Stop the original node from computing the gradients a rewrite now provides; erase it if idle."""
+    node = site.node
+    mask = [bool(m) and not (i < 2 and sampled[i]) for i, m in enumerate(node.args[10])]
+    if not any(mask):
+        node.graph.erase_node(node)
+        return
+    node.update_arg(10, mask)
+    node.meta["val"] = tuple(v if keep else None for v, keep in zip(node.meta["val"], mask))

@@ -1,0 +1,194 @@
+"""The GEMM family: gradient ``mm`` and ``bmm`` nodes, found by structure and rewritten.
+
+Every backward ``mm(x, y)`` / ``bmm(x, y)`` with exactly one cotangent-dependent operand is the
+VJP of a product: that operand is the cotangent ``G`` (``(..., rows, features)``), possibly
+transposed. Which axis of ``G`` the product contracts decides the estimator:
+
+* an axis the product contracts is sketched inside it (``x S y``: column-row sampling);
+* an axis that runs along the output is sketched outside it (``S (x y)``: kept output rows).
+
+Linear layers give 2-D ``mm`` nodes (``G @ W`` and ``G^T @ A``); products of two activations,
+such as ``q @ k^T`` and ``attn @ v`` in hand-written attention, give ``bmm`` nodes whose two
+gradients are both propagated (role ``grad_input``). A bmm draw is shared by the whole batch, so
+the sampled product is a smaller dense bmm. The role (weight or propagated gradient) comes from
+where the result flows (:class:`~.graph.GradientFlow`), not from the shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Optional, Union
+
+import torch
+import torch.fx
+from torch import Tensor
+
+from .._torch_private import size_hint
+from ..config import SamplingConfig
+from ..sketches import keep_count, sampled_contraction, sampled_output
+from ..sketches.lowrank import projected_contraction, projected_output
+from ..sketches.norm import contraction_importance, output_importance
+from .graph import FEATURES, ROWS, GradientFlow, Role, Unmatched, module_path, shape_of
+from .rules import AXIS_BY_NAME, SKETCH_TABLE, decline
+
+aten = torch.ops.aten
+
+GEMMS = (aten.mm.default, aten.addmm.default, aten.bmm.default)
+_SAMPLED = {aten.mm.default: 2, aten.bmm.default: 3}  # op -> rank of its operands
+_TRANSPOSES = (aten.permute.default, aten.t.default, aten.transpose.int)
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmSite:
+    """One backward ``mm``/``bmm`` recognised as the VJP of a product."""
+
+    node: torch.fx.Node
+    cotangent: torch.fx.Node  # G, (..., rows, features)
+    cotangent_arg: int  # 0 if G (or G^T) is x, 1 if it is y
+    contracted: int  # ROWS or FEATURES: the axis of G the product sums over
+    role: Role
+
+    def output_dim(self, axis: int) -> int:
+        """The matrix dim (0 rows, 1 columns) of the output that runs along ``axis`` of G."""
+        assert axis != self.contracted
+        return self.cotangent_arg
+
+
+def _swaps_last_two(node: torch.fx.Node) -> bool:
+    """Whether ``node`` transposes the last two dims of its input and nothing else."""
+    if node.op != "call_function" or node.target not in _TRANSPOSES:
+        return False
+    shape = shape_of(node)
+    if shape is None:
+        return False
+    rank = len(shape)
+    if node.target is aten.t.default:
+        return True
+    if node.target is aten.permute.default:
+        return list(node.args[1]) == [*range(rank - 2), rank - 1, rank - 2]
+    return sorted(d % rank for d in node.args[1:3]) == [rank - 2, rank - 1]
+
+
+def match_gemm(node: torch.fx.Node, dependent: set[torch.fx.Node], flow: GradientFlow) -> Union[GemmSite, Unmatched]:
+    """Classify one cotangent-dependent GEMM node."""
+    rank = _SAMPLED.get(node.target)
+    if rank is None:
+        return Unmatched(node, f"{node.target} in the backward is not sampled (mm and bmm are)")
+    x, y = node.args
+    deps = [arg in dependent for arg in (x, y)]
+    if all(deps):
+        return Unmatched(node, "both operands depend on the cotangent (a product of two gradients)")
+    arg = deps.index(True)
+    operand = (x, y)[arg]
+    transposed = _swaps_last_two(operand)
+    g = operand.args[0] if transposed else operand
+    if shape_of(g) is None or len(shape_of(g)) != rank:
+        return Unmatched(node, f"cotangent operand is not a {rank}-D tensor")
+    # x's contracted dim is its last, y's its second-to-last; a transpose swaps them.
+    contracted = (FEATURES if arg == 0 else ROWS) ^ int(transposed)
+    return GemmSite(node, g, arg, contracted, flow.role(node))
+
+
+def gemm_sites(graph: torch.fx.Graph, dependent: set[torch.fx.Node],
+               flow: GradientFlow) -> tuple[list[GemmSite], list[Unmatched]]:
+    """Every cotangent-dependent GEMM of ``graph``, split into recognised sites and the rest."""
+    sites: list[GemmSite] = []
+    unmatched: list[Unmatched] = []
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in GEMMS and node in dependent:
+            found = match_gemm(node, dependent, flow)
+            (sites if isinstance(found, GemmSite) else unmatched).append(found)
+    return sites, unmatched
+
+
+def _operands(node: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node]:
+    return node.args[1:3] if node.target is aten.addmm.default else node.args[:2]
+
+
+def gemm_dims(node: torch.fx.Node) -> tuple[int, int, int]:
+    """``(M, K, N)`` of ``x: (..., M, K) @ y: (..., K, N)``, symbolic sizes at their example values."""
+    x, y = (shape_of(a) for a in _operands(node))
+    return size_hint(x[-2]), size_hint(x[-1]), size_hint(y[-1])
+
+
+def gemm_batch(node: torch.fx.Node) -> int:
+    """The number of matrix products a (b)mm node computes."""
+    return math.prod(size_hint(d) for d in shape_of(_operands(node)[0])[:-2])
+
+
+def gemm_flops(node: torch.fx.Node) -> int:
+    """``2 * M * K * N`` times the batch."""
+    m, k, n = gemm_dims(node)
+    return 2 * m * k * n * gemm_batch(node)
+
+
+# projects -> (estimator of x S y, estimator of S (x y) or (x y) S)
+_ESTIMATORS: dict[bool, tuple[Callable[..., Tensor], Callable[..., Tensor]]] = {
+    False: (sampled_contraction, sampled_output),
+    True: (projected_contraction, projected_output),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmRewrite:
+    """An accepted rewrite of a GEMM: keep a fraction ``p`` of ``axis`` of the site's cotangent.
+
+    ``n`` and ``k`` are the example sizes (for the report); the inserted nodes compute both from
+    the tensors' shapes, so a symbolic (dynamic) size stays symbolic.
+    """
+
+    site: GemmSite
+    axis: int
+    p: float
+    sketch: str
+    n: int
+    k: int
+
+    @property
+    def out_dim(self) -> Optional[int]:
+        """The output dim the sampled axis runs along, or ``None`` when the GEMM contracts it."""
+        return None if self.axis == self.site.contracted else self.site.output_dim(self.axis)
+
+    def size(self, x: Tensor, y: Tensor) -> int:
+        return {None: x.shape[-1], 0: x.shape[-2], 1: y.shape[-1]}[self.out_dim]
+
+    def importance(self, x: Tensor, y: Tensor) -> Tensor:
+        """Norm of the part of ``x @ y`` that each index carries."""
+        if self.out_dim is None:
+            return contraction_importance(x, y)
+        return output_importance(x, -2) if self.out_dim == 0 else output_importance(y, -1)
+
+    def anchor(self, x: Tensor, y: Tensor) -> Tensor:
+        return (x, y)[self.site.cotangent_arg]
+
+    def estimator(self) -> Callable[..., Tensor]:
+        """``(x, y, *sketch tensors) -> estimate of x @ y``."""
+        contraction, output = _ESTIMATORS[SKETCH_TABLE[self.sketch].projects]
+        out_dim = self.out_dim
+        if out_dim is None:
+            return contraction
+        return lambda x, y, *sketch: output(x, y, *sketch, out_dim)
+
+    def sampled_flops(self) -> int:
+        """GEMM FLOPs of the rewritten product."""
+        m, k_inner, n_out = gemm_dims(self.site.node)
+        if SKETCH_TABLE[self.sketch].projects:
+            # The three GEMMs through the k-dimensional projection.
+            a, n, b = {None: (m, k_inner, n_out), 0: (k_inner, m, n_out), 1: (m, n_out, k_inner)}[self.out_dim]
+            return 2 * self.k * (a * n + n * b + a * b) * gemm_batch(self.site.node)
+        return gemm_flops(self.site.node) * self.k // self.n
+
+
+def plan_gemm(site: GemmSite, config: SamplingConfig) -> Union[GemmRewrite, str]:
+    """The rewrite for ``site`` under ``config``, or the reason it stays exact."""
+    axis = AXIS_BY_NAME[config.axis]
+    n = size_hint(site.cotangent.meta["val"].shape[axis - 2])
+    reason = decline(config, site.role, module_path(site.node), gemm_dims(site.node), n)
+    if reason is not None:
+        return reason
+    k = keep_count(n, config.p)
+    rewrite = GemmRewrite(site, axis, config.p, config.sketch, n, k)
+    if rewrite.sampled_flops() >= gemm_flops(site.node):
+        return f"a rank-{k} {config.sketch} projection costs more than the exact GEMM"
+    return rewrite

@@ -1,0 +1,66 @@
+"""A drawn sketch ``S`` (``n x n``, ``E[S] = I``) applied along one axis of a tensor.
+
+An estimator of a bilinear VJP ``(G S) J`` never forms ``S``: it moves the cotangent ``G`` and the
+operand ``J`` contracted with it into the sketch's ``k``-dimensional space and computes a smaller
+dense product there. Two factorisations ``S = L R^T`` (``L``, ``R``: ``n x k``):
+
+* :class:`Diagonal`: kept indices ``idx`` with weights ``scale`` (``S = sum_i scale_i e_i e_i^T``);
+  ``R^T t`` gathers the kept entries, ``L`` scatters them back;
+* :class:`Projection`: ``S = Omega Omega^T`` (``L = R = Omega``).
+
+``weighted(t)`` is ``t`` times the whole sketch's scale moved into the small space, ``restrict``
+the plain move (``R^T``), ``extend`` the way back (``L``): ``weighted(G) restrict(J)`` and
+``extend(weighted(G) J)`` are the sketched contraction and the sketched output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Union
+
+from torch import Tensor
+
+from .matmul import scatter_rows
+
+
+@dataclasses.dataclass(frozen=True)
+class Diagonal:
+    """``S = sum_i scale_i e_{idx_i} e_{idx_i}^T``; ``scale`` is 0-d or one weight per kept index."""
+
+    idx: Tensor
+    scale: Tensor
+
+    def restrict(self, t: Tensor, dim: int) -> Tensor:
+        return t.movedim(dim, 0)[self.idx].movedim(0, dim)
+
+    def weighted(self, t: Tensor, dim: int) -> Tensor:
+        scale = self.scale
+        if scale.dim() == 1:
+            scale = scale.reshape(-1, *([1] * (t.dim() - 1 - dim % t.dim())))
+        return self.restrict(t, dim) * scale
+
+    def extend(self, t: Tensor, dim: int, n: int) -> Tensor:
+        return scatter_rows(t, self.idx, n, dim)
+
+
+@dataclasses.dataclass(frozen=True)
+class Projection:
+    """``S = Omega Omega^T`` for an ``n x k`` random ``Omega`` with ``E[Omega Omega^T] = I``."""
+
+    omega: Tensor
+
+    def restrict(self, t: Tensor, dim: int) -> Tensor:
+        return (t.movedim(dim, -1) @ self.omega).movedim(-1, dim)
+
+    weighted = restrict
+
+    def extend(self, t: Tensor, dim: int, n: int) -> Tensor:
+        return (t.movedim(dim, -1) @ self.omega.T).movedim(-1, dim)
+
+
+AxisSketch = Union[Diagonal, Projection]
+
+
+def axis_sketch(*drawn: Tensor) -> AxisSketch:
+    """The sketch a draw produced: ``(idx, scale)`` or ``(omega,)``."""
+    return Diagonal(*drawn) if len(drawn) == 2 else Projection(*drawn)
