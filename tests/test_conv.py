@@ -9,7 +9,7 @@ import ubcompile
 from ubcompile.passes import rules
 from ubcompile.testing import assert_unbiased
 
-from zoo import make_zoo, zoo_loss
+from zoo import DRAWS, make_zoo, zoo_loss
 
 CONV_GRADS = ("conv grad_input", "conv grad_weight")
 
@@ -82,7 +82,7 @@ CASES = [("weight", "rows", "norm"), ("weight", "features", "uniform"), ("input"
 def test_conv_gradients_are_unbiased(grad, axis, sketch):
     model, x = make_zoo("conv_kinds")
     backend = ubcompile.backend(p=0.25, grad=grad, axis=axis, sketch=sketch, min_dim=8, seed=0)
-    assert_unbiased(model, zoo_loss, x, draws=100, backend=backend)
+    assert_unbiased(model, zoo_loss, x, draws=DRAWS, backend=backend)
     assert any(e.role in CONV_GRADS for e in backend.report().sampled)
 
 
@@ -91,4 +91,4 @@ def test_a_biased_conv_rewrite_fails_the_same_test(monkeypatch):
     model, x = make_zoo("bagnet")
     backend = ubcompile.backend(p=0.25, grad="weight", axis="rows", sketch="uniform", min_dim=8, seed=0)
     with pytest.raises(AssertionError, match="looks biased"):
-        assert_unbiased(model, zoo_loss, x, draws=100, backend=backend)
+        assert_unbiased(model, zoo_loss, x, draws=DRAWS, backend=backend)

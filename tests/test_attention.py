@@ -1,0 +1,96 @@
+"""Attention, batched matmuls and shared weights: what is sampled, what stays exact, and unbiasedness."""
+
+import functools
+
+import pytest
+import torch
+import torch.nn as nn
+
+import ubcompile
+from ubcompile.testing import assert_unbiased
+
+from zoo import DRAWS, make_zoo, run_zoo, zoo_loss
+
+
+@functools.lru_cache(maxsize=None)
+def zoo_report(name, grad, **options):
+    if grad == "both" and not options:
+        return run_zoo(name)[0]  # the zoo test's compile (and unbiasedness check)
+    model, x = make_zoo(name)
+    torch._dynamo.reset()
+    return ubcompile.explain(model, x, loss_fn=zoo_loss, grad=grad, min_dim=16, **options)
+
+
+def test_attention_products_are_sampled_as_propagated_gradients():
+    report = zoo_report("vit", "both")
+    bmm = [e for e in report.entries if e.role.startswith("bmm")]
+    assert len(bmm) == 8 and all(e.sampled and e.role == "bmm grad_input" for e in bmm)  # 4 per block
+    assert {e.module for e in bmm} == {"blocks.0.attn", "blocks.1.attn"}
+    # q @ k^T's gradients sample key tokens (17 -> 5); attn @ v's sample head features (32 -> 8).
+    assert {(e.n, e.k) for e in bmm} == {(17, 5), (32, 8)}
+    code = report.backward_code
+    assert code.count("torch.ops.aten.bmm.default") >= 8 and "pps_indices" in code
+
+
+def test_weight_mode_keeps_attention_products_exact():
+    report = zoo_report("vit", "weight")
+    bmm = [e for e in report.entries if e.role.startswith("bmm")]
+    assert bmm and all(not e.sampled and e.reason == "grad='weight' keeps grad_input exact" for e in bmm)
+    assert {e.role for e in report.sampled} == {"grad_weight", "conv grad_weight"}
+
+
+def test_fused_attention_is_reported_exact():
+    report = zoo_report("gpt", "both")
+    (fused,) = [e for e in report.entries if "scaled_dot_product" in e.role]
+    assert fused.module == "blocks.0.attn" and not fused.sampled and "fused attention kernel" in fused.reason
+    assert "fused attention kernel" in report.table()
+
+
+def test_tied_lm_head_samples_its_weight_gradient():
+    head = {e.role: e for e in zoo_report("gpt", "weight").entries if e.module == "lm_head"}
+    assert head["grad_weight"].sampled and not head["grad_input"].sampled
+
+
+def test_filter_chooses_layers_by_module_path():
+    report = zoo_report("vit", "both", filter=lambda path: not path.startswith("blocks.0"))
+    for e in report.entries:
+        if e.module.startswith("blocks.0"):
+            assert not e.sampled and e.reason == f"filter excludes module {e.module!r}"
+    assert any(e.module.startswith("blocks.1") and e.sampled for e in report.entries)
+
+
+class MHA(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(64, 4, batch_first=True)
+
+    def forward(self, x):
+        return self.attn(x, x, x)[0]
+
+
+class Einsum(nn.Module):
+    """A layer written as an einsum, then the same weight used a second time."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(64, 64) / 8)
+
+    def forward(self, x):
+        h = torch.tanh(torch.einsum("btd,ed->bte", x, self.w))
+        return h @ self.w.t()
+
+
+SHARED = {"mha": (MHA, (4, 16, 64)), "einsum": (Einsum, (4, 32, 64))}
+
+
+@pytest.mark.parametrize("grad", ["weight", "both"])
+@pytest.mark.parametrize("name", sorted(SHARED))
+def test_attention_modules_and_shared_weights_are_sampled_and_unbiased(name, grad):
+    factory, shape = SHARED[name]
+    torch.manual_seed(0)
+    model = factory()
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    backend = ubcompile.backend(p=0.25, grad=grad, min_dim=16, seed=0)
+    assert_unbiased(model, zoo_loss, x, draws=DRAWS, backend=backend)
+    weight_grads = [e for e in backend.report().sampled if e.role.endswith("grad_weight")]
+    assert len(weight_grads) == 2  # MHA: in_proj and out_proj; Einsum: the two uses of w
