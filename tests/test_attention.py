@@ -32,11 +32,19 @@ def test_attention_products_are_sampled_as_propagated_gradients():
     assert code.count("torch.ops.aten.bmm.default") >= 8 and "pps_indices" in code
 
 
-def test_weight_mode_keeps_attention_products_exact():
-    report = zoo_report("vit", "weight")
-    bmm = [e for e in report.entries if e.role.startswith("bmm")]
-    assert bmm and all(not e.sampled and e.reason == "grad='weight' keeps grad_input exact" for e in bmm)
+def not_first_block(path):
+    return not path.startswith("blocks.0")
+
+
+def test_weight_mode_keeps_attention_products_exact_and_filter_chooses_layers():
+    report = zoo_report("vit", "weight", filter=not_first_block)
+    for e in report.entries:
+        if e.module.startswith("blocks.0"):
+            assert not e.sampled and e.reason == f"filter excludes module {e.module!r}"
+    bmm = [e for e in report.entries if e.role.startswith("bmm") and e.module == "blocks.1.attn"]
+    assert len(bmm) == 4 and all(not e.sampled and e.reason == "grad='weight' keeps grad_input exact" for e in bmm)
     assert {e.role for e in report.sampled} == {"grad_weight", "conv grad_weight"}
+    assert {e.module for e in report.sampled} >= {"blocks.1.attn.qkv", "patch"}
 
 
 def test_fused_attention_is_reported_exact():
@@ -47,16 +55,8 @@ def test_fused_attention_is_reported_exact():
 
 
 def test_tied_lm_head_samples_its_weight_gradient():
-    head = {e.role: e for e in zoo_report("gpt", "weight").entries if e.module == "lm_head"}
-    assert head["grad_weight"].sampled and not head["grad_input"].sampled
-
-
-def test_filter_chooses_layers_by_module_path():
-    report = zoo_report("vit", "both", filter=lambda path: not path.startswith("blocks.0"))
-    for e in report.entries:
-        if e.module.startswith("blocks.0"):
-            assert not e.sampled and e.reason == f"filter excludes module {e.module!r}"
-    assert any(e.module.startswith("blocks.1") and e.sampled for e in report.entries)
+    head = {e.role: e for e in zoo_report("gpt", "both").entries if e.module == "lm_head"}
+    assert head["grad_weight"].sampled and head["grad_input"].sampled
 
 
 class MHA(nn.Module):

@@ -40,6 +40,8 @@ def test_other_options_validated():
         ubcompile.backend(seed="1")
     with pytest.raises(ValueError, match="min_dim"):
         ubcompile.backend(min_dim=0)
+    with pytest.raises(TypeError, match="filter must be a callable module_path -> bool"):
+        ubcompile.backend(filter="blocks.0")
 
 
 def test_config_is_frozen():

@@ -136,7 +136,7 @@ def test_uuid_covers_every_option_and_the_sampler():
         return JointSamplingPass(SamplingConfig(**options), sampler_id, lambda r: None).uuid()
 
     variants = [uuid(), uuid(p=0.5), uuid(grad="both"), uuid(seed=1), uuid(min_dim=8),
-                uuid(compiler="eager"), uuid(sampler_id=1)]
+                uuid(compiler="eager"), uuid(sampler_id=1), uuid(filter=lambda path: True)]
     assert len(set(variants)) == len(variants)
     assert uuid() == uuid()
 
