@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 import torch
 import torch.fx
