@@ -1,4 +1,4 @@
-"""Forward, backward and step time of exact Inductor vs ubcompile on a wide MLP, in one process.
+"""Forward, backward and step time of exact Inductor vs ubcompile on a wide MLP or CNN, in one process.
 
 Every variant is its own copy of the same model, compiled once; the timed iterations are
 interleaved (one step of each variant per round) and summarised by medians, so slow drift of the
@@ -6,6 +6,7 @@ machine hits all variants alike. Ratios are against exact ``torch.compile(backen
 
     python benchmarks/bench_mlp.py [--width 4096] [--depth 4] [--batch 1024] [--rounds 7]
         [--p 1 0.5 0.25 0.1] [--grad weight both] [--sketch uniform] [--json out.json]
+        [--model cnn --image 32]   # depth 3x3 convolutions of width channels on image x image
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ from tabulate import tabulate
 import ubcompile
 
 
-def make_mlp(width: int, depth: int) -> nn.Sequential:
+def make_model(kind: str, width: int, depth: int) -> nn.Sequential:
+    """``depth`` layers of ``width`` features (linear) or channels (3x3 convolution), ReLUs between."""
     torch.manual_seed(0)
     layers: list[nn.Module] = []
     for i in range(depth):
         layers += [nn.ReLU()] if i else []
-        layers.append(nn.Linear(width, width))
+        layers.append(nn.Linear(width, width) if kind == "mlp" else nn.Conv2d(width, width, 3, padding=1))
     return nn.Sequential(*layers)
 
 
@@ -64,14 +66,15 @@ class Variant:
 
 
 def ideal_bwd(grad: str, p: float, depth: int) -> float:
-    """Backward GEMM FLOPs / exact when every layer is sampled (the first has no grad_input GEMM)."""
+    """Backward GEMM (or convolution) FLOPs / exact when every layer is sampled (the first has no
+    grad_input product)."""
     sampled = {"weight": depth, "input": depth - 1, "both": 2 * depth - 1}[grad]
     gemms = 2 * depth - 1
     return (sampled * p + gemms - sampled) / gemms
 
 
 def build(args: argparse.Namespace) -> list[Variant]:
-    base = make_mlp(args.width, args.depth)
+    base = make_model(args.model, args.width, args.depth)
     variants = [Variant("exact inductor", "-", 1.0, copy.deepcopy(base), "inductor")]
     for sketch in args.sketch:
         for grad in args.grad:
@@ -84,7 +87,8 @@ def build(args: argparse.Namespace) -> list[Variant]:
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     torch._dynamo.config.cache_size_limit = 64  # one entry per variant of the same forward
-    x = torch.randn(args.batch, args.width)
+    shape = (args.batch, args.width) if args.model == "mlp" else (args.batch, args.width, args.image, args.image)
+    x = torch.randn(*shape)
     variants = build(args)
     for v in variants:  # compile and warm up
         for _ in range(2):
@@ -130,10 +134,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--p", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.1])
     parser.add_argument("--grad", nargs="+", default=["weight", "both"], choices=ubcompile.GRAD_MODES)
     parser.add_argument("--sketch", nargs="+", default=["uniform"], choices=ubcompile.SKETCHES)
+    parser.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
+    parser.add_argument("--image", type=int, default=32, help="image side for --model cnn")
     parser.add_argument("--json", help="write the rows as JSON to this path")
     args = parser.parse_args(argv)
     rows = run(args)
-    print(f"MLP {args.depth} x {args.width}, batch {args.batch}, fp32; {machine()}; "
+    size = f"{args.width}" if args.model == "mlp" else f"{args.width} channels, 3x3, {args.image}x{args.image}"
+    print(f"{args.model.upper()} {args.depth} x {size}, batch {args.batch}, fp32; {machine()}; "
           f"medians of {args.rounds} interleaved rounds")
     print(markdown(rows))
     if args.json:

@@ -5,7 +5,9 @@ through ``getitem`` 0 (``x``), 1 (``w``) and 2 (bias). Each of the first two is 
 exact on its own (its role comes from where it flows, as for GEMMs); the bias gradient, a cheap
 sum, stays exact. The sampled gradients come from one smaller convolution backward on the kept
 channels or samples (:mod:`ubcompile.sketches.conv`); the original node keeps computing the exact
-ones, with its ``output_mask`` narrowed, and disappears when nothing is left for it.
+ones, with its ``output_mask`` narrowed, and disappears when nothing is left for it. The bias
+gradient moves out of it into a plain sum: on CPU a ``convolution_backward`` asked for the bias
+alone costs as much as a full one (measured 135 ms against 0.9 ms for the sum, 32x128x32x32).
 
 The ``features`` axis of ``G`` is its output channels; ``rows`` is its batch.
 """
@@ -40,7 +42,7 @@ class ConvSite:
     """One ``convolution_backward`` node whose cotangent depends on the tangents."""
 
     node: torch.fx.Node
-    outputs: tuple[Optional[torch.fx.Node], Optional[torch.fx.Node]]  # getitem 0 and 1, if used
+    outputs: tuple[Optional[torch.fx.Node], ...]  # getitem 0, 1 and 2 (bias), where used
     roles: tuple[Optional[Role], Optional[Role]]
     geometry: ConvGeometry
 
@@ -54,8 +56,8 @@ def conv_sites(graph: torch.fx.Graph, dependent: set[torch.fx.Node], flow: Gradi
     for node in graph.nodes:
         if node.target is aten.convolution_backward.default and node.args[0] in dependent:
             getitems = {u.args[1]: u for u in node.users if u.target is operator.getitem}
-            outputs = (getitems.get(0), getitems.get(1))
-            roles = tuple(flow.role(out) if out is not None else None for out in outputs)
+            outputs = (getitems.get(0), getitems.get(1), getitems.get(2))
+            roles = tuple(flow.role(out) if out is not None else None for out in outputs[:2])
             stride, padding, dilation, transposed, output_padding, groups = node.args[4:10]
             geometry = ConvGeometry(tuple(stride), tuple(padding), tuple(dilation), bool(transposed),
                                     tuple(output_padding), int(groups))
@@ -115,11 +117,17 @@ class ConvRewrite:
     def anchor(self, g: Tensor, x: Tensor, w: Tensor) -> Tensor:
         return g
 
-    def estimator(self) -> Callable[..., tuple[Optional[Tensor], Optional[Tensor]]]:
-        """``(g, x, w, *sketch tensors) -> (grad_input, grad_weight)`` estimates (``None`` where not sampled)."""
+    def estimator(self) -> Callable[..., tuple[Optional[Tensor], ...]]:
+        """``(g, x, w, *sketch tensors) -> (grad_input, grad_weight, grad_bias)``: the sampled
+        estimates (``None`` where not sampled) and the exact bias gradient (if used)."""
         vjp = channel_sketched_vjp if self.g_axis == CHANNELS else batch_sketched_vjp
-        geometry, sampled = self.site.geometry, self.sampled
-        return lambda g, x, w, *drawn: vjp(g, x, w, axis_sketch(*drawn), geometry, sampled)
+        geometry, sampled, bias = self.site.geometry, self.sampled, self.site.outputs[2] is not None
+
+        def estimate(g: Tensor, x: Tensor, w: Tensor, *drawn: Tensor) -> tuple[Optional[Tensor], ...]:
+            grad_bias = g.sum([0, *range(2, g.dim())]) if bias else None
+            return (*vjp(g, x, w, axis_sketch(*drawn), geometry, sampled), grad_bias)
+
+        return estimate
 
     def sampled_flops(self, output: int) -> int:
         exact = conv_flops(self.site, output)
@@ -159,9 +167,10 @@ def plan_conv(site: ConvSite, config: SamplingConfig) -> tuple[Optional[ConvRewr
 
 
 def narrow_exact(site: ConvSite, sampled: tuple[bool, bool]) -> None:
-    """Stop the original node from computing the gradients a rewrite now provides; erase it if idle."""
+    """Stop the original node from computing what a rewrite now provides (the sampled gradients
+    and the bias gradient); erase it if nothing is left."""
     node = site.node
-    mask = [bool(m) and not (i < 2 and sampled[i]) for i, m in enumerate(node.args[10])]
+    mask = [bool(m) and i < 2 and not sampled[i] for i, m in enumerate(node.args[10])]
     if not any(mask):
         node.graph.erase_node(node)
         return

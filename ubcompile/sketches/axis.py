@@ -31,7 +31,9 @@ class Diagonal:
     scale: Tensor
 
     def restrict(self, t: Tensor, dim: int) -> Tensor:
-        return t.movedim(dim, 0)[self.idx].movedim(0, dim)
+        # Indexing in place (not through movedim) keeps the result contiguous in t's dim order,
+        # the layout the convolution kernels want.
+        return t[(slice(None),) * (dim % t.dim()) + (self.idx,)]
 
     def weighted(self, t: Tensor, dim: int) -> Tensor:
         scale = self.scale
