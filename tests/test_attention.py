@@ -94,3 +94,12 @@ def test_attention_modules_and_shared_weights_are_sampled_and_unbiased(name, gra
     assert_unbiased(model, zoo_loss, x, draws=DRAWS, backend=backend)
     weight_grads = [e for e in backend.report().sampled if e.role.endswith("grad_weight")]
     assert len(weight_grads) == 2  # MHA: in_proj and out_proj; Einsum: the two uses of w
+
+
+def test_token_rows_of_attention_products_are_unbiased():
+    """axis="rows": q @ k^T's gradients keep query tokens, attn @ v's keep tokens of the output."""
+    model, x = make_zoo("gpt")
+    backend = ubcompile.backend(p=0.25, grad="input", axis="rows", sketch="uniform", min_dim=16, seed=0)
+    assert_unbiased(model, zoo_loss, x, draws=DRAWS, backend=backend)
+    bmm = [e for e in backend.report().sampled if e.role.startswith("bmm")]
+    assert len(bmm) == 4 and {e.axis for e in bmm} == {"rows"}
