@@ -26,7 +26,7 @@ from zoo import ZOO, make_zoo, zoo_loss  # noqa: E402
 REASON_KINDS = [
     (r"below min_dim", "min_dim"),
     (r"keeps grad_\w+ exact", "grad mode"),
-    (r"grouped convolution", "groups"),
+    (r"groups", "groups"),  # depthwise (one channel per group), grouped transposed, projections
     (r"fused attention", "fused SDPA"),
     (r"fused recurrent", "fused RNN"),
     (r"projection costs more", "projection cost"),

@@ -32,23 +32,23 @@ def conv_backward_operands(report):
             if n.target is torch.ops.aten.convolution_backward.default]
 
 
-def test_channel_sampling_covers_every_geometry_and_declines_groups():
+def test_channel_sampling_covers_every_geometry_and_stratifies_groups():
     layers = by_layer(conv_report("both", "features"))
-    for name in ("dilated", "transposed", "conv1d", "conv3d"):
+    for name in ("dilated", "grouped", "transposed", "conv1d", "conv3d"):
         for role in CONV_GRADS:
             assert (layers[name, role].k, layers[name, role].n) == (8, 32), (name, role)
     assert ("plain", "conv grad_input") not in layers  # the input needs no gradient
     assert layers["plain", "conv grad_weight"].sampled
-    for name in ("grouped", "depthwise"):
-        assert not layers[name, "conv grad_input"].sampled
-        assert "grouped convolution" in layers[name, "conv grad_input"].reason
+    # depthwise: one channel per group, nothing to leave out
+    assert layers["depthwise", "conv grad_input"].reason == "p=0.25 keeps all 32 features (1 in each of 32 groups)"
 
 
 def test_channel_sampling_runs_convolutions_with_k_channels():
     operands = conv_backward_operands(conv_report("both", "features"))
     sampled = [ops for ops in operands if ops[0][1] == 8]
-    # plain, dilated, transposed, conv1d, conv3d: G and w cut to the 8 kept channels.
-    assert len(sampled) == 5
+    # plain, dilated, grouped (2 of 8 channels in each of 4 groups), transposed, conv1d, conv3d:
+    # G and w cut to the 8 kept channels.
+    assert len(sampled) == 6
     assert all(8 in w[:2] for _, _, w, _ in sampled)  # w's output-channel dim (1 if transposed)
     assert any(len(g) == 3 for g, *_ in sampled) and any(len(g) == 5 for g, *_ in sampled)
 

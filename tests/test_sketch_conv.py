@@ -86,3 +86,22 @@ def test_batched_products_share_one_draw():
     # the batch's j-th terms stacked: sqrt(sum_b ||x_b[:, j]||^2 ||y_b[j, :]||^2)
     per_batch = torch.stack([contraction_importance(x[b], y[b]) for b in range(3)])
     torch.testing.assert_close(contraction_importance(x, y), per_batch.square().sum(0).sqrt())
+
+
+def test_stratified_draw_keeps_each_group_and_is_unbiased():
+    from ubcompile.sketches.uniform import stratified
+
+    geometry = ConvGeometry((1, 1), (1, 1), (1, 1), False, (0, 0), 4)
+    gen = torch.Generator().manual_seed(3)
+    x, w = torch.randn(4, 8, 7, 7, generator=gen), torch.randn(16, 2, 3, 3, generator=gen)
+    g = torch.randn(4, 16, 7, 7, generator=gen)
+    exact = conv_vjp(g, x, w, geometry, (True, True))
+
+    def draw():
+        (idx,) = stratified(lambda _, k: (uniform_subset(4, k, gen),), 16, 8, 4)
+        assert (idx // 4).tolist() == [0, 0, 1, 1, 2, 2, 3, 3]  # two channels of each group
+        return channel_sketched_vjp(g, x, w, Diagonal(idx, torch.tensor(2.0)), geometry, (True, True))
+
+    draws = [draw() for _ in range(400)]
+    for i in (0, 1):
+        assert_unbiased_samples(torch.stack([d[i] for d in draws]), exact[i])

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .sketches.lowrank import gaussian_sketch, orthonormal_sketch
 from .sketches.norm import pps_sample
-from .sketches.uniform import uniform_subset
+from .sketches.uniform import stratified, uniform_subset
 
 _SEED_SALT = 0x5EED_0BC0  # keeps the backend's stream apart from torch's stream for the same seed
 _samplers: dict[int, "Sampler"] = {}
@@ -56,29 +56,36 @@ def sampler(sampler_id: int) -> Sampler:
 
 
 @torch.library.custom_op("ubcompile::uniform_indices", mutates_args=())
-def uniform_indices(anchor: Tensor, n: int, k: int, sampler_id: int, site: int) -> Tensor:
-    """``k`` sorted indices drawn uniformly from ``range(n)`` on ``anchor``'s device.
+def uniform_indices(anchor: Tensor, n: int, k: int, sampler_id: int, site: int, strata: int = 1) -> Tensor:
+    """``k`` sorted indices drawn uniformly from ``range(n)`` on ``anchor``'s device (``k / strata``
+    from each of ``strata`` equal blocks).
 
     ``anchor`` (the cotangent being sampled) fixes the device and orders the draw after the
     cotangent exists; ``site`` tells the draws of different layers apart so no pass merges them.
     """
-    return uniform_subset(n, k, sampler(sampler_id).generator(anchor.device), anchor.device)
+    gen = sampler(sampler_id).generator(anchor.device)
+    return stratified(lambda _, k_block: (uniform_subset(n // strata, k_block, gen, anchor.device),),
+                      n, k, strata)[0]
 
 
 @uniform_indices.register_fake
-def _(anchor: Tensor, n: int, k: int, sampler_id: int, site: int) -> Tensor:
+def _(anchor: Tensor, n: int, k: int, sampler_id: int, site: int, strata: int = 1) -> Tensor:
     return anchor.new_empty((k,), dtype=torch.long)
 
 
 @torch.library.custom_op("ubcompile::pps_indices", mutates_args=())
-def pps_indices(importance: Tensor, k: int, sampler_id: int, site: int) -> tuple[Tensor, Tensor]:
-    """``k`` sorted indices drawn with probabilities ``min(1, c * importance)``, and weights ``1 / pi``."""
-    idx, weights = pps_sample(importance, k, sampler(sampler_id).generator(importance.device))
+def pps_indices(importance: Tensor, k: int, sampler_id: int, site: int, strata: int = 1) -> tuple[Tensor, Tensor]:
+    """``k`` sorted indices drawn with probabilities ``min(1, c * importance)``, and weights ``1 / pi``
+    (``k / strata`` from each of ``strata`` equal blocks, each water-filled on its own)."""
+    gen = sampler(sampler_id).generator(importance.device)
+    blocks = importance.reshape(strata, -1)
+    idx, weights = stratified(lambda s, k_block: pps_sample(blocks[s], k_block, gen),
+                              importance.shape[0], k, strata)
     return idx, weights.to(importance.dtype)
 
 
 @pps_indices.register_fake
-def _(importance: Tensor, k: int, sampler_id: int, site: int) -> tuple[Tensor, Tensor]:
+def _(importance: Tensor, k: int, sampler_id: int, site: int, strata: int = 1) -> tuple[Tensor, Tensor]:
     return importance.new_empty((k,), dtype=torch.long), importance.new_empty((k,))
 
 

@@ -25,11 +25,10 @@ from torch import Tensor
 
 from .._torch_private import size_hint
 from ..config import SamplingConfig
-from ..sketches import keep_count
 from ..sketches.axis import axis_sketch
 from ..sketches.conv import BATCH, CHANNELS, ConvGeometry, batch_sketched_vjp, channel_sketched_vjp, conv_importance
 from .graph import FEATURES, ROWS, GradientFlow, Role, module_path, shape_of
-from .rules import AXIS_BY_NAME, SKETCH_TABLE, decline
+from .rules import AXIS_BY_NAME, SKETCH_TABLE, decline, sample_size
 
 aten = torch.ops.aten
 
@@ -99,6 +98,7 @@ class ConvRewrite:
     sketch: str
     n: int
     k: int
+    strata: int  # groups, when channels are sampled: each group keeps k / groups of its channels
 
     @property
     def g_axis(self) -> int:
@@ -140,25 +140,41 @@ class ConvRewrite:
         return flops
 
 
+def _geometry_reason(site: ConvSite, g_axis: int, sketch: str) -> Optional[str]:
+    """Why channel sampling cannot respect this convolution's groups, if it cannot."""
+    groups = site.geometry.groups
+    if g_axis != CHANNELS or groups == 1:
+        return None
+    if site.geometry.transposed:
+        return (f"transposed convolution with groups={groups}: its groups share the kept channels' "
+                "weights; axis='rows' samples its batch")
+    if SKETCH_TABLE[sketch].projects:
+        return f"a {sketch} projection would mix the channels of the {groups} groups; axis='rows' samples the batch"
+    return None
+
+
 def plan_conv(site: ConvSite, config: SamplingConfig) -> tuple[Optional[ConvRewrite], dict[int, str]]:
-    """The rewrite of ``site`` (or ``None``), and the reason each unsampled gradient stays exact."""
+    """The rewrite of ``site`` (or ``None``), and the reason each unsampled gradient stays exact.
+
+    Channel sampling of a grouped convolution is stratified: each group keeps the same number of
+    its own channels, so the sampled convolution keeps the groups.
+    """
     axis = AXIS_BY_NAME[config.axis]
     g_axis = _AXIS_OF_G[axis]
     n = size_hint(shape_of(site.cotangent)[g_axis])
+    strata = site.geometry.groups if g_axis == CHANNELS else 1
     reasons: dict[int, str] = {}
     for output, role in enumerate(site.roles):
         if role is None:
             continue
-        reason = decline(config, role, module_path(site.node), conv_dims(site, output), n)
-        if reason is None and g_axis == CHANNELS and site.geometry.groups != 1:
-            reason = (f"grouped convolution (groups={site.geometry.groups}): sampling channels would "
-                      "change the groups; axis='rows' samples its batch")
+        reason = decline(config, role, module_path(site.node), conv_dims(site, output), n, strata)
+        reason = reason or _geometry_reason(site, g_axis, config.sketch)
         if reason is not None:
             reasons[output] = reason
     sampled = tuple(role is not None and output not in reasons for output, role in enumerate(site.roles))
     if not any(sampled):
         return None, reasons
-    rewrite = ConvRewrite(site, sampled, axis, config.p, config.sketch, n, keep_count(n, config.p))
+    rewrite = ConvRewrite(site, sampled, axis, config.p, config.sketch, n, sample_size(n, config.p, strata), strata)
     for output in (0, 1):
         if sampled[output] and rewrite.sampled_flops(output) >= conv_flops(site, output):
             return None, {**reasons, output: f"a rank-{rewrite.k} {config.sketch} projection costs more "

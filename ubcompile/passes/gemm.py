@@ -144,6 +144,7 @@ class GemmRewrite:
     sketch: str
     n: int
     k: int
+    strata: int = 1
 
     @property
     def out_dim(self) -> Optional[int]:

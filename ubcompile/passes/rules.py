@@ -42,6 +42,7 @@ class Sampled(Protocol):
 
     p: float
     sketch: str
+    strata: int  # the draw keeps the same number of indices in each of this many equal blocks
 
     def size(self, *operands: Tensor) -> int:
         """Length ``n`` of the sampled axis."""
@@ -53,12 +54,17 @@ class Sampled(Protocol):
         """The cotangent: fixes the draw's device and orders it after the cotangent exists."""
 
 
+def sample_size(n: int, p: float, strata: int = 1) -> int:
+    """``k``: ``keep_count`` of each of ``strata`` equal blocks of the ``n`` indices, summed."""
+    return strata * keep_count(n // strata, p)
+
+
 def _uniform_draw(rewrite: Sampled, sampler_id: int, key: int) -> Draw:
     def draw(*operands: Tensor) -> tuple[Tensor, Tensor]:
         anchor = rewrite.anchor(*operands)
         n = rewrite.size(*operands)
-        k = keep_count(n, rewrite.p)
-        idx = torch.ops.ubcompile.uniform_indices(anchor, n, k, sampler_id, key)
+        k = sample_size(n, rewrite.p, rewrite.strata)
+        idx = torch.ops.ubcompile.uniform_indices(anchor, n, k, sampler_id, key, rewrite.strata)
         return idx, anchor.new_full((), uniform_scale(n, k))
 
     return draw
@@ -66,8 +72,8 @@ def _uniform_draw(rewrite: Sampled, sampler_id: int, key: int) -> Draw:
 
 def _norm_draw(rewrite: Sampled, sampler_id: int, key: int) -> Draw:
     def draw(*operands: Tensor) -> tuple[Tensor, Tensor]:
-        k = keep_count(rewrite.size(*operands), rewrite.p)
-        return torch.ops.ubcompile.pps_indices(rewrite.importance(*operands), k, sampler_id, key)
+        k = sample_size(rewrite.size(*operands), rewrite.p, rewrite.strata)
+        return torch.ops.ubcompile.pps_indices(rewrite.importance(*operands), k, sampler_id, key, rewrite.strata)
 
     return draw
 
@@ -97,11 +103,13 @@ SKETCH_TABLE: dict[str, SketchRule] = {
 }
 
 
-def decline(config: SamplingConfig, role: Role, module: str, dims: Sequence[int], n: int) -> Optional[str]:
+def decline(config: SamplingConfig, role: Role, module: str, dims: Sequence[int], n: int,
+            strata: int = 1) -> Optional[str]:
     """Why a gradient of ``role`` in ``module`` stays exact under ``config``, or ``None`` to sample it.
 
     ``dims`` are the ``(M, K, N)`` of the gradient's (implicit) GEMM and ``n`` the length of the
-    axis to sample, at their example values: a dynamic batch is judged by its compiled size.
+    axis to sample (drawn in ``strata`` equal blocks), at their example values: a dynamic batch is
+    judged by its compiled size.
     """
     if config.filter is not None and not config.filter(module):
         return f"filter excludes module {module!r}"
@@ -109,6 +117,7 @@ def decline(config: SamplingConfig, role: Role, module: str, dims: Sequence[int]
         return f"grad={config.grad!r} keeps {role.value} exact"
     if min(dims) < config.min_dim:
         return f"GEMM {'x'.join(map(str, dims))} has a dim below min_dim={config.min_dim}"
-    if keep_count(n, config.p) >= n:
-        return f"p={config.p} keeps all {n} {config.axis}"
+    if sample_size(n, config.p, strata) >= n:
+        per_block = f" ({n // strata} in each of {strata} groups)" if strata > 1 else ""
+        return f"p={config.p} keeps all {n} {config.axis}{per_block}"
     return None

@@ -14,7 +14,10 @@ samples: it estimates ``grad_weight`` by a sampled contraction and computes only
 of ``grad_input``. Both are unbiased for any ``S`` with ``E[S] = I``. For the diagonal sketches the
 variance is that of the Horvitz-Thompson sum, ``sum_j (1 / pi_j - 1) ||t_j||^2`` with ``t_j`` the
 ``j``-th term above (``||t_j|| <= ||G_j|| ||x_j|| ...``: :func:`conv_importance` uses these bounds).
-Channel sketches need ``groups == 1``: with groups, a kept channel's group would change.
+With ``groups > 1`` a channel sketch must keep the same number of channels in every group
+(a stratified draw, :func:`ubcompile.sketches.uniform.stratified`); the sampled convolution then
+has the same groups. A transposed convolution's groups share one weight slice per kept channel,
+so channel sketches need ``groups == 1`` there.
 """
 
 from __future__ import annotations
@@ -62,8 +65,10 @@ def conv_vjp(g: Tensor, x: Tensor, w: Tensor, geometry: ConvGeometry, mask: tupl
 
 def channel_sketched_vjp(g: Tensor, x: Tensor, w: Tensor, sketch: AxisSketch, geometry: ConvGeometry,
                          mask: tuple[bool, bool]) -> Grads:
-    """``(G S) J`` with ``S`` on the output channels: a convolution backward with ``k`` channels."""
-    assert geometry.groups == 1, "channel sketches need groups == 1"
+    """``(G S) J`` with ``S`` on the output channels: a convolution backward with ``k`` channels.
+
+    With ``groups > 1``, ``S`` must keep ``k / groups`` channels of each group (sorted)."""
+    assert geometry.groups == 1 or not geometry.transposed, "transposed channel sketches need groups == 1"
     wdim = geometry.out_channel_dim
     gi, gw = conv_vjp(sketch.weighted(g, CHANNELS), x, sketch.restrict(w, wdim), geometry, mask)
     return gi, (sketch.extend(gw, wdim, w.shape[wdim]) if gw is not None else None)

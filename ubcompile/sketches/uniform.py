@@ -7,7 +7,7 @@ Every index is kept with probability ``k / n``, so weighting the kept ones by ``
 from __future__ import annotations
 
 from fractions import Fraction
-from typing import Optional, TypeVar, Union
+from typing import Callable, Optional, TypeVar, Union
 
 import torch
 from torch import Tensor
@@ -69,3 +69,19 @@ def contraction_total_variance(x: Tensor, y: Tensor, k: int) -> Tensor:
     norms = x.double().square().sum(0) * y.double().square().sum(1)
     spread = norms.sum() - (x.double() @ y.double()).square().sum() / n
     return n * n * (1.0 - k / n) * spread / (k * (n - 1))
+
+
+def stratified(draw: Callable[[int, int], tuple[Tensor, ...]], n: int, k: int, strata: int) -> tuple[Tensor, ...]:
+    """One draw of ``k / strata`` indices in each of ``strata`` equal consecutive blocks of ``range(n)``.
+
+    ``draw(block, k_block)`` returns the block's local indices (into ``range(n / strata)``) and any
+    per-index tensors (weights). The union is unbiased when each block's draw is: the estimate is a
+    sum of independent per-block estimates, and its variance the sum of theirs. Grouped
+    convolutions need it: every group must keep the same number of channels.
+    """
+    if n % strata or k % strata:
+        raise ValueError(f"n={n} and k={k} must be multiples of strata={strata}")
+    block = n // strata
+    parts = [draw(s, k // strata) for s in range(strata)]
+    idx = torch.cat([part[0] + s * block for s, part in enumerate(parts)])
+    return (idx, *(torch.cat([part[i] for part in parts]) for i in range(1, len(parts[0]))))
