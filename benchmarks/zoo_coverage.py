@@ -28,7 +28,6 @@ REASON_KINDS = [
     (r"keeps grad_\w+ exact", "grad mode"),
     (r"groups", "groups"),  # depthwise (one channel per group), grouped transposed, projections
     (r"fused attention", "fused SDPA"),
-    (r"fused recurrent", "fused RNN"),
     (r"projection costs more", "projection cost"),
     (r"filter excludes", "filter"),
     (r"keeps all", "p keeps all"),

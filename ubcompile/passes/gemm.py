@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Optional, Union
+from typing import Callable, ClassVar, Optional, Union
 
 import torch
 import torch.fx
@@ -26,8 +26,9 @@ from torch import Tensor
 
 from .._torch_private import size_hint
 from ..config import SamplingConfig
-from ..sketches import keep_count, sampled_contraction, sampled_output
-from ..sketches.lowrank import projected_contraction, projected_output
+from ..sketches import keep_count
+from ..sketches.axis import axis_sketch
+from ..sketches.matmul import sketched_contraction, sketched_output
 from ..sketches.norm import contraction_importance, output_importance
 from .graph import FEATURES, ROWS, GradientFlow, Role, Unmatched, module_path, shape_of
 from .rules import AXIS_BY_NAME, SKETCH_TABLE, decline
@@ -123,13 +124,6 @@ def gemm_flops(node: torch.fx.Node) -> int:
     return 2 * m * k * n * gemm_batch(node)
 
 
-# projects -> (estimator of x S y, estimator of S (x y) or (x y) S)
-_ESTIMATORS: dict[bool, tuple[Callable[..., Tensor], Callable[..., Tensor]]] = {
-    False: (sampled_contraction, sampled_output),
-    True: (projected_contraction, projected_output),
-}
-
-
 @dataclasses.dataclass(frozen=True)
 class GemmRewrite:
     """An accepted rewrite of a GEMM: keep a fraction ``p`` of ``axis`` of the site's cotangent.
@@ -144,7 +138,7 @@ class GemmRewrite:
     sketch: str
     n: int
     k: int
-    strata: int = 1
+    strata: ClassVar[int] = 1  # GEMM draws are never stratified
 
     @property
     def out_dim(self) -> Optional[int]:
@@ -164,12 +158,11 @@ class GemmRewrite:
         return (x, y)[self.site.cotangent_arg]
 
     def estimator(self) -> Callable[..., Tensor]:
-        """``(x, y, *sketch tensors) -> estimate of x @ y``."""
-        contraction, output = _ESTIMATORS[SKETCH_TABLE[self.sketch].projects]
+        """``(x, y, *sketch tensors) -> estimate of x @ y``: ``x S y``, ``S (x y)`` or ``(x y) S``."""
         out_dim = self.out_dim
         if out_dim is None:
-            return contraction
-        return lambda x, y, *sketch: output(x, y, *sketch, out_dim)
+            return lambda x, y, *drawn: sketched_contraction(x, y, axis_sketch(*drawn))
+        return lambda x, y, *drawn: sketched_output(x, y, axis_sketch(*drawn), out_dim)
 
     def sampled_flops(self) -> int:
         """GEMM FLOPs of the rewritten product."""

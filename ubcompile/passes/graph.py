@@ -116,7 +116,6 @@ def shape_of(node: torch.fx.Node) -> Optional[torch.Size]:
 
 
 _FUSED_SDPA = "fused attention kernel: its VJP has no GEMM the pass can reach; exact"
-_FUSED_RNN = "fused recurrent kernel: exact"
 FUSED_KERNELS: dict[str, str] = {
     "_scaled_dot_product_flash_attention_for_cpu_backward": _FUSED_SDPA,
     "_scaled_dot_product_flash_attention_backward": _FUSED_SDPA,
@@ -125,8 +124,6 @@ FUSED_KERNELS: dict[str, str] = {
     "_scaled_dot_product_fused_attention_overrideable_backward": _FUSED_SDPA,
     "_flash_attention_backward": _FUSED_SDPA,
     "_efficient_attention_backward": _FUSED_SDPA,
-    "mkldnn_rnn_layer_backward": _FUSED_RNN,
-    "_cudnn_rnn_backward": _FUSED_RNN,
 }
 """Backward kernels that hold gradient products the pass cannot reach, by ATen name: reported exact."""
 

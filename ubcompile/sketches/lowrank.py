@@ -21,6 +21,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .axis import Projection
+from .matmul import sketched_contraction, sketched_output
+
 
 def gaussian_sketch(n: int, k: int, generator: Optional[torch.Generator] = None,
                     device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -40,7 +43,7 @@ def orthonormal_sketch(n: int, k: int, generator: Optional[torch.Generator] = No
 
 def projected_contraction(x: Tensor, y: Tensor, omega: Tensor) -> Tensor:
     """``x @ Omega @ Omega^T @ y``, evaluated as ``(x @ Omega) @ (Omega^T @ y)``: unbiased for ``x @ y``."""
-    return (x @ omega) @ (omega.T @ y)
+    return sketched_contraction(x, y, Projection(omega))
 
 
 def projected_output(x: Tensor, y: Tensor, omega: Tensor, dim: int) -> Tensor:
@@ -48,9 +51,7 @@ def projected_output(x: Tensor, y: Tensor, omega: Tensor, dim: int) -> Tensor:
 
     Evaluated through the ``k``-dimensional projection: ``Omega @ ((Omega^T @ x) @ y)``.
     """
-    if dim == 1:
-        return projected_output(y.mT, x.mT, omega, 0).mT
-    return omega @ ((omega.T @ x) @ y)
+    return sketched_output(x, y, Projection(omega), dim)
 
 
 def gaussian_total_variance(x: Tensor, y: Tensor, k: int) -> Tensor:

@@ -13,7 +13,22 @@ from typing import Union
 
 from torch import Tensor
 
+from .axis import AxisSketch, Diagonal
+
 Scale = Union[float, Tensor]
+
+
+def sketched_contraction(x: Tensor, y: Tensor, sketch: AxisSketch) -> Tensor:
+    """``x @ S @ y`` through the sketch's ``k``-dimensional space: ``weighted(x) @ restrict(y)``."""
+    return sketch.weighted(x, -1) @ sketch.restrict(y, -2)
+
+
+def sketched_output(x: Tensor, y: Tensor, sketch: AxisSketch, dim: int) -> Tensor:
+    """``S @ (x @ y)`` (``dim = 0``) or ``(x @ y) @ S`` (``dim = 1``): ``k`` output rows (columns)
+    computed, then moved back to ``n``. ``dim`` counts the two matrix dims."""
+    if dim == 1:
+        return sketched_output(y.mT, x.mT, sketch, 0).mT
+    return sketch.extend(sketch.weighted(x, -2) @ y, -2, x.shape[-2])
 
 
 def sampled_contraction(x: Tensor, y: Tensor, idx: Tensor, scale: Scale) -> Tensor:
@@ -25,28 +40,16 @@ def sampled_contraction(x: Tensor, y: Tensor, idx: Tensor, scale: Scale) -> Tens
     Unbiased when every ``j`` is kept with probability ``1 / scale``. Its variance for the uniform
     sketch is :func:`ubcompile.sketches.uniform.uniform_variance` of the terms ``x[:, j] y[j, :]``.
     """
-    return (x[..., idx] * scale) @ y[..., idx, :]
+    return sketched_contraction(x, y, Diagonal(idx, scale))
 
 
 def sampled_output(x: Tensor, y: Tensor, idx: Tensor, scale: Scale, dim: int) -> Tensor:
     """``S @ (x @ y)`` (``dim = 0``) or ``(x @ y) @ S`` (``dim = 1``): sampled output rows or columns.
 
     ``dim`` counts the two matrix dims; leading batch dims share the draw.
-
     Only the kept rows (columns) are computed, by a GEMM with ``k`` instead of ``n`` rows
     (columns), and scaled; the others are zero. Each entry is an independent Horvitz-Thompson
     estimate ``scale * 1[j kept] * (x @ y)[j]``: unbiased, with variance
     ``(scale - 1) * (x @ y)[j]^2`` per entry under uniform keep-probability ``1 / scale``.
     """
-    if dim == 1:
-        return sampled_output(y.mT, x.mT, idx, scale, 0).mT
-    per_row = isinstance(scale, Tensor) and scale.dim() == 1
-    rows = (x[..., idx, :] * (scale.unsqueeze(-1) if per_row else scale)) @ y
-    return scatter_rows(rows, idx, x.shape[-2], dim=-2)
-
-
-def scatter_rows(rows: Tensor, idx: Tensor, n: int, dim: int) -> Tensor:
-    """The tensor with ``n`` entries along ``dim`` that holds ``rows`` at ``idx`` and zeros elsewhere."""
-    moved = rows.movedim(dim, 0)
-    full = moved.new_zeros((n, *moved.shape[1:])).index_put((idx,), moved)
-    return full.movedim(0, dim)
+    return sketched_output(x, y, Diagonal(idx, scale), dim)
