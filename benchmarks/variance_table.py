@@ -23,7 +23,7 @@ import ubcompile
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "examples"))
 from fashion_data import load_fashion_mnist, normalize  # noqa: E402
-from fashion_mlp import make_model  # noqa: E402
+from models import mlp  # noqa: E402
 
 MODES = [("weight", "rows"), ("weight", "features"), ("input", "features"), ("both", "features")]
 
@@ -43,8 +43,9 @@ def main() -> None:
             for p in args.p:
                 torch._dynamo.reset()
                 backend = ubcompile.backend(p=p, grad=grad, sketch=sketch, axis=axis, seed=0)
-                prof = ubcompile.profile(make_model(0), F.cross_entropy, x, targets=y, draws=args.draws,
-                                         backend=backend)
+                torch.manual_seed(0)
+                prof = ubcompile.profile(mlp([784, 1024, 1024, 1024, 10]), F.cross_entropy, x, targets=y,
+                                         draws=args.draws, backend=backend)
                 sketch_var = sum(lp.sketch_variance for lp in prof.layers)
                 sgd_var = sum(lp.sgd_variance for lp in prof.layers)
                 worst = max(prof.layers, key=lambda lp: lp.variance_ratio)

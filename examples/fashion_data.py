@@ -1,4 +1,4 @@
-"""Fashion-MNIST from its idx files, and a full-batch iterator with its own generator.
+"""Fashion-MNIST from its idx files, a full-batch iterator with its own generator, and the examples' task.
 
 The idx files come from the Debian package (``sudo apt-get install dataset-fashion-mnist``, which
 puts the four gzipped files in ``/usr/share/datasets/fashion-mnist/``) or from any directory
@@ -7,15 +7,20 @@ holding them, gzipped or not.
 
 from __future__ import annotations
 
+import argparse
 import gzip
+import math
 import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
+import torch.nn as nn
+
+from experiment import Task, chunked_accuracy
 
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist/"
 FILES = {
@@ -83,3 +88,36 @@ def full_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterato
     perm = torch.randperm(n, generator=generator)
     for i in range(0, n - batch_size + 1, batch_size):
         yield perm[i:i + batch_size]
+
+
+def add_arguments(ap: argparse.ArgumentParser, batch: int) -> None:
+    """The Fashion-MNIST examples' own options."""
+    ap.add_argument("--data-dir", help="directory of the idx files (default: $FASHION_MNIST_DIR or the Debian one)")
+    ap.add_argument("--limit-train", type=int, metavar="N", help="train on the first N images only")
+    ap.add_argument("--limit-test", type=int, metavar="N", help="test on the first N images only")
+    ap.add_argument("--batch", type=int, default=batch)
+
+
+EVAL_CHUNK = 1000
+
+
+def fashion_task(name: str, build: Callable[[], nn.Module], args: argparse.Namespace, images: bool) -> Task:
+    """Classify Fashion-MNIST, normalised pixels as ``[n, 784]`` rows or ``[n, 1, 28, 28]`` images
+    (``images``), on ``args.device``; the accuracy on the 10,000 test images (or the first
+    ``--limit-test``)."""
+    x_tr, y_tr, x_te, y_te = load_fashion_mnist(args.data_dir)
+    if args.limit_train is not None:
+        x_tr, y_tr = x_tr[:args.limit_train], y_tr[:args.limit_train]
+    if args.limit_test is not None:
+        x_te, y_te = x_te[:args.limit_test], y_te[:args.limit_test]
+    shape = (-1, 1, 28, 28) if images else (-1, 784)
+    x_tr, x_te = (normalize(x).view(shape).to(args.device) for x in (x_tr, x_te))
+    y_tr, y_te = y_tr.to(args.device), y_te.to(args.device)
+    chunk = math.gcd(len(x_te), EVAL_CHUNK)
+
+    def batches(generator: torch.Generator):
+        return ((x_tr[idx], y_tr[idx]) for idx in full_batches(len(x_tr), args.batch, generator))
+
+    return Task(name=name, build=build, batches=batches, steps_per_epoch=len(x_tr) // args.batch,
+                evaluate=lambda model: chunked_accuracy(model, x_te, y_te, chunk),
+                example=(x_tr[:args.batch], y_tr[:args.batch]))

@@ -1,22 +1,27 @@
-"""Smoke runs of the examples: tiny data, one epoch, every line of the scripts exercised."""
+"""Smoke runs of the examples on tiny synthetic data: every script's training loop, record and report."""
 
 import gzip
 import json
 import pathlib
+import runpy
 import struct
 import subprocess
 import sys
 
 import numpy as np
+import pytest
+
+import char_gpt
+import experiment
+import fashion_bagnet
+import fashion_mlp
+import fashion_vit
+import sweep
+import sweep_report
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-
-def run(script, *args):
-    result = subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
-                            timeout=600, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
+COMMON = ["--epochs", "1", "--batch", "64", "--p", "0.5", "--grad", "both", "--evals-per-epoch", "2",
+          "--no-progress", "--compiler", "eager"]  # the same rewritten graphs, without Inductor's compile time
 
 
 def write_idx(path, array):
@@ -25,21 +30,118 @@ def write_idx(path, array):
         f.write(header + array.astype(np.uint8).tobytes())
 
 
+@pytest.fixture(scope="module")
+def fashion_dir(tmp_path_factory):
+    """Fashion-MNIST-shaped idx files of random pixels: 256 training and 100 test images."""
+    path = tmp_path_factory.mktemp("fashion")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 256), ("t10k", 100)):
+        write_idx(path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(path / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "corpus.txt"
+    path.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    return path
+
+
+def tiny(name, fashion_dir, text_file):
+    """The example's module and the options of a tiny run of it (on top of :data:`COMMON`)."""
+    fashion = ["--data-dir", str(fashion_dir)]
+    return {
+        "mlp": (fashion_mlp, fashion + ["--width", "64"]),
+        "bagnet": (fashion_bagnet, fashion + ["--width", "8", "--min-dim", "8"]),
+        "vit": (fashion_vit, fashion + ["--dim", "32", "--depth", "1", "--min-dim", "16"]),
+        "gpt": (char_gpt, ["--text", str(text_file), "--dim", "32", "--depth", "1", "--context", "16",
+                           "--steps-per-epoch", "4", "--min-dim", "16"]),
+    }[name]
+
+
+def run_tiny(module, argv):
+    args = experiment.parse_args(COMMON + argv, module.__doc__, module.LR, module.EPOCHS, module.OPTIMIZER,
+                                 module.add_arguments)
+    return experiment.run(module.build_task(args), args)
+
+
+@pytest.fixture(scope="module")
+def mlp_records(fashion_dir, text_file):
+    """A tiny exact and a tiny sampled run of the MLP example."""
+    module, argv = tiny("mlp", fashion_dir, text_file)
+    return [run_tiny(module, argv + ["--exact"]), run_tiny(module, argv)]
+
+
+@pytest.mark.parametrize("name", ["mlp", "bagnet", "vit", "gpt"])
+def test_example_trains_sampled_and_records_its_curve(name, fashion_dir, text_file, mlp_records):
+    record = mlp_records[1] if name == "mlp" else run_tiny(*tiny(name, fashion_dir, text_file))
+    json.dumps(record)  # the record is plain JSON
+    assert record["task"] == name and record["status"] == "ok" and record["label"] == "both:norm p=0.5"
+    flops = record["bwd_gflop_per_step"]
+    assert 0 < flops["sampled"] < flops["exact"]
+    curve = record["curve"]
+    steps = record["steps_per_epoch"]
+    assert [pt["step"] for pt in curve] == [0, steps // 2, steps]
+    assert [pt["time_s"] for pt in curve] == sorted(pt["time_s"] for pt in curve) and curve[0]["time_s"] == 0
+    assert curve[-1]["bwd_gflop"] == pytest.approx(steps * flops["sampled"])
+    assert all(0 <= pt["acc"] <= 100 for pt in curve) and record["final_acc"] == curve[-1]["acc"]
+
+
+def test_example_command_line_writes_json(fashion_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "r.json"
+    script = ROOT / "examples" / "fashion_mlp.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--data-dir", str(fashion_dir), "--width", "64", "--batch", "64",
+                                      "--epochs", "0.5", "--grad", "weight", "--sketch", "uniform", "--p", "0.5",
+                                      "--min-dim", "16", "--no-progress", "--json", str(out)])  # Inductor
+    runpy.run_path(str(script), run_name="__main__")
+    record = json.loads(out.read_text())
+    assert record["label"] == "weight:uniform p=0.5" and record["config"]["axis"] == "rows"
+    assert "mlp weight:uniform p=0.5 lr 0.05 seed 0: final test acc" in capsys.readouterr().out
+
+
 def test_digits_demo(tmp_path):
-    out = run("examples/demo_digits.py", "--epochs", "1", "--json", str(tmp_path / "r.json"))
-    assert "exact (inductor)" in out and "backward GEMM FLOPs" in out
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "demo_digits.py"), "--epochs", "1",
+                             "--json", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "exact (inductor)" in result.stdout and "backward GEMM FLOPs" in result.stdout
     results = json.loads((tmp_path / "r.json").read_text())["results"]
     assert [(r["grad"], r["sketch"]) for r in results] == [
         (None, "-"), ("weight", "norm"), ("both", "norm"), ("both", "uniform")]
 
 
-def test_fashion_mlp_on_synthetic_idx_files(tmp_path):
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 600), ("t10k", 100)):
-        write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
-    out = run("examples/fashion_mlp.py", "--data-dir", str(tmp_path), "--epochs", "1",
-              "--mode", "exact", "--mode", "weight:norm:rows", "--json", str(tmp_path / "r.json"))
-    assert "weight:norm:rows" in out
-    results = json.loads((tmp_path / "r.json").read_text())["results"]
-    assert [r["status"] for r in results] == ["ok", "ok"] and results[1]["flop_ratio"] < 1
+def test_too_short_a_run_is_an_error(fashion_dir):
+    with pytest.raises(ValueError, match="less than one step"):
+        run_tiny(fashion_mlp, ["--data-dir", str(fashion_dir), "--epochs", "0.1"])
+
+
+def test_missing_data_says_how_to_get_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+        run_tiny(fashion_mlp, ["--data-dir", str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match="make data"):
+        run_tiny(char_gpt, ["--data-dir", str(tmp_path)])
+
+
+def test_sweep_grid():
+    configs = sweep.grid("mlp")
+    exact_lr = sum(c["lr"] == fashion_mlp.LR for c in configs)
+    assert exact_lr == len(sweep.SEEDS) * (1 + len(sweep.GRADS) * len(sweep.SKETCHES) * len(sweep.PS))
+    assert len(configs) - exact_lr == 1 + len(sweep.GRADS) * len(sweep.SKETCHES)  # lower lr: exact and p = 0.25
+    assert len({sweep.key(c) for c in configs}) == len(configs)
+    for c in configs:
+        args = sweep.parse(c)
+        assert (args.exact, args.lr, args.seed, args.threads) == (c.get("exact", False), c["lr"], c["seed"], 1)
+
+
+def test_report_draws_plots_and_tables(mlp_records, tmp_path, monkeypatch):
+    lr = fashion_mlp.LR
+    assert [sweep.record_key(r) for r in mlp_records] == [
+        sweep.key({"model": "mlp", "exact": True, "lr": lr, "seed": 0}),
+        sweep.key({"model": "mlp", "grad": "both", "sketch": "norm", "p": 0.5, "lr": lr, "seed": 0})]
+    (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mlp_records))
+    monkeypatch.setattr(sys, "argv", ["sweep_report.py", "--out", str(tmp_path)])
+    monkeypatch.setattr(sweep, "PS", (0.5,))
+    sweep_report.main()
+    assert (tmp_path / "mlp_curves.png").stat().st_size > 0 and (tmp_path / "final_vs_p.png").stat().st_size > 0
+    table = (tmp_path / "tables.md").read_text()
+    assert "| exact |" in table and "| both:norm p=0.5 |" in table

@@ -8,7 +8,6 @@ against exact gradients of the same deterministic function.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Callable
 
 import torch
@@ -16,25 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import ubcompile
+from models import GPT, BagNet, ViT  # examples/models.py: the experiments' models, at test sizes
 from ubcompile.report import Report
 from ubcompile.testing import assert_unbiased
-
-
-class BagNet(nn.Module):
-    """BagNet-style CNN: small receptive fields (3x3 then 1x1 convs), class evidence averaged over patches."""
-
-    def __init__(self, classes: int = 10):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 32, 3), nn.ReLU(),
-            nn.Conv2d(32, 64, 1), nn.ReLU(),
-            nn.Conv2d(64, 64, 3, stride=2), nn.ReLU(),
-            nn.Conv2d(64, 64, 1), nn.ReLU(),
-        )
-        self.classifier = nn.Conv2d(64, classes, 1)
-
-    def forward(self, x):
-        return self.classifier(self.features(x)).mean((2, 3))
 
 
 class BasicBlock(nn.Module):
@@ -66,80 +49,6 @@ class ResNet(nn.Module):
     def forward(self, x):
         x = self.layer2(self.layer1(self.stem(x)))
         return self.head(x.mean((2, 3)))
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention written out: ``softmax(q k^T / sqrt(d)) v`` as two batched matmuls,
-    or the fused ``F.scaled_dot_product_attention`` kernel."""
-
-    def __init__(self, dim: int, heads: int, fused: bool = False, causal: bool = False):
-        super().__init__()
-        self.heads, self.fused, self.causal = heads, fused, causal
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        b, t, d = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        if self.fused:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
-        else:
-            scores = q @ k.transpose(-2, -1) / math.sqrt(d // self.heads)
-            if self.causal:
-                mask = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
-                scores = scores.masked_fill(mask, float("-inf"))
-            out = scores.softmax(-1) @ v
-        return self.proj(out.transpose(1, 2).reshape(b, t, d))
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block."""
-
-    def __init__(self, dim: int, heads: int, fused: bool = False, causal: bool = False):
-        super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads, fused, causal)
-        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
-class ViT(nn.Module):
-    """Small Vision Transformer: conv patch embedding, class token, hand-written attention."""
-
-    def __init__(self, dim: int = 64, heads: int = 2, depth: int = 2, classes: int = 10):
-        super().__init__()
-        self.patch = nn.Conv2d(3, dim, 4, stride=4)
-        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos = nn.Parameter(torch.randn(1, 17, dim) * 0.02)
-        self.blocks = nn.Sequential(*[Block(dim, heads) for _ in range(depth)])
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, classes)
-
-    def forward(self, x):
-        tokens = self.patch(x).flatten(2).transpose(1, 2)
-        tokens = torch.cat([self.cls.expand(x.shape[0], -1, -1), tokens], 1) + self.pos
-        return self.head(self.norm(self.blocks(tokens))[:, 0])
-
-
-class GPT(nn.Module):
-    """Small GPT: token and position embeddings, causal blocks (fused SDPA in the first, written out in
-    the second), LM head tied to the token embedding."""
-
-    def __init__(self, vocab: int = 96, dim: int = 64, heads: int = 2, context: int = 32):
-        super().__init__()
-        self.tok = nn.Embedding(vocab, dim)
-        self.pos = nn.Embedding(context, dim)
-        self.blocks = nn.Sequential(Block(dim, heads, fused=True, causal=True), Block(dim, heads, causal=True))
-        self.norm = nn.LayerNorm(dim)
-        self.lm_head = nn.Linear(dim, vocab, bias=False)
-        self.lm_head.weight = self.tok.weight  # tied
-
-    def forward(self, idx):
-        pos = torch.arange(idx.shape[1], device=idx.device)
-        return self.lm_head(self.norm(self.blocks(self.tok(idx) + self.pos(pos))))
 
 
 class LSTMTagger(nn.Module):

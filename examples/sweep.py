@@ -1,0 +1,135 @@
+"""The paper's experiments on CPU: exact against sampled training of four models, in one sweep.
+
+    python examples/sweep.py [--models mlp bagnet vit gpt] [--workers 2] [--out docs/experiments]
+
+Per model (sizes in :data:`MODELS`), at the exact run's learning rate, seeds 0 and 1: exact, and
+every ``grad`` in {weight, both} x ``sketch`` in {uniform, norm} x ``p`` in {0.5, 0.25, 0.1}. At a
+quarter of that learning rate, seed 0: exact and the four ``p = 0.25`` configurations. Sampled runs
+train twice exact's epochs (:data:`SAMPLED_EPOCH_FACTOR`). Each run's
+record (see ``examples/experiment.py``) is appended to ``OUT/runs.jsonl`` as it finishes; a
+configuration already there is skipped, so an interrupted sweep resumes where it stopped.
+
+Runs go to ``--workers`` processes of one thread each, so every run is timed under the same load
+(the other core busy with another run). ``python examples/sweep_report.py`` draws the plots and
+tables from the records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import functools
+import importlib
+import itertools
+import json
+import multiprocessing
+import os
+import pathlib
+from typing import Any
+
+from tqdm import tqdm
+
+import experiment
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+MODELS: dict[str, tuple[str, list[str], int]] = {
+    # name: (example module, its options for the sweep: sizes for about 20-60 s a run on one core, exact's epochs)
+    "mlp": ("fashion_mlp", ["--width", "1024", "--limit-train", "20000", "--limit-test", "5000"], 3),
+    "bagnet": ("fashion_bagnet", ["--width", "16", "--min-dim", "16", "--limit-train", "10000", "--limit-test", "2000"],
+               3),
+    "vit": ("fashion_vit", ["--dim", "64", "--limit-train", "10000", "--limit-test", "2000"], 3),
+    "gpt": ("char_gpt", ["--dim", "64", "--steps-per-epoch", "200"], 3),
+}
+GRADS = ("weight", "both")
+SKETCHES = ("uniform", "norm")
+PS = (0.5, 0.25, 0.1)
+SEEDS = (0, 1)
+LOW_LR_FACTOR = 0.25
+LOW_LR_P = 0.25
+SAMPLED_EPOCH_FACTOR = 2
+"""Sampled runs train this many times exact's epochs: the paper trades more, cheaper epochs for
+fewer exact ones, and the curve at exact's epochs gives the same-epochs comparison."""
+
+
+def grid(model: str) -> list[dict[str, Any]]:
+    """The runs of one model, as options of its example script."""
+    lr = importlib.import_module(MODELS[model][0]).LR
+    sampled = [{"grad": g, "sketch": s, "p": p} for g, s, p in itertools.product(GRADS, SKETCHES, PS)]
+    configs = [{"seed": seed, "lr": lr, **c} for seed in SEEDS for c in [{"exact": True}] + sampled]
+    low = [{"exact": True}] + [c for c in sampled if c["p"] == LOW_LR_P]
+    configs += [{"seed": SEEDS[0], "lr": lr * LOW_LR_FACTOR, **c} for c in low]
+    return [{"model": model, **c} for c in configs]
+
+
+def key(config: dict[str, Any]) -> tuple:
+    exact = config.get("exact", False)
+    return (config["model"], exact, None if exact else config["p"], None if exact else config["grad"],
+            None if exact else config["sketch"], round(config["lr"], 10), config["seed"])
+
+
+def record_key(record: dict[str, Any]) -> tuple:
+    return key({"model": record["task"], **record["config"]})
+
+
+def argv(config: dict[str, Any]) -> list[str]:
+    _, options, epochs = MODELS[config["model"]]
+    args = options + ["--lr", repr(config["lr"]), "--seed", str(config["seed"]), "--threads", "1",
+                      "--evals-per-epoch", "2", "--no-progress"]
+    if config.get("exact"):
+        return args + ["--exact", "--epochs", str(epochs)]
+    return args + ["--epochs", str(epochs * SAMPLED_EPOCH_FACTOR), "--p", str(config["p"]), "--grad", config["grad"],
+                   "--sketch", config["sketch"]]
+
+
+def parse(config: dict[str, Any]) -> argparse.Namespace:
+    module = importlib.import_module(MODELS[config["model"]][0])
+    return experiment.parse_args(argv(config), module.__doc__, module.LR, module.EPOCHS, module.OPTIMIZER,
+                                 module.add_arguments)
+
+
+@functools.lru_cache(maxsize=None)
+def task(model: str) -> experiment.Task:
+    """The model's data and task, loaded once per worker."""
+    module = importlib.import_module(MODELS[model][0])
+    return module.build_task(parse({"model": model, "exact": True, "lr": module.LR, "seed": 0}))
+
+
+def run_one(config: dict[str, Any]) -> dict[str, Any]:
+    return experiment.run(task(config["model"]), parse(config))
+
+
+def load_records(path: pathlib.Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--out", type=pathlib.Path, default=ROOT / "docs" / "experiments")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs = args.out / "runs.jsonl"
+    done = {record_key(r) for r in load_records(runs)}
+    todo = [c for m in args.models for c in grid(m) if key(c) not in done]
+    print(f"{len(todo)} runs to do, {len(done)} already in {runs}", flush=True)
+    # One thread per worker, Inductor's kernel compilation included; set before the workers import torch.
+    os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=context) as pool, \
+            tqdm(total=len(todo), desc="sweep", dynamic_ncols=True) as bar:
+        futures = {pool.submit(run_one, c): c for c in todo}
+        for future in concurrent.futures.as_completed(futures):
+            record = future.result()
+            with runs.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.write(experiment.summary(record))
+            bar.update()
+
+
+if __name__ == "__main__":
+    main()
