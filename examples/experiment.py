@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import ubcompile
+from ubcompile.auto import LEVELS
 from ubcompile.config import AXES, COMPILERS, GRAD_MODES, SKETCHES
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -84,7 +85,11 @@ def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float) -> torc
 
 def add_common_arguments(ap: argparse.ArgumentParser, task_lr: float, task_epochs: int, task_optimizer: str) -> None:
     ap.add_argument("--exact", action="store_true", help="exact gradients: plain torch.compile (Inductor)")
-    ap.add_argument("--p", type=float, default=0.25, help="keep fraction of the sampled gradient products")
+    ap.add_argument("--p", type=keep_fraction, default=0.25,
+                    help="keep fraction of the sampled gradient products, or 'auto' (chosen per layer from "
+                         "measured variance; grad weight, norm sketch)")
+    ap.add_argument("--budget", type=float, default=1.0,
+                    help="with --p auto: added variance allowed per layer, as a fraction of its SGD variance")
     ap.add_argument("--sketch", choices=SKETCHES, default="norm")
     ap.add_argument("--grad", choices=GRAD_MODES, default="weight")
     ap.add_argument("--axis", choices=AXES, default=None, help="default: the grad mode's default axis")
@@ -103,6 +108,10 @@ def add_common_arguments(ap: argparse.ArgumentParser, task_lr: float, task_epoch
     ap.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bar")
 
 
+def keep_fraction(text: str) -> float | str:
+    return text if text == "auto" else float(text)
+
+
 def parse_args(argv: Optional[list[str]], doc: str, task_lr: float, task_epochs: int, task_optimizer: str = "sgd",
                add_arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=doc.splitlines()[0], epilog=doc,
@@ -114,14 +123,18 @@ def parse_args(argv: Optional[list[str]], doc: str, task_lr: float, task_epochs:
 
 
 def label(args: argparse.Namespace) -> str:
-    return "exact" if args.exact else f"{args.grad}:{args.sketch} p={args.p:g}"
+    if args.exact:
+        return "exact"
+    if args.p == "auto":
+        return f"auto budget={args.budget:g}"
+    return f"{args.grad}:{args.sketch} p={args.p:g}"
 
 
 def make_backend(args: argparse.Namespace) -> Any:
     if args.exact:
         return "inductor" if args.compiler == "inductor" else "aot_eager"
     return ubcompile.backend(p=args.p, grad=args.grad, sketch=args.sketch, axis=args.axis, seed=args.seed,
-                             min_dim=args.min_dim, compiler=args.compiler)
+                             min_dim=args.min_dim, compiler=args.compiler, budget=args.budget)
 
 
 def exact_backward_flops(task: Task, device: torch.device) -> int:
@@ -131,6 +144,24 @@ def exact_backward_flops(task: Task, device: torch.device) -> int:
     report = ubcompile.explain(task.build().to(device), task.example[0], p=1.0, compiler="eager",
                                loss_fn=lambda out: loss_fn(out, task.example[1]))
     return report.exact_flops
+
+
+def auto_flops(backend: Any) -> float:
+    """GEMM FLOPs spent so far by the products whose fraction ``p="auto"`` chooses (0 otherwise)."""
+    auto = getattr(getattr(backend, "sampler", None), "auto", None)
+    return 0.0 if auto is None else auto.spent_flops
+
+
+def auto_record(backend: Any) -> Optional[dict[str, Any]]:
+    """Under ``p="auto"``: per controlled product, the fractions chosen over training and their use."""
+    auto = getattr(getattr(backend, "sampler", None), "auto", None)
+    if auto is None:
+        return None
+    return {"budget": auto.budget, "measure_every": auto.measure_every, "levels": list(LEVELS),
+            "flop_ratio": auto.spent_flops / auto.exact_flops if auto.exact_flops else 1.0,
+            "sites": [{"module": s.module, "shape": list(s.shape), "group": s.group, "calls": s.calls,
+                       "uses": s.uses, "spikes": s.spikes, "timeline": s.timeline,
+                       "measurements": [dataclasses.asdict(m) for m in s.measurements]} for s in auto.sites]}
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -160,7 +191,7 @@ def run(task: Task, args: argparse.Namespace) -> dict[str, Any]:
 
     times: list[float] = []
     losses: list[float] = []
-    curve = [{"step": 0, "acc": task.evaluate(model), "loss": None}]
+    curve = [{"step": 0, "acc": task.evaluate(model), "loss": None, "auto_gflop": 0.0}]
     diverged_step: Optional[int] = None
     bar = tqdm(total=total_steps, desc=f"{task.name} {label(args)} seed {args.seed}", leave=False,
                disable=not args.progress, dynamic_ncols=True)
@@ -180,14 +211,17 @@ def run(task: Task, args: argparse.Namespace) -> dict[str, Any]:
                 break
             if len(times) % eval_every == 0 or len(times) == total_steps:
                 recent = losses[-eval_every:]
-                curve.append({"step": len(times), "acc": task.evaluate(model), "loss": sum(recent) / len(recent)})
+                curve.append({"step": len(times), "acc": task.evaluate(model), "loss": sum(recent) / len(recent),
+                              "auto_gflop": auto_flops(backend) / 1e9})
                 bar.set_postfix(loss=f"{curve[-1]['loss']:.3f}", acc=f"{curve[-1]['acc']:.2f}")
             if len(times) == total_steps:
                 break
     bar.close()
 
-    exact_flops = exact_backward_flops(task, device) if args.exact else backend.report().exact_flops
-    sampled_flops = exact_flops if args.exact else backend.report().sampled_flops
+    report = None if args.exact else backend.report()
+    exact_flops = exact_backward_flops(task, device) if args.exact else report.exact_flops
+    # p="auto" products: the controller's count of what they cost, added per curve point below
+    static_flops = exact_flops if args.exact else sum(e.sampled_flops for e in report.entries if not e.adaptive)
     steady = statistics.median(times[1:]) if len(times) > 1 else times[0]
     cumulative = [0.0]
     for t in [steady] + times[1:]:  # the first step's time is mostly compilation: counted as a median step
@@ -195,11 +229,12 @@ def run(task: Task, args: argparse.Namespace) -> dict[str, Any]:
     for point in curve:
         point["epoch"] = point["step"] / task.steps_per_epoch
         point["time_s"] = cumulative[point["step"]]
-        point["bwd_gflop"] = point["step"] * sampled_flops / 1e9
+        point["bwd_gflop"] = point["step"] * static_flops / 1e9 + point.pop("auto_gflop")
+    sampled_flops = curve[-1]["bwd_gflop"] * 1e9 / max(1, curve[-1]["step"])
     finished = diverged_step is None
     return {
         "task": task.name, "label": label(args),
-        "config": {"exact": args.exact, "p": None if args.exact else args.p,
+        "config": {"exact": args.exact, "p": None if args.exact else args.p, "budget": args.budget,
                    "grad": None if args.exact else args.grad, "sketch": None if args.exact else args.sketch,
                    "axis": None if args.exact else backend.config.axis, "compiler": args.compiler, "optimizer": args.optimizer, "lr": args.lr, "epochs": args.epochs,
                    "seed": args.seed, "device": str(device)},
@@ -207,6 +242,7 @@ def run(task: Task, args: argparse.Namespace) -> dict[str, Any]:
         "final_acc": curve[-1]["acc"] if finished else None,
         "steps_per_epoch": task.steps_per_epoch, "curve": curve,
         "bwd_gflop_per_step": {"exact": exact_flops / 1e9, "sampled": sampled_flops / 1e9},
+        "auto": auto_record(backend),
         "median_step_ms": steady * 1e3, "compile_s": times[0] - steady,
         "wall_s": time.perf_counter() - t_start, "env": environment(device),
     }

@@ -62,10 +62,23 @@ def grid(model: str) -> list[dict[str, Any]]:
     return [{"model": model, **c} for c in configs]
 
 
+AUTO_MODELS = ("mlp", "vit")
+AUTO_BUDGETS = (0.5, 1.0, 2.0)
+AUTO_SEEDS = (0, 1, 2, 3)  # the runs are short and their accuracy after 3 epochs varies by points
+
+
+def auto_grid(model: str) -> list[dict[str, Any]]:
+    """``p="auto"`` at each budget against exact, at exact's learning rate and epochs."""
+    lr = importlib.import_module(MODELS[model][0]).LR
+    sampled = [{"p": "auto", "grad": "weight", "sketch": "norm", "budget": b} for b in AUTO_BUDGETS]
+    return [{"model": model, "seed": seed, "lr": lr, **c} for seed in AUTO_SEEDS for c in [{"exact": True}] + sampled]
+
+
 def key(config: dict[str, Any]) -> tuple:
     exact = config.get("exact", False)
     return (config["model"], exact, None if exact else config["p"], None if exact else config["grad"],
-            None if exact else config["sketch"], round(config["lr"], 10), config["seed"])
+            None if exact else config["sketch"], round(config["lr"], 10), config["seed"],
+            config.get("budget") if config.get("p") == "auto" else None)
 
 
 def record_key(record: dict[str, Any]) -> tuple:
@@ -78,6 +91,8 @@ def argv(config: dict[str, Any]) -> list[str]:
                       "--evals-per-epoch", "2", "--no-progress"]
     if config.get("exact"):
         return args + ["--exact", "--epochs", str(epochs)]
+    if config["p"] == "auto":
+        return args + ["--epochs", str(epochs), "--p", "auto", "--budget", str(config["budget"])]
     return args + ["--epochs", str(epochs * SAMPLED_EPOCH_FACTOR), "--p", str(config["p"]), "--grad", config["grad"],
                    "--sketch", config["sketch"]]
 
@@ -111,11 +126,14 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", type=pathlib.Path, default=ROOT / "docs" / "experiments")
+    ap.add_argument("--auto", action="store_true",
+                    help=f"the p='auto' grid instead (models {', '.join(AUTO_MODELS)}): into auto_runs.jsonl")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    runs = args.out / "runs.jsonl"
+    runs = args.out / ("auto_runs.jsonl" if args.auto else "runs.jsonl")
     done = {record_key(r) for r in load_records(runs)}
-    todo = [c for m in args.models for c in grid(m) if key(c) not in done]
+    models = [m for m in args.models if m in AUTO_MODELS] if args.auto else args.models
+    todo = [c for m in models for c in (auto_grid if args.auto else grid)(m) if key(c) not in done]
     print(f"{len(todo)} runs to do, {len(done)} already in {runs}", flush=True)
     # One thread per worker, Inductor's kernel compilation included; set before the workers import torch.
     os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"

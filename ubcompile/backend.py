@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.fx
 
 from ._torch_private import compile_eager_with_joint_pass, compile_with_joint_pass
+from .auto import AutoController
 from .config import SamplingConfig
 from .passes import JointSamplingPass
 from .report import GraphReport, Report
@@ -23,7 +24,8 @@ class Backend:
 
     def __init__(self, config: SamplingConfig) -> None:
         self.config = config
-        self.sampler = Sampler(config.seed)
+        auto = AutoController(config.budget, config.measure_every) if config.adaptive else None
+        self.sampler = Sampler(config.seed, auto)
         self.graphs: list[GraphReport] = []
 
     def __repr__(self) -> str:
@@ -47,7 +49,7 @@ class Backend:
 
     def report(self) -> Report:
         """What this backend did so far, over every graph it compiled."""
-        return Report(list(self.graphs))
+        return Report(list(self.graphs), self.sampler.auto)
 
 
 def _snapshot(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -57,19 +59,21 @@ def _snapshot(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(gm, graph)
 
 
-def backend(p: float = 0.25, *, grad: str = "weight", sketch: str = "norm", axis: Optional[str] = None,
-            seed: Optional[int] = None, min_dim: int = 64, compiler: str = "inductor",
-            filter: Optional[Callable[[str], bool]] = None) -> Backend:
+def backend(p: Union[float, str] = 0.25, *, grad: str = "weight", sketch: str = "norm",
+            axis: Optional[str] = None, seed: Optional[int] = None, min_dim: int = 64, compiler: str = "inductor",
+            filter: Optional[Callable[[str], bool]] = None, budget: float = 1.0,
+            measure_every: int = 50) -> Backend:
     """A ubcompile backend: ``torch.compile(model, backend=ubcompile.backend(p=0.25))``.
 
     See :class:`~ubcompile.config.SamplingConfig` for the options. The default, chosen by
     measurement (README, "Defaults"), samples a fraction ``p`` of the batch/token rows of every
     weight-gradient GEMM with the minimal-variance norm sketch and keeps the propagated gradients
-    exact; ``grad="both"`` samples a fraction ``p`` of each layer's output features for both of its
+    exact; ``p="auto"`` chooses that fraction per layer during training so that the added variance
+    stays within ``budget`` times the layer's minibatch-SGD variance; ``grad="both"`` samples a fraction ``p`` of each layer's output features for both of its
     gradient GEMMs (cheaper, noisier: the noise compounds with depth).
     """
     return Backend(SamplingConfig(p=p, grad=grad, sketch=sketch, axis=axis, seed=seed, min_dim=min_dim,
-                                  compiler=compiler, filter=filter))
+                                  compiler=compiler, filter=filter, budget=budget, measure_every=measure_every))
 
 
 def default_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:

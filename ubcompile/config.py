@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 COMPILERS = ("inductor", "eager")
 """What compiles the rewritten graphs: Inductor, or nothing (``aot_eager``-style, for reference)."""
@@ -45,7 +45,13 @@ class SamplingConfig:
 
     Attributes:
         p: keep fraction in (0, 1]. Each sampled GEMM keeps ``k = ceil(p * n)`` of the ``n``
-            entries of its sampled axis. ``p = 1`` compiles exact gradients.
+            entries of its sampled axis. ``p = 1`` compiles exact gradients. ``"auto"`` chooses
+            each weight-gradient GEMM's fraction during training from measured variance
+            (:mod:`ubcompile.auto`); it needs ``grad="weight"``, rows and the norm sketch.
+        budget: with ``p="auto"``, the sketch's added variance allowed per layer, as a fraction of
+            that layer's minibatch-SGD variance.
+        measure_every: with ``p="auto"``, a layer's variances are measured at least every this many
+            steps (more often at the start of training, when they change fastest).
         grad: which gradient GEMMs are sampled, one of :data:`GRAD_MODES`.
         sketch: how the kept indices are drawn, one of :data:`SKETCHES`.
         axis: the sampled axis of the cotangent, one of :data:`AXES`; ``None`` takes
@@ -62,7 +68,7 @@ class SamplingConfig:
             in the report. ``None`` samples every layer.
     """
 
-    p: float = 0.25
+    p: Union[float, str] = 0.25
     grad: str = "weight"
     sketch: str = "norm"
     axis: Optional[str] = None
@@ -70,14 +76,17 @@ class SamplingConfig:
     min_dim: int = 64
     compiler: str = "inductor"
     filter: Optional[Callable[[str], bool]] = None
+    budget: float = 1.0
+    measure_every: int = 50
 
     def __post_init__(self) -> None:
         p = self.p
-        if isinstance(p, bool) or not isinstance(p, numbers.Real):
-            raise TypeError(f"p must be a real number in (0, 1], got {p!r} of type {type(p).__name__}")
-        if not (math.isfinite(p) and 0.0 < p <= 1.0):
-            raise ValueError(f"p must be a real number in (0, 1], got {p!r}")
-        object.__setattr__(self, "p", float(p))
+        if p != "auto":
+            if isinstance(p, bool) or not isinstance(p, numbers.Real):
+                raise TypeError(f"p must be a real number in (0, 1] or 'auto', got {p!r} of type {type(p).__name__}")
+            if not (math.isfinite(p) and 0.0 < p <= 1.0):
+                raise ValueError(f"p must be a real number in (0, 1] or 'auto', got {p!r}")
+            object.__setattr__(self, "p", float(p))
         _one_of("grad", self.grad, GRAD_MODES)
         _one_of("sketch", self.sketch, SKETCHES)
         if self.axis is None:
@@ -90,3 +99,18 @@ class SamplingConfig:
             raise ValueError(f"min_dim must be a positive int, got {self.min_dim!r}")
         if self.filter is not None and not callable(self.filter):
             raise TypeError(f"filter must be a callable module_path -> bool or None, got {self.filter!r}")
+        if isinstance(self.budget, bool) or not isinstance(self.budget, numbers.Real) or not (
+                math.isfinite(self.budget) and self.budget > 0):
+            raise ValueError(f"budget must be a positive real number, got {self.budget!r}")
+        if isinstance(self.measure_every, bool) or not isinstance(self.measure_every, int) or self.measure_every < 1:
+            raise ValueError(f"measure_every must be a positive int, got {self.measure_every!r}")
+        if self.adaptive and (self.grad, self.axis, self.sketch) != ("weight", "rows", "norm"):
+            raise ValueError(
+                "p='auto' controls the weight gradients' batch/token rows with the norm sketch: use "
+                f"grad='weight', axis='rows', sketch='norm' (got grad={self.grad!r}, axis={self.axis!r}, "
+                f"sketch={self.sketch!r}), or give a number p")
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether the keep fractions are chosen during training (``p="auto"``)."""
+        return self.p == "auto"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, Optional
 
 import torch.fx
 from tabulate import tabulate
@@ -29,6 +29,11 @@ class GemmEntry:
     def sampled(self) -> bool:
         return self.axis is not None
 
+    @property
+    def adaptive(self) -> bool:
+        """Sampled at a fraction chosen during training (``p="auto"``): ``sampled_flops`` is exact's."""
+        return self.sampled and self.k is None
+
 
 @dataclasses.dataclass
 class GraphReport:
@@ -47,6 +52,8 @@ class GraphReport:
 def _kept(e: GemmEntry) -> str:
     if not e.sampled:
         return "exact"
+    if e.adaptive:
+        return f"auto/{e.n} {e.axis}"
     rank = "rank " if e.sketch in ("lowrank", "gaussian") else ""
     return f"{rank}{e.k}/{e.n} {e.axis}"
 
@@ -60,6 +67,7 @@ class Report:
     """All graphs one backend compiled. ``str(report)`` is a table; graph code is kept too."""
 
     graphs: list[GraphReport]
+    auto: Optional[Any] = None  # the backend's AutoController under p="auto": its table is appended
 
     @property
     def entries(self) -> list[GemmEntry]:
@@ -100,8 +108,10 @@ class Report:
         headers = ["module", "gradient", "M x K x N", "kept", "GFLOP exact", "GFLOP sampled", "declined because"]
         summary = (f"backward GEMM FLOPs: {_fmt_flops(self.sampled_flops)} / {_fmt_flops(self.exact_flops)} "
                    f"GFLOP = {self.flop_ratio:.3f} of exact; {len(self.sampled)} sampled, "
-                   f"{len(self.declined)} exact")
-        return tabulate(rows, headers=headers, disable_numparse=True) + "\n" + summary
+                   f"{len(self.declined)} exact" + ("; p='auto' products counted exact, their use below"
+                                                    if self.auto is not None else ""))
+        table = tabulate(rows, headers=headers, disable_numparse=True) + "\n" + summary
+        return table + "\n\n" + self.auto.table() if self.auto is not None else table
 
     def __str__(self) -> str:
         return self.table()

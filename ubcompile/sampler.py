@@ -1,8 +1,10 @@
 """The backend's own random state, and the graph op that draws from it.
 
 Compiled backward graphs call ``torch.ops.ubcompile.uniform_indices`` or
-``torch.ops.ubcompile.pps_indices`` to draw the kept indices. The ops draw from a generator owned by the backend (one per device), never from torch's global
-generator, so sampling does not shift the user's dropout masks or data order.
+``torch.ops.ubcompile.pps_indices`` to draw the kept indices, and ``auto_contraction`` for the
+products whose fraction ``p="auto"`` chooses at run time. The ops draw from a generator owned by
+the backend (one per device), never from torch's global generator, so sampling does not shift the
+user's dropout masks or data order.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .auto import AutoController
 from .sketches.lowrank import gaussian_sketch, orthonormal_sketch
 from .sketches.norm import pps_sample
 from .sketches.uniform import stratified, uniform_subset
@@ -29,8 +32,9 @@ class Sampler:
     training reproduces the run (``torch.initial_seed`` reads the seed without drawing from it).
     """
 
-    def __init__(self, seed: Optional[int] = None) -> None:
+    def __init__(self, seed: Optional[int] = None, auto: Optional[AutoController] = None) -> None:
         self.seed = seed
+        self.auto = auto
         self.id = next(_ids)
         self._generators: dict[torch.device, torch.Generator] = {}
         _samplers[self.id] = self
@@ -102,3 +106,17 @@ def projection(anchor: Tensor, n: int, k: int, kind: str, sampler_id: int, site:
 @projection.register_fake
 def _(anchor: Tensor, n: int, k: int, kind: str, sampler_id: int, site: int) -> Tensor:
     return anchor.new_empty((n, k))
+
+
+@torch.library.custom_op("ubcompile::auto_contraction", mutates_args=())
+def auto_contraction(x: Tensor, y: Tensor, sampler_id: int, site: int) -> Tensor:
+    """``x @ y`` estimated at the keep fraction the sampler's controller chose for ``site`` (rows of ``y``)."""
+    owner = sampler(sampler_id)
+    if owner.auto is None:
+        raise RuntimeError(f"ubcompile sampler {sampler_id} has no p='auto' controller")
+    return owner.auto.contraction(x, y, site, owner.generator(x.device))
+
+
+@auto_contraction.register_fake
+def _(x: Tensor, y: Tensor, sampler_id: int, site: int) -> Tensor:
+    return x.new_empty((x.shape[0], y.shape[1]))

@@ -16,8 +16,10 @@ import torch
 import torch.fx
 
 from .._torch_private import CustomGraphPass
+from ..sampler import sampler
 from ..config import SamplingConfig
 from ..report import GemmEntry, GraphReport
+from .adaptive import AdaptiveRewrite, plan_adaptive
 from .conv import ConvRewrite, ConvSite, conv_dims, conv_flops, conv_sites, narrow_exact, plan_conv
 from .gemm import GEMMS, GemmRewrite, gemm_dims, gemm_flops, gemm_sites, plan_gemm
 from .graph import GradientFlow, Role, Unmatched, cotangent_dependent, fused_kernels, module_path
@@ -62,12 +64,14 @@ class JointSamplingPass(CustomGraphPass):
         convs = conv_sites(graph, dependent, flow)
         entries = [_exact_entry(u) for u in unmatched + fused_kernels(graph, dependent)]
         draws: Draws = {}
+        plan = plan_adaptive if self.config.adaptive else plan_gemm
         for site in gemms:
-            decision = plan_gemm(site, self.config)
+            decision = plan(site, self.config)
+            entries.append(_gemm_entry(site.node, site.role, decision))
             if isinstance(decision, GemmRewrite):
-                entries.append(self._rewrite_gemm(graph, decision, draws))
-            else:
-                entries.append(_gemm_entry(site.node, site.role, decision))
+                self._rewrite_gemm(graph, decision, draws)
+            elif isinstance(decision, AdaptiveRewrite):
+                decision.insert(graph, sampler(self.sampler_id).auto, self.sampler_id)
         for conv in convs:
             rewrite, reasons = plan_conv(conv, self.config)
             entries += _conv_entries(conv, rewrite, reasons)
@@ -85,16 +89,14 @@ class JointSamplingPass(CustomGraphPass):
             draws[key] = inline_call(graph, draw, operands, meta_from=site_node)
         return draws[key]
 
-    def _rewrite_gemm(self, graph: torch.fx.Graph, rewrite: GemmRewrite, draws: Draws) -> GemmEntry:
+    def _rewrite_gemm(self, graph: torch.fx.Graph, rewrite: GemmRewrite, draws: Draws) -> None:
         node = rewrite.site.node
         x, y = node.args
         with graph.inserting_before(node):
             drawn = self._draw(graph, rewrite, [x, y], node, draws)
             sampled = inline_call(graph, rewrite.estimator(), [x, y, *drawn], meta_from=node)
-        entry = _gemm_entry(node, rewrite.site.role, rewrite)
         node.replace_all_uses_with(sampled)
         graph.erase_node(node)
-        return entry
 
     def _rewrite_conv(self, graph: torch.fx.Graph, rewrite: ConvRewrite, draws: Draws) -> None:
         node = rewrite.site.node
@@ -120,6 +122,8 @@ def _gemm_entry(node: torch.fx.Node, role: Role, decision) -> GemmEntry:
     common = dict(module=module_path(node), role=label, shape=gemm_dims(node), exact_flops=flops)
     if isinstance(decision, GemmRewrite):
         return GemmEntry(**common, sampled_flops=decision.sampled_flops(), **_sampling_fields(decision))
+    if isinstance(decision, AdaptiveRewrite):
+        return GemmEntry(**common, sampled_flops=flops, axis="rows", sketch="norm", n=decision.n)
     return GemmEntry(**common, sampled_flops=flops, reason=decision)
 
 

@@ -117,7 +117,7 @@ def decline(config: SamplingConfig, role: Role, module: str, dims: Sequence[int]
         return f"grad={config.grad!r} keeps {role.value} exact"
     if min(dims) < config.min_dim:
         return f"GEMM {'x'.join(map(str, dims))} has a dim below min_dim={config.min_dim}"
-    if sample_size(n, config.p, strata) >= n:
+    if not config.adaptive and sample_size(n, config.p, strata) >= n:
         per_block = f" ({n // strata} in each of {strata} groups)" if strata > 1 else ""
         return f"p={config.p} keeps all {n} {config.axis}{per_block}"
     return None

@@ -1,0 +1,127 @@
+"""Tables and plots of the ``p="auto"`` runs (``python examples/sweep.py --auto``).
+
+    python examples/auto_report.py [--out docs/experiments]
+
+Writes under ``OUT``:
+
+* ``auto.md``: per model, exact and each budget: the final accuracy per seed and its mean
+  (difference to exact's mean), backward FLOPs relative to exact, median step time relative to
+  exact, the training time to exact's mean final accuracy minus 0.5 point relative to exact's
+  (means over the runs that reach it, with their count);
+* ``auto_fractions.png``: per model (seed 0, default budget), the keep fraction of each controlled
+  layer over training, and test accuracy against backward FLOPs for exact and every budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import pathlib
+import statistics
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+import sweep  # noqa: E402
+from sweep_report import by_label, exact_lr, exact_target, reached  # noqa: E402
+
+from ubcompile.config import SamplingConfig  # noqa: E402
+
+Record = dict[str, Any]
+DEFAULT_LABEL = f"auto budget={SamplingConfig.budget:g}"
+
+
+def auto_labels() -> list[str]:
+    return ["exact"] + [f"auto budget={b:g}" for b in sweep.AUTO_BUDGETS]
+
+
+def reached_time(runs: list[Record], target: float) -> tuple[float, int]:
+    """Mean training time to ``target`` over the runs that reach it, and how many do."""
+    times = [t for t in (reached(r, target, "time_s") for r in runs) if t is not None]
+    return (statistics.mean(times) if times else float("nan")), len(times)
+
+
+def fmt_time(time: tuple[float, int], exact: tuple[float, int], runs: int) -> str:
+    if not time[1]:
+        return f"not reached (0 of {runs})"
+    return f"{time[0] / exact[0]:.2f} ({time[1]} of {runs} reach it)" if exact[0] > 0 else "-"
+
+
+def model_table(model: str, records: list[Record]) -> str:
+    groups = by_label(records, exact_lr(model))
+    target = exact_target(groups)
+    exact = groups["exact"]
+    exact_mean = statistics.mean(r["final_acc"] for r in exact)
+    exact_time = reached_time(exact, target)
+    exact_step = statistics.median(r["median_step_ms"] for r in exact)
+    seeds = [r["config"]["seed"] for r in exact]
+    lines = [f"### {model}", "",
+             f"exact: {exact[0]['steps_per_epoch'] * exact[0]['config']['epochs']:g} steps "
+             f"({exact[0]['config']['epochs']:g} epochs), {exact[0]['config']['optimizer']} lr "
+             f"{exact[0]['config']['lr']:g}, median step {exact_step:.1f} ms; target {target:.2f}% "
+             f"(exact's mean minus 0.5); {exact[0]['env']['torch']}, {exact[0]['env']['cpu_count']} CPUs, "
+             f"{exact[0]['env']['date']}.", "",
+             f"| run | final acc % (seeds {', '.join(map(str, seeds))}) | mean (vs exact) | backward FLOPs vs exact "
+             "| step time vs exact | time to target vs exact | diverged |",
+             "|---|---|---|---|---|---|---|"]
+    for label in auto_labels():
+        runs = groups.get(label, [])
+        if not runs:
+            continue
+        finals = [r["final_acc"] for r in runs if r["status"] == "ok"]
+        mean = statistics.mean(finals) if finals else float("nan")
+        flops = statistics.mean(r["bwd_gflop_per_step"]["sampled"] / r["bwd_gflop_per_step"]["exact"] for r in runs)
+        step = statistics.median(r["median_step_ms"] for r in runs) / exact_step
+        time = reached_time(runs, target)
+        lines.append(f"| {label} | {' / '.join(f'{a:.2f}' for a in finals)} | {mean:.2f} ({mean - exact_mean:+.2f}) "
+                     f"| {flops:.3f} | {step:.2f} | {fmt_time(time, exact_time, len(runs))} "
+                     f"| {sum(r['status'] != 'ok' for r in runs)} of {len(runs)} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(records_by_model: dict[str, list[Record]], path: pathlib.Path) -> None:
+    models = list(records_by_model)
+    fig, axes = plt.subplots(2, len(models), figsize=(6 * len(models), 8), squeeze=False)
+    for col, model in enumerate(models):
+        groups = by_label(records_by_model[model], exact_lr(model))
+        run = groups[DEFAULT_LABEL][0]
+        ax = axes[0][col]
+        total = run["curve"][-1]["step"]
+        for site in run["auto"]["sites"]:
+            steps = [c for c, _ in site["timeline"]] + [total]
+            fractions = [p for _, p in site["timeline"]]
+            ax.step(steps, fractions + fractions[-1:], where="post", label=site["module"])
+        ax.set(title=f"{model}: keep fraction per layer ({DEFAULT_LABEL}, seed {run['config']['seed']})",
+               xlabel="training step", ylabel="keep fraction p", yscale="log")
+        ax.legend(fontsize=7)
+        ax = axes[1][col]
+        for label in auto_labels():
+            for r in groups.get(label, [])[:1]:
+                ax.plot([pt["bwd_gflop"] for pt in r["curve"]], [pt["acc"] for pt in r["curve"]],
+                        "k-" if label == "exact" else "-", label=label)
+        ax.set(title=f"{model}: test accuracy (seed 0)", xlabel="backward GEMM GFLOP", ylabel="test accuracy %")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=pathlib.Path, default=sweep.ROOT / "docs" / "experiments")
+    args = ap.parse_args()
+    records: dict[str, list[Record]] = collections.defaultdict(list)
+    for r in sweep.load_records(args.out / "auto_runs.jsonl"):
+        records[r["task"]].append(r)
+    models = [m for m in sweep.AUTO_MODELS if records.get(m)]
+    plot({m: records[m] for m in models}, args.out / "auto_fractions.png")
+    tables = "\n".join(model_table(m, records[m]) for m in models)
+    (args.out / "auto.md").write_text(tables)
+    print(tables)
+
+
+if __name__ == "__main__":
+    main()

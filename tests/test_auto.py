@@ -1,0 +1,145 @@
+"""``p="auto"``: the variance estimates, the controller's choices, the spike guard, the rewrite."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import ubcompile
+from ubcompile.auto import LEVELS, AutoController, choose_level
+from ubcompile.sketches.control import sample_sq_norms, sgd_variance, sketch_variances
+from ubcompile.sketches.norm import water_fill
+from ubcompile.testing import assert_unbiased, critical_z
+
+from conftest import mlp
+
+
+@pytest.mark.parametrize("m, big_n, group", [(6, 5, 1), (6, 5, 3), (2, 3, 8), (40, 50, 4)])
+def test_sample_sq_norms_match_the_per_sample_products(m, big_n, group):
+    """Rank-one, Gram and batched-product forms all give ``||x[:, rows_i] @ y[rows_i]||^2``."""
+    gen = torch.Generator().manual_seed(0)
+    n = 5 * group
+    x, y = torch.randn(m, n, generator=gen), torch.randn(n, big_n, generator=gen)
+    direct = torch.stack([(x[:, i:i + group] @ y[i:i + group]).double().square().sum() for i in range(0, n, group)])
+    assert torch.allclose(sample_sq_norms(x, y, group), direct, rtol=1e-5)
+
+
+def test_sketch_variances_are_the_poisson_formula_and_zero_when_all_kept():
+    a = torch.rand(30, generator=torch.Generator().manual_seed(1)).pow(3)
+    got = sketch_variances(a, [30, 12, 3])
+    assert got[0] == 0.0
+    for k, v in zip([12, 3], got[1:]):
+        pi = water_fill(a.double(), k)
+        assert v == pytest.approx(float(((1 / pi - 1) * a.double() ** 2).sum()), rel=1e-9)
+    assert got[1] < got[2]
+
+
+def _minibatch_variance_z(biased: bool) -> float:
+    """z-score of the mean of ``sgd_variance`` over many minibatches against the true variance of
+    the minibatch gradient ``T = sum_i v_i / b`` (``b`` samples drawn with replacement)."""
+    gen = torch.Generator().manual_seed(0)
+    population = torch.randn(500, 3, generator=gen, dtype=torch.float64) * torch.tensor([1.0, 2.0, 0.5]) + 0.7
+    b, draws = 4, 4000
+    true = float(population.var(0, unbiased=False).sum()) / b
+    estimates = []
+    for _ in range(draws):
+        s = population[torch.randint(0, 500, (b,), generator=gen)] / b
+        total = float(s.sum(0).square().sum())
+        sq = s.square().sum(1)
+        estimates.append(float(sq.sum()) - total / b if biased else sgd_variance(sq, total))
+    est = torch.tensor(estimates)
+    return float((est.mean() - true) / (est.std() / draws**0.5))
+
+
+def test_sgd_variance_is_unbiased_and_a_biased_version_is_caught():
+    """Without the ``b / (b - 1)`` correction (a 25% bias at b = 4) the same test fails."""
+    bound = critical_z(1)
+    assert abs(_minibatch_variance_z(biased=False)) <= bound
+    assert abs(_minibatch_variance_z(biased=True)) > bound
+
+
+def test_choose_level_takes_the_most_aggressive_fit_under_the_ceiling():
+    ratios = (0.0, 0.2, 0.6, 1.5, 3.0, 5.0, 9.0, 20.0)
+    assert choose_level(ratios, 1.0, len(LEVELS) - 1) == 2
+    assert choose_level(ratios, 1.0, 1) == 1
+    assert choose_level(ratios, 0.1, len(LEVELS) - 1) == 0
+    assert choose_level(ratios, 100.0, len(LEVELS) - 1) == len(LEVELS) - 1
+
+
+def _call(controller, x, y, gen, times=1):
+    for _ in range(times):
+        out = controller.contraction(x, y, 0, gen)
+    return out
+
+
+def test_controller_samples_noise_dominated_products_and_keeps_exact_when_the_budget_is_tiny():
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 256, generator=gen), torch.randn(256, 32, generator=gen)  # pure noise gradient
+    loose, tight = AutoController(budget=4.0, measure_every=10), AutoController(budget=1e-3, measure_every=10)
+    for c in (loose, tight):
+        c.register("layer", (64, 256, 32), 1)
+        _call(c, x, y, gen, times=30)
+    # noise-dominated: V_sketch / V_sgd is close to 1/p - 1, so budget 4 allows p = 0.18 (ratio ~4.5 > 4
+    # excluded) and no less
+    assert loose.sites[0].p == 0.25
+    assert loose.spent_flops < 0.5 * loose.exact_flops
+    assert tight.sites[0].p == 1.0 and tight.spent_flops == tight.exact_flops
+    assert "fraction used" in loose.table()
+
+
+def test_a_gradient_spike_falls_back_towards_exact():
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 256, generator=gen), torch.randn(256, 32, generator=gen)
+    c = AutoController(budget=4.0, measure_every=10)
+    c.register("layer", (64, 256, 32), 1)
+    _call(c, x, y, gen, times=60)
+    site = c.sites[0]
+    before = site.level
+    assert before > 0 and not site.spikes
+    out = c.contraction(x, 10 * y, 0, gen)  # the gradient's norm jumps 10x: a loss spike
+    assert site.spikes == [60]
+    assert torch.allclose(out, x @ (10 * y), rtol=1e-4)  # the spiking call is computed exactly
+    assert site.ceiling == before - 1 and site.level <= before - 1
+
+
+def test_auto_backend_rewrites_weight_gradients_into_the_controlled_op():
+    model = mlp(32, 128, 128, 4)
+    backend = ubcompile.backend(p="auto", min_dim=16)
+    out = torch.compile(model, backend=backend)(torch.randn(96, 32))
+    out.sum().backward()
+    report = backend.report()
+    adaptive = [e for e in report.entries if e.adaptive]
+    assert sorted(e.module for e in adaptive) == ["0", "2"]
+    assert all(e.role == "grad_weight" for e in adaptive)
+    assert "auto_contraction" in report.backward_code
+    assert "auto/96 rows" in str(report) and "fraction used" in str(report)
+
+
+def test_tokens_per_sequence_are_found_for_the_sgd_variance():
+    model = nn.Sequential(nn.Linear(24, 64), nn.ReLU(), nn.Linear(64, 64))
+    backend = ubcompile.backend(p="auto", min_dim=16)
+    torch.compile(model, backend=backend)(torch.randn(8, 7, 24)).sum().backward()
+    assert [s.group for s in backend.sampler.auto.sites] == [7, 7]
+
+
+def test_auto_gradients_are_unbiased():
+    """Each call's fraction depends only on earlier calls, so every gradient stays unbiased."""
+    torch.manual_seed(0)
+    model = mlp(16, 64, 64, 3)
+    x, target = torch.randn(128, 16), torch.randint(0, 3, (128,))
+    backend = ubcompile.backend(p="auto", min_dim=16, budget=4.0, compiler="eager", seed=0)
+    assert_unbiased(model, lambda out: F.cross_entropy(out, target), x, draws=200, backend=backend)
+    uses = [s.uses for s in backend.sampler.auto.sites]
+    assert all(sum(u[1:]) > 150 for u in uses), uses  # most calls sampled
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(grad="both"), "grad='weight'"),
+    (dict(sketch="uniform"), "sketch='norm'"),
+    (dict(budget=0), "budget"),
+    (dict(measure_every=0), "measure_every"),
+])
+def test_auto_config_errors_say_what_to_do(options, message):
+    with pytest.raises(ValueError, match=message):
+        ubcompile.backend(p="auto", **options)
+

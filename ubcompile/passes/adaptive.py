@@ -1,0 +1,77 @@
+"""The ``p="auto"`` family: weight-gradient GEMMs handed to the run-time controller.
+
+A weight gradient ``G^T A`` of a linear layer contracts the cotangent's batch/token rows. Under
+``p="auto"`` the pass replaces it by one call of ``torch.ops.ubcompile.auto_contraction``, whose
+output has the exact product's shape, so the graph stays static while the controller
+(:mod:`ubcompile.auto`) picks the keep fraction at every call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Union
+
+import torch
+import torch.fx
+
+from .._torch_private import size_hint
+from ..auto import LEVELS, AutoController
+from ..config import SamplingConfig
+from .gemm import GemmSite, gemm_dims
+from .graph import ROWS, module_path, shape_of
+from .rules import decline
+
+aten = torch.ops.aten
+
+_RESHAPES = (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.t.default,
+             aten.permute.default, aten.transpose.int, aten.clone.default)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptiveRewrite:
+    """A weight-gradient ``mm`` whose ``n`` contracted rows the controller samples; ``group`` rows per sample."""
+
+    site: GemmSite
+    n: int
+    group: int
+
+    def insert(self, graph: torch.fx.Graph, controller: AutoController, sampler_id: int) -> torch.fx.Node:
+        """Register the site with ``controller`` and replace the product by the controlled op."""
+        node = self.site.node
+        key = controller.register(module_path(node), gemm_dims(node), self.group)
+        with graph.inserting_before(node):
+            call = graph.call_function(torch.ops.ubcompile.auto_contraction.default,
+                                       (*node.args, sampler_id, key))
+        call.meta = dict(node.meta)
+        node.replace_all_uses_with(call)
+        graph.erase_node(node)
+        return call
+
+
+def rows_per_sample(operand: torch.fx.Node, n: int) -> int:
+    """Rows of the product that belong to one sample: ``n / batch`` if the activation operand is a
+    flattened ``(batch, tokens, ..., features)`` tensor, else 1."""
+    node = operand
+    while isinstance(node, torch.fx.Node):
+        shape = shape_of(node)
+        if shape is not None and len(shape) >= 3 and math.prod(size_hint(d) for d in shape[:-1]) == n:
+            return n // size_hint(shape[0])
+        if node.op != "call_function" or node.target not in _RESHAPES:
+            break
+        node = node.args[0]
+    return 1
+
+
+def plan_adaptive(site: GemmSite, config: SamplingConfig) -> Union[AdaptiveRewrite, str]:
+    """The controlled rewrite of ``site`` under ``p="auto"``, or the reason it stays exact."""
+    n = size_hint(site.cotangent.meta["val"].shape[-2])
+    reason = decline(config, site.role, module_path(site.node), gemm_dims(site.node), n)
+    if reason is not None:
+        return reason
+    if site.node.target is not aten.mm.default or site.contracted != ROWS:
+        return "p='auto' controls 2-D weight-gradient products over batch/token rows only"
+    if n < 1 / LEVELS[-1]:
+        return f"{n} rows are too few to sample"
+    activation = site.node.args[1 - site.cotangent_arg]
+    return AdaptiveRewrite(site, n, rows_per_sample(activation, n))

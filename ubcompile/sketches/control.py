@@ -1,0 +1,78 @@
+"""The two variances the keep-fraction controller (``p="auto"``) compares, from one batch.
+
+For a weight gradient ``T = x @ y = sum_j t_j`` whose ``n`` terms are batch/token rows
+(``t_j = x[:, j] y[j, :]``, norm ``a_j``, :func:`~.norm.contraction_importance`):
+
+* **sketch variance** at keep count ``k``: the minimal-variance norm sketch keeps term ``j`` with
+  probability ``pi_j(k)`` (:func:`~.norm.water_fill`), and its Poisson variance is
+  ``V_sketch(k) = sum_j (1 / pi_j(k) - 1) a_j^2`` (:func:`sketch_variances`; the fixed-size
+  systematic draw the graphs use is close to it).
+* **minibatch-SGD variance**: the batch's ``b`` samples each contribute ``s_i`` (the sum of their
+  rows' terms; the loss's ``1 / b`` is inside ``x`` or ``y``), ``T = sum_i s_i``, and the variance of
+  ``T`` as an estimate of the population gradient is ``b Var(s)``, estimated without bias by
+  ``V_sgd = b / (b - 1) (sum_i ||s_i||^2 - ||T||^2 / b)`` (:func:`sgd_variance`).
+
+Their ratio ``r = V_sketch / V_sgd`` is the paper's trade-off: in the noise-dominated regime SGD
+needs about ``1 + r`` times the steps.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .norm import water_fill
+
+_CHUNK_ELEMENTS = 1 << 24  # bound on the per-sample products held at once
+
+
+def sketch_variances(importance: Tensor, ks: Sequence[int]) -> list[float]:
+    """``V_sketch(k) = sum_j (1 / pi_j(k) - 1) a_j^2`` for each ``k`` (``0`` for ``k >= n``)."""
+    a = importance.double()
+    n = a.shape[0]
+    out = []
+    for k in ks:
+        if k >= n:
+            out.append(0.0)
+            continue
+        pi = water_fill(a, k).double()
+        out.append(float(((pi.reciprocal() - 1) * a.square()).sum()))
+    return out
+
+
+def sample_norms_flops(m: int, n: int, big_n: int, group: int) -> int:
+    """FLOPs of :func:`sample_sq_norms` for ``x: (m, n)``, ``y: (n, big_n)`` (0 when ``group == 1``)."""
+    return 0 if group == 1 else 2 * n * min(m * big_n, group * (m + big_n))
+
+
+def sample_sq_norms(x: Tensor, y: Tensor, group: int) -> Tensor:
+    """``||s_i||^2`` of each sample's part ``s_i = x[:, rows_i] @ y[rows_i]`` of ``x @ y``.
+
+    ``x: (M, n)``, ``y: (n, N)``; sample ``i`` owns the ``group`` consecutive rows
+    ``i * group ... (i + 1) * group - 1`` (a flattened ``(batch, tokens, features)`` tensor).
+    With ``group == 1`` the parts are rank-one and their norms need no product. Otherwise the
+    cheaper of the per-sample products ``s_i`` (``2 n M N`` FLOPs) and their Gram form
+    ``||s_i||^2 = sum((x_i^T x_i) * (y_i y_i^T))`` (``2 n group (M + N)``).
+    """
+    if group == 1:
+        return x.double().square().sum(0) * y.double().square().sum(1)
+    m, n = x.shape
+    big_n = y.shape[1]
+    b = n // group
+    xs = x.reshape(m, b, group).permute(1, 2, 0)  # (b, group, M)
+    ys = y.reshape(b, group, big_n)
+    if group * (m + big_n) < m * big_n:
+        return ((xs @ xs.mT).double() * (ys @ ys.mT).double()).sum((1, 2))
+    step = max(1, _CHUNK_ELEMENTS // max(1, m * big_n))
+    return torch.cat([(xs[i:i + step].mT @ ys[i:i + step]).double().square().sum((1, 2))
+                      for i in range(0, b, step)])
+
+
+def sgd_variance(sq_norms: Tensor, total_sq_norm: float) -> float:
+    """``V_sgd = b / (b - 1) (sum_i ||s_i||^2 - ||T||^2 / b)`` from the ``b`` samples' ``||s_i||^2``."""
+    b = sq_norms.shape[0]
+    if b < 2:
+        return float("nan")
+    return b / (b - 1) * (float(sq_norms.sum()) - total_sq_norm / b)
