@@ -50,6 +50,7 @@ class SamplingConfig:
             (:mod:`ubcompile.auto`); it needs ``grad="weight"``, rows and the norm sketch.
         budget: with ``p="auto"``, the sketch's added variance allowed per layer, as a fraction of
             that layer's minibatch-SGD variance.
+        strict: raise when a rewrite fails, instead of keeping that gradient exact with a warning.
         measure_every: with ``p="auto"``, a layer's variances are measured at least every this many
             steps (more often at the start of training, when they change fastest).
         grad: which gradient GEMMs are sampled, one of :data:`GRAD_MODES`.
@@ -77,6 +78,7 @@ class SamplingConfig:
     compiler: str = "inductor"
     filter: Optional[Callable[[str], bool]] = None
     budget: float = 1.0
+    strict: bool = False
     measure_every: int = 50
 
     def __post_init__(self) -> None:
@@ -104,6 +106,8 @@ class SamplingConfig:
             raise ValueError(f"budget must be a positive real number, got {self.budget!r}")
         if isinstance(self.measure_every, bool) or not isinstance(self.measure_every, int) or self.measure_every < 1:
             raise ValueError(f"measure_every must be a positive int, got {self.measure_every!r}")
+        if not isinstance(self.strict, bool):
+            raise TypeError(f"strict must be a bool, got {self.strict!r}")
         if self.adaptive and (self.grad, self.axis, self.sketch) != ("weight", "rows", "norm"):
             raise ValueError(
                 "p='auto' controls the weight gradients' batch/token rows with the norm sketch: use "

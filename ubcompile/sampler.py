@@ -49,6 +49,21 @@ class Sampler:
         return gen
 
 
+    def state_dict(self) -> dict:
+        """The seed and each device's generator state (``p="auto"``'s per-layer choices are not
+        included: a resumed run re-measures them in its first steps)."""
+        return {"seed": self.seed, "generators": {str(d): g.get_state() for d, g in self._generators.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed = state["seed"]
+        self._generators = {}
+        for name, gen_state in state["generators"].items():
+            device = torch.device(name)
+            gen = torch.Generator(device=device)
+            gen.set_state(gen_state)
+            self._generators[device] = gen
+
+
 def sampler(sampler_id: int) -> Sampler:
     try:
         return _samplers[sampler_id]

@@ -10,9 +10,13 @@ and random ones. Under unbiasedness each z-score is approximately standard norma
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+import difflib
+import os
+import pathlib
+from typing import Any, Callable, Optional, Union
 
 import torch
+import torch.fx
 from torch import Tensor
 
 # Deterministic discrepancy allowed between two exact float32 computations (different kernels),
@@ -103,3 +107,79 @@ def assert_unbiased(model: torch.nn.Module, loss_fn: Callable[[Any], Tensor], *i
     samples = gradient_draws(lambda: loss_fn(compiled(*inputs)), params, draws)
     return {name: assert_unbiased_samples(s, e, name=f"gradient of {name}", alpha=alpha)
             for (name, _), s, e in zip(named, samples, exact)}
+
+
+SNAPSHOT_UPDATE_ENV = "UBCOMPILE_UPDATE_SNAPSHOTS"
+"""Set to ``1`` to make :func:`assert_graph_snapshot` rewrite the stored files instead of comparing."""
+
+
+def _render(arg: Any, hide: bool = False) -> str:
+    if hide:
+        return "<sampler>"
+    if isinstance(arg, torch.fx.Node):
+        return arg.name
+    if isinstance(arg, (list, tuple)):
+        inner = ", ".join(_render(a) for a in arg)
+        return f"[{inner}]" if isinstance(arg, list) else f"({inner}{',' if len(arg) == 1 else ''})"
+    return repr(arg)
+
+
+def _value(node: torch.fx.Node) -> str:
+    val = node.meta.get("val")
+    if isinstance(val, Tensor):
+        return f": {str(val.dtype).removeprefix('torch.')}[{', '.join(str(d) for d in val.shape)}]"
+    return ""
+
+
+def _call(node: torch.fx.Node) -> str:
+    schema = getattr(node.target, "_schema", None)
+    names = [a.name for a in schema.arguments] if schema is not None else []
+    hidden = {i for i, name in enumerate(names) if name == "sampler_id"} if "ubcompile" in str(node.target) else set()
+    args = [_render(a, i in hidden) for i, a in enumerate(node.args)]
+    args += [f"{k}={_render(v, k == 'sampler_id' and bool(hidden))}" for k, v in node.kwargs.items()]
+    return f"{node.target}({', '.join(args)})"
+
+
+def graph_text(graph: torch.fx.GraphModule) -> str:
+    """A normalised, readable text of ``graph``: one line per node with its dtype and shape.
+
+    What varies between runs of the same code is left out or masked: source locations, and the
+    process-local id of the backend's sampler in ``ubcompile`` ops.
+    """
+    lines = []
+    for node in graph.graph.nodes:
+        if node.op == "placeholder":
+            lines.append(f"{node.name}{_value(node)} = input")
+        elif node.op == "output":
+            lines.append(f"return {_render(node.args[0])}")
+        else:
+            lines.append(f"{node.name}{_value(node)} = {_call(node) if node.op == 'call_function' else node.target}")
+    return "\n".join(lines) + "\n"
+
+
+def backward_snapshot(backend: Any) -> str:
+    """:func:`graph_text` of every backward graph ``backend`` compiled, in order."""
+    graphs = [g.backward_graph for g in backend.graphs if g.backward_graph is not None]
+    return "".join(f"# backward graph {i}\n{graph_text(g)}" for i, g in enumerate(graphs))
+
+
+def assert_graph_snapshot(backend: Any, path: Union[str, pathlib.Path], update: Optional[bool] = None) -> None:
+    """Compare :func:`backward_snapshot` of ``backend`` with the text stored at ``path``.
+
+    With ``update=True`` (or the environment variable :data:`SNAPSHOT_UPDATE_ENV` set to ``1``), or
+    when ``path`` does not exist yet, the file is written instead. Snapshots depend on the torch
+    release that traced the graphs: keep one per supported release if you test several.
+    """
+    path = pathlib.Path(path)
+    text = backward_snapshot(backend)
+    if update is None:
+        update = os.environ.get(SNAPSHOT_UPDATE_ENV, "0") not in ("", "0")
+    if update or not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        return
+    stored = path.read_text()
+    if stored != text:
+        diff = "".join(difflib.unified_diff(stored.splitlines(True), text.splitlines(True), str(path), "now"))
+        raise AssertionError(f"backward graph differs from the snapshot {path} (update it with "
+                             f"{SNAPSHOT_UPDATE_ENV}=1 if the change is intended):\n{diff}")

@@ -7,10 +7,11 @@ reason it stayed exact.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import pathlib
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.fx
@@ -40,18 +41,27 @@ def _source_hash() -> str:
     return digest.hexdigest()
 
 
+class RewriteError(RuntimeError):
+    """A rewrite raised under ``strict=True`` (otherwise its gradient is kept exact, with a warning)."""
+
+
 class JointSamplingPass(CustomGraphPass):
     """Rewrites an AOTAutograd joint graph in place and reports what it did to ``on_report``.
+
+    A rewrite that raises is undone: that gradient stays exact, ``on_fallback(node, reason)`` is
+    told, and the report gives the reason; with ``config.strict`` the error propagates instead.
 
     ``parameters[i]`` says whether the graph's ``i``-th input is a parameter (see
     :class:`~.graph.GradientFlow`); ``None`` treats every input gradient as a parameter's.
     """
 
     def __init__(self, config: SamplingConfig, sampler_id: int, on_report: Callable[[GraphReport], None],
-                 parameters: Optional[Sequence[bool]] = None) -> None:
+                 parameters: Optional[Sequence[bool]] = None,
+                 on_fallback: Optional[Callable[[torch.fx.Node, str], None]] = None) -> None:
         self.config = config
         self.sampler_id = sampler_id
         self.on_report = on_report
+        self.on_fallback = on_fallback or (lambda node, reason: None)
         self.parameters = None if parameters is None else tuple(parameters)
 
     def uuid(self) -> str:
@@ -67,18 +77,42 @@ class JointSamplingPass(CustomGraphPass):
         plan = plan_adaptive if self.config.adaptive else plan_gemm
         for site in gemms:
             decision = plan(site, self.config)
-            entries.append(_gemm_entry(site.node, site.role, decision))
-            if isinstance(decision, GemmRewrite):
-                self._rewrite_gemm(graph, decision, draws)
-            elif isinstance(decision, AdaptiveRewrite):
-                decision.insert(graph, sampler(self.sampler_id).auto, self.sampler_id)
+            entry = _gemm_entry(site.node, site.role, decision)
+            if isinstance(decision, (GemmRewrite, AdaptiveRewrite)):
+                failed = self._guarded(graph, site.node, draws,
+                                       functools.partial(self._rewrite_gemm, graph, decision, draws))
+                if failed is not None:
+                    entry = dataclasses.replace(entry, sampled_flops=entry.exact_flops, axis=None, sketch=None,
+                                                n=None, k=None, p=None, reason=failed)
+            entries.append(entry)
         for conv in convs:
             rewrite, reasons = plan_conv(conv, self.config)
-            entries += _conv_entries(conv, rewrite, reasons)
             if rewrite is not None:
-                self._rewrite_conv(graph, rewrite, draws)
+                failed = self._guarded(graph, conv.node, draws, lambda: self._rewrite_conv(graph, rewrite, draws))
+                if failed is not None:
+                    rewrite, reasons = None, {output: failed for output in range(len(conv.roles))}
+            entries += _conv_entries(conv, rewrite, reasons)
         graph.lint()
         self.on_report(GraphReport(entries, joint_code=graph.python_code("self").src))
+
+    def _guarded(self, graph: torch.fx.Graph, node: torch.fx.Node, draws: Draws,
+                 rewrite: Callable[[], None]) -> Optional[str]:
+        """Run ``rewrite``; ``None`` if it succeeds. If it raises, undo what it inserted, tell
+        ``on_fallback`` and return why ``node`` stays exact (with ``strict``, raise instead)."""
+        before = set(graph.nodes)
+        try:
+            rewrite()
+        except Exception as exc:
+            if self.config.strict:
+                raise RewriteError(f"ubcompile could not rewrite {node.format_node()}: {exc}") from exc
+            for new in reversed([n for n in graph.nodes if n not in before]):
+                graph.erase_node(new)
+            for key in [k for k, nodes in draws.items() if any(n not in before for n in nodes)]:
+                del draws[key]
+            reason = f"rewrite failed, kept exact ({type(exc).__name__}: {exc})"
+            self.on_fallback(node, reason)
+            return reason
+        return None
 
     def _draw(self, graph: torch.fx.Graph, rewrite, operands: list[torch.fx.Node],
               site_node: torch.fx.Node, draws: Draws) -> tuple[torch.fx.Node, ...]:
@@ -89,7 +123,10 @@ class JointSamplingPass(CustomGraphPass):
             draws[key] = inline_call(graph, draw, operands, meta_from=site_node)
         return draws[key]
 
-    def _rewrite_gemm(self, graph: torch.fx.Graph, rewrite: GemmRewrite, draws: Draws) -> None:
+    def _rewrite_gemm(self, graph: torch.fx.Graph, rewrite: Union[GemmRewrite, AdaptiveRewrite], draws: Draws) -> None:
+        if isinstance(rewrite, AdaptiveRewrite):
+            rewrite.insert(graph, sampler(self.sampler_id).auto, self.sampler_id)
+            return
         node = rewrite.site.node
         x, y = node.args
         with graph.inserting_before(node):
