@@ -87,11 +87,12 @@ class JointSamplingPass(CustomGraphPass):
             entries.append(entry)
         for conv in convs:
             rewrite, reasons = plan_conv(conv, self.config)
+            conv_entries = _conv_entries(conv, rewrite, reasons)  # before the rewrite erases nodes
             if rewrite is not None:
                 failed = self._guarded(graph, conv.node, draws, lambda: self._rewrite_conv(graph, rewrite, draws))
                 if failed is not None:
-                    rewrite, reasons = None, {output: failed for output in range(len(conv.roles))}
-            entries += _conv_entries(conv, rewrite, reasons)
+                    conv_entries = _conv_entries(conv, None, {output: failed for output in range(len(conv.roles))})
+            entries += conv_entries
         graph.lint()
         self.on_report(GraphReport(entries, joint_code=graph.python_code("self").src))
 
