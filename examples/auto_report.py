@@ -14,8 +14,6 @@ Writes under ``OUT``:
 
 from __future__ import annotations
 
-import argparse
-import collections
 import pathlib
 import statistics
 from typing import Any
@@ -26,7 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import sweep  # noqa: E402
-from sweep_report import by_label, exact_lr, exact_target, reached  # noqa: E402
+from sweep_report import by_label, exact_lr, exact_target, out_dir, reached, records_by_model, write_tables  # noqa: E402
 
 from ubcompile.config import SamplingConfig  # noqa: E402
 
@@ -110,17 +108,10 @@ def plot(records_by_model: dict[str, list[Record]], path: pathlib.Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=pathlib.Path, default=sweep.ROOT / "docs" / "experiments")
-    args = ap.parse_args()
-    records: dict[str, list[Record]] = collections.defaultdict(list)
-    for r in sweep.load_records(args.out / "auto_runs.jsonl"):
-        records[r["task"]].append(r)
-    models = [m for m in sweep.AUTO_MODELS if records.get(m)]
-    plot({m: records[m] for m in models}, args.out / "auto_fractions.png")
-    tables = "\n".join(model_table(m, records[m]) for m in models)
-    (args.out / "auto.md").write_text(tables)
-    print(tables)
+    out = out_dir(__doc__)
+    records = records_by_model(out / "auto_runs.jsonl", sweep.AUTO_MODELS)
+    plot(records, out / "auto_fractions.png")
+    write_tables([model_table(m, runs) for m, runs in records.items()], out / "auto.md")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import ubcompile
-from ubcompile.auto import LEVELS
+from ubcompile.auto import LEVELS, AutoController
 from ubcompile.config import AXES, COMPILERS, GRAD_MODES, SKETCHES
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -146,15 +146,20 @@ def exact_backward_flops(task: Task, device: torch.device) -> int:
     return report.exact_flops
 
 
+def controller(backend: Any) -> Optional[AutoController]:
+    """The ``p="auto"`` controller of a ubcompile backend; None for exact runs and fixed ``p``."""
+    return getattr(getattr(backend, "sampler", None), "auto", None)
+
+
 def auto_flops(backend: Any) -> float:
     """GEMM FLOPs spent so far by the products whose fraction ``p="auto"`` chooses (0 otherwise)."""
-    auto = getattr(getattr(backend, "sampler", None), "auto", None)
+    auto = controller(backend)
     return 0.0 if auto is None else auto.spent_flops
 
 
 def auto_record(backend: Any) -> Optional[dict[str, Any]]:
     """Under ``p="auto"``: per controlled product, the fractions chosen over training and their use."""
-    auto = getattr(getattr(backend, "sampler", None), "auto", None)
+    auto = controller(backend)
     if auto is None:
         return None
     return {"budget": auto.budget, "measure_every": auto.measure_every, "levels": list(LEVELS),

@@ -21,6 +21,7 @@ import argparse
 import collections
 import pathlib
 import statistics
+from collections.abc import Iterable
 from typing import Any, Optional
 
 import matplotlib
@@ -194,20 +195,34 @@ def plot_final_vs_p(records_by_model: dict[str, list[Record]], path: pathlib.Pat
     plt.close(fig)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def out_dir(doc: str) -> pathlib.Path:
+    """The ``--out`` directory of a report script (``docs/experiments`` by default)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--out", type=pathlib.Path, default=sweep.ROOT / "docs" / "experiments")
-    args = ap.parse_args()
+    return ap.parse_args().out
+
+
+def records_by_model(path: pathlib.Path, models: Iterable[str]) -> dict[str, list[Record]]:
+    """The records in ``path``, grouped by model, for those of ``models`` that have any."""
     records: dict[str, list[Record]] = collections.defaultdict(list)
-    for r in sweep.load_records(args.out / "runs.jsonl"):
+    for r in sweep.load_records(path):
         records[r["task"]].append(r)
-    models = [m for m in sweep.MODELS if records.get(m)]
-    for model in models:
-        plot_curves(model, records[model], args.out / f"{model}_curves.png")
-    plot_final_vs_p({m: records[m] for m in models}, args.out / "final_vs_p.png")
-    tables = "\n".join(model_table(m, records[m]) for m in models)
-    (args.out / "tables.md").write_text(tables)
-    print(tables)
+    return {m: records[m] for m in models if records.get(m)}
+
+
+def write_tables(tables: list[str], path: pathlib.Path) -> None:
+    text = "\n".join(tables)
+    path.write_text(text)
+    print(text)
+
+
+def main() -> None:
+    out = out_dir(__doc__)
+    records = records_by_model(out / "runs.jsonl", sweep.MODELS)
+    for model, runs in records.items():
+        plot_curves(model, runs, out / f"{model}_curves.png")
+    plot_final_vs_p(records, out / "final_vs_p.png")
+    write_tables([model_table(m, runs) for m, runs in records.items()], out / "tables.md")
 
 
 if __name__ == "__main__":

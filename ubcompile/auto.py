@@ -127,15 +127,10 @@ class AutoController:
         site.uses[site.level] += 1
         k = min(n, keep_count(n, site.p))
         site.spent_flops += flops * k / n
-        out = x @ y if k == n else sampled_contraction(x, y, *self._draw(a, k, generator, x.dtype))
+        out = x @ y if k == n else sampled_contraction(x, y, *pps_sample(a, k, generator))
         if site.due or site.calls - 1 >= site.next_measure:
             self._measure(site, x, y, a, out)
         return out
-
-    @staticmethod
-    def _draw(a: Tensor, k: int, generator: torch.Generator, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        idx, weights = pps_sample(a, k, generator)
-        return idx, weights.to(dtype)
 
     def _spiked(self, site: AutoSite, sq_norm: float) -> bool:
         spiked = site.running is not None and site.calls > _WARMUP and sq_norm > SPIKE * site.running
@@ -145,7 +140,7 @@ class AutoController:
     def _measure(self, site: AutoSite, x: Tensor, y: Tensor, a: Tensor, out: Tensor) -> None:
         (m, n), big_n = x.shape, y.shape[1]
         group = site.group if site.group > 1 and n % site.group == 0 else 1
-        sq = sample_sq_norms(x, y, group)
+        sq = a.double().square() if group == 1 else sample_sq_norms(x, y, group)
         site.spent_flops += sample_norms_flops(m, n, big_n, group)
         v_sketch = sketch_variances(a, [keep_count(n, p) for p in LEVELS])
         grad_sq_norm = max(0.0, float(out.double().square().sum()) - v_sketch[site.level])

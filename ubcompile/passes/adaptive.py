@@ -36,7 +36,7 @@ class AdaptiveRewrite:
     n: int
     group: int
 
-    def insert(self, graph: torch.fx.Graph, controller: AutoController, sampler_id: int) -> torch.fx.Node:
+    def insert(self, graph: torch.fx.Graph, controller: AutoController, sampler_id: int) -> None:
         """Register the site with ``controller`` and replace the product by the controlled op."""
         node = self.site.node
         key = controller.register(module_path(node), gemm_dims(node), self.group)
@@ -46,7 +46,6 @@ class AdaptiveRewrite:
         call.meta = dict(node.meta)
         node.replace_all_uses_with(call)
         graph.erase_node(node)
-        return call
 
 
 def rows_per_sample(operand: torch.fx.Node, n: int) -> int:

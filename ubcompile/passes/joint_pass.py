@@ -7,7 +7,6 @@ reason it stayed exact.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import pathlib
@@ -17,9 +16,9 @@ import torch
 import torch.fx
 
 from .._torch_private import CustomGraphPass
-from ..sampler import sampler
 from ..config import SamplingConfig
 from ..report import GemmEntry, GraphReport
+from ..sampler import sampler
 from .adaptive import AdaptiveRewrite, plan_adaptive
 from .conv import ConvRewrite, ConvSite, conv_dims, conv_flops, conv_sites, narrow_exact, plan_conv
 from .gemm import GEMMS, GemmRewrite, gemm_dims, gemm_flops, gemm_sites, plan_gemm
@@ -82,8 +81,7 @@ class JointSamplingPass(CustomGraphPass):
                 failed = self._guarded(graph, site.node, draws,
                                        functools.partial(self._rewrite_gemm, graph, decision, draws))
                 if failed is not None:
-                    entry = dataclasses.replace(entry, sampled_flops=entry.exact_flops, axis=None, sketch=None,
-                                                n=None, k=None, p=None, reason=failed)
+                    entry = _gemm_entry(site.node, site.role, failed)
             entries.append(entry)
         for conv in convs:
             rewrite, reasons = plan_conv(conv, self.config)
@@ -100,15 +98,18 @@ class JointSamplingPass(CustomGraphPass):
                  rewrite: Callable[[], None]) -> Optional[str]:
         """Run ``rewrite``; ``None`` if it succeeds. If it raises, undo what it inserted, tell
         ``on_fallback`` and return why ``node`` stays exact (with ``strict``, raise instead)."""
-        before = set(graph.nodes)
+        # Rewrites insert their nodes just before ``node`` and replace it only once they are built.
+        start = node.prev
         try:
             rewrite()
         except Exception as exc:
             if self.config.strict:
                 raise RewriteError(f"ubcompile could not rewrite {node.format_node()}: {exc}") from exc
-            for new in reversed([n for n in graph.nodes if n not in before]):
-                graph.erase_node(new)
-            for key in [k for k, nodes in draws.items() if any(n not in before for n in nodes)]:
+            inserted = set()
+            while node.prev is not start:
+                inserted.add(node.prev)
+                graph.erase_node(node.prev)
+            for key in [k for k, nodes in draws.items() if inserted.intersection(nodes)]:
                 del draws[key]
             reason = f"rewrite failed, kept exact ({type(exc).__name__}: {exc})"
             self.on_fallback(node, reason)

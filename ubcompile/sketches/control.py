@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .norm import water_fill
+from .norm import contraction_importance, poisson_variance, water_fill
 
 _CHUNK_ELEMENTS = 1 << 24  # bound on the per-sample products held at once
 
@@ -31,15 +31,7 @@ _CHUNK_ELEMENTS = 1 << 24  # bound on the per-sample products held at once
 def sketch_variances(importance: Tensor, ks: Sequence[int]) -> list[float]:
     """``V_sketch(k) = sum_j (1 / pi_j(k) - 1) a_j^2`` for each ``k`` (``0`` for ``k >= n``)."""
     a = importance.double()
-    n = a.shape[0]
-    out = []
-    for k in ks:
-        if k >= n:
-            out.append(0.0)
-            continue
-        pi = water_fill(a, k).double()
-        out.append(float(((pi.reciprocal() - 1) * a.square()).sum()))
-    return out
+    return [0.0 if k >= a.shape[0] else float(poisson_variance(a, water_fill(a, k))) for k in ks]
 
 
 def sample_norms_flops(m: int, n: int, big_n: int, group: int) -> int:
@@ -52,12 +44,12 @@ def sample_sq_norms(x: Tensor, y: Tensor, group: int) -> Tensor:
 
     ``x: (M, n)``, ``y: (n, N)``; sample ``i`` owns the ``group`` consecutive rows
     ``i * group ... (i + 1) * group - 1`` (a flattened ``(batch, tokens, features)`` tensor).
-    With ``group == 1`` the parts are rank-one and their norms need no product. Otherwise the
-    cheaper of the per-sample products ``s_i`` (``2 n M N`` FLOPs) and their Gram form
+    With ``group == 1`` the parts are the rank-one terms, of norm ``a_j``
+    (:func:`~.norm.contraction_importance`). Otherwise the cheaper of the per-sample products ``s_i`` (``2 n M N`` FLOPs) and their Gram form
     ``||s_i||^2 = sum((x_i^T x_i) * (y_i y_i^T))`` (``2 n group (M + N)``).
     """
     if group == 1:
-        return x.double().square().sum(0) * y.double().square().sum(1)
+        return contraction_importance(x, y).double().square()
     m, n = x.shape
     big_n = y.shape[1]
     b = n // group
