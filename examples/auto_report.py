@@ -1,8 +1,8 @@
-"""Tables and plots of the ``p="auto"`` runs (``python examples/sweep.py --auto``).
+"""Tables and plots of the runs at exact's epochs: ``p="auto"`` and the memory-saving sketch.
 
-    python examples/auto_report.py [--out docs/experiments]
+    python examples/auto_report.py [--grid auto|memory] [--out docs/experiments]
 
-Writes under ``OUT``:
+For ``--grid auto`` (``python examples/sweep.py --grid auto``) it writes under ``OUT``:
 
 * ``auto.md``: per model, exact and each budget: the final accuracy per seed and its mean
   (difference to exact's mean), backward FLOPs relative to exact, median step time relative to
@@ -10,10 +10,14 @@ Writes under ``OUT``:
   (means over the runs that reach it, with their count);
 * ``auto_fractions.png``: per model (seed 0, default budget), the keep fraction of each controlled
   layer over training, and test accuracy against backward FLOPs for exact and every budget.
+
+For ``--grid memory`` (``python examples/sweep.py --grid memory``): ``memory.md``, the same table
+for the norm and activation sketches at ``p = 0.25``.
 """
 
 from __future__ import annotations
 
+import argparse
 import pathlib
 import statistics
 from typing import Any
@@ -24,7 +28,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import sweep  # noqa: E402
-from sweep_report import by_label, exact_lr, exact_target, out_dir, reached, records_by_model, write_tables  # noqa: E402
+from sweep_report import by_label, exact_lr, exact_target, reached, records_by_model, write_tables  # noqa: E402
 
 from ubcompile.config import SamplingConfig  # noqa: E402
 
@@ -34,6 +38,10 @@ DEFAULT_LABEL = f"auto budget={SamplingConfig.budget:g}"
 
 def auto_labels() -> list[str]:
     return ["exact"] + [f"auto budget={b:g}" for b in sweep.AUTO_BUDGETS]
+
+
+def memory_labels() -> list[str]:
+    return ["exact"] + [f"weight:{s} p={sweep.MEMORY_P:g}" for s in ("norm", "activation")]
 
 
 def reached_time(runs: list[Record], target: float) -> tuple[float, int]:
@@ -48,7 +56,7 @@ def fmt_time(time: tuple[float, int], exact: tuple[float, int], runs: int) -> st
     return f"{time[0] / exact[0]:.2f} ({time[1]} of {runs} reach it)" if exact[0] > 0 else "-"
 
 
-def model_table(model: str, records: list[Record]) -> str:
+def model_table(model: str, records: list[Record], labels: list[str]) -> str:
     groups = by_label(records, exact_lr(model))
     target = exact_target(groups)
     exact = groups["exact"]
@@ -65,7 +73,7 @@ def model_table(model: str, records: list[Record]) -> str:
              f"| run | final acc % (seeds {', '.join(map(str, seeds))}) | mean (vs exact) | backward FLOPs vs exact "
              "| step time vs exact | time to target vs exact | diverged |",
              "|---|---|---|---|---|---|---|"]
-    for label in auto_labels():
+    for label in labels:
         runs = groups.get(label, [])
         if not runs:
             continue
@@ -108,10 +116,16 @@ def plot(records_by_model: dict[str, list[Record]], path: pathlib.Path) -> None:
 
 
 def main() -> None:
-    out = out_dir(__doc__)
-    records = records_by_model(out / "auto_runs.jsonl", sweep.AUTO_MODELS)
-    plot(records, out / "auto_fractions.png")
-    write_tables([model_table(m, runs) for m, runs in records.items()], out / "auto.md")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--grid", choices=["auto", "memory"], default="auto")
+    ap.add_argument("--out", type=pathlib.Path, default=sweep.ROOT / "docs" / "experiments")
+    args = ap.parse_args()
+    _, filename, models = sweep.GRIDS[args.grid]
+    records = records_by_model(args.out / filename, models)
+    labels = auto_labels() if args.grid == "auto" else memory_labels()
+    if args.grid == "auto":
+        plot(records, args.out / "auto_fractions.png")
+    write_tables([model_table(m, runs, labels) for m, runs in records.items()], args.out / f"{args.grid}.md")
 
 
 if __name__ == "__main__":

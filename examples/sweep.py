@@ -1,6 +1,7 @@
 """The paper's experiments on CPU: exact against sampled training of four models, in one sweep.
 
-    python examples/sweep.py [--models mlp bagnet vit gpt] [--workers 2] [--out docs/experiments]
+    python examples/sweep.py [--grid main|auto|memory] [--models mlp bagnet vit gpt] [--workers 2]
+        [--out docs/experiments]
 
 Per model (sizes in :data:`MODELS`), at the exact run's learning rate, seeds 0 and 1: exact, and
 every ``grad`` in {weight, both} x ``sketch`` in {uniform, norm} x ``p`` in {0.5, 0.25, 0.1}. At a
@@ -8,6 +9,10 @@ quarter of that learning rate, seed 0: exact and the four ``p = 0.25`` configura
 train twice exact's epochs (:data:`SAMPLED_EPOCH_FACTOR`). Each run's
 record (see ``examples/experiment.py``) is appended to ``OUT/runs.jsonl`` as it finishes; a
 configuration already there is skipped, so an interrupted sweep resumes where it stopped.
+
+``--grid auto`` runs ``p="auto"`` instead (:func:`auto_grid`, into ``auto_runs.jsonl``) and
+``--grid memory`` the memory-saving activation sketch against the norm sketch (:func:`memory_grid`,
+into ``memory_runs.jsonl``), both at exact's epochs.
 
 Runs go to ``--workers`` processes of one thread each, so every run is timed under the same load
 (the other core busy with another run). ``python examples/sweep_report.py`` draws the plots and
@@ -74,6 +79,22 @@ def auto_grid(model: str) -> list[dict[str, Any]]:
     return [{"model": model, "seed": seed, "lr": lr, **c} for seed in AUTO_SEEDS for c in [{"exact": True}] + sampled]
 
 
+MEMORY_P = 0.25
+
+
+def memory_grid(model: str) -> list[dict[str, Any]]:
+    """Weight-gradient rows at ``p = 0.25`` drawn from ``||G_j|| ||A_j||`` (norm, in the backward) and
+    from ``||A_j||`` (activation, in the forward: memory-saving), against exact, at exact's epochs."""
+    lr = importlib.import_module(MODELS[model][0]).LR
+    sampled = [{"p": MEMORY_P, "grad": "weight", "sketch": s, "same_epochs": True} for s in ("norm", "activation")]
+    return [{"model": model, "seed": seed, "lr": lr, **c} for seed in AUTO_SEEDS for c in [{"exact": True}] + sampled]
+
+
+GRIDS = {"main": (grid, "runs.jsonl", tuple(MODELS)), "auto": (auto_grid, "auto_runs.jsonl", AUTO_MODELS),
+         "memory": (memory_grid, "memory_runs.jsonl", AUTO_MODELS)}
+"""name: (the runs of one model, the records file, the models it covers)."""
+
+
 def key(config: dict[str, Any]) -> tuple:
     exact = config.get("exact", False)
     return (config["model"], exact, None if exact else config["p"], None if exact else config["grad"],
@@ -93,7 +114,8 @@ def argv(config: dict[str, Any]) -> list[str]:
         return args + ["--exact", "--epochs", str(epochs)]
     if config["p"] == "auto":
         return args + ["--epochs", str(epochs), "--p", "auto", "--budget", str(config["budget"])]
-    return args + ["--epochs", str(epochs * SAMPLED_EPOCH_FACTOR), "--p", str(config["p"]), "--grad", config["grad"],
+    factor = 1 if config.get("same_epochs") else SAMPLED_EPOCH_FACTOR
+    return args + ["--epochs", str(epochs * factor), "--p", str(config["p"]), "--grad", config["grad"],
                    "--sketch", config["sketch"]]
 
 
@@ -126,14 +148,13 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", type=pathlib.Path, default=ROOT / "docs" / "experiments")
-    ap.add_argument("--auto", action="store_true",
-                    help=f"the p='auto' grid instead (models {', '.join(AUTO_MODELS)}): into auto_runs.jsonl")
+    ap.add_argument("--grid", choices=list(GRIDS), default="main", help="which runs (see above)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    runs = args.out / ("auto_runs.jsonl" if args.auto else "runs.jsonl")
+    runs_of, filename, covered = GRIDS[args.grid]
+    runs = args.out / filename
     done = {record_key(r) for r in load_records(runs)}
-    models = [m for m in args.models if m in AUTO_MODELS] if args.auto else args.models
-    todo = [c for m in models for c in (auto_grid if args.auto else grid)(m) if key(c) not in done]
+    todo = [c for m in args.models if m in covered for c in runs_of(m) if key(c) not in done]
     print(f"{len(todo)} runs to do, {len(done)} already in {runs}", flush=True)
     # One thread per worker, Inductor's kernel compilation included; set before the workers import torch.
     os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"

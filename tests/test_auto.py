@@ -114,6 +114,15 @@ def test_auto_backend_rewrites_weight_gradients_into_the_controlled_op():
     assert "auto/96 rows" in str(report) and "fraction used" in str(report)
 
 
+def test_convolutions_stay_exact_under_auto():
+    model = nn.Sequential(nn.Conv2d(8, 64, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64 * 36, 64))
+    backend = ubcompile.backend(p="auto", min_dim=4, compiler="eager")
+    torch.compile(model, backend=backend)(torch.randn(32, 8, 8, 8)).sum().backward()
+    reasons = {e.role: e.reason for e in backend.report().entries if e.module == "0"}
+    assert "convolutions stay exact" in reasons["conv grad_weight"]
+    assert [s.module for s in backend.sampler.auto.sites] == ["3"]
+
+
 def test_tokens_per_sequence_are_found_for_the_sgd_variance():
     model = nn.Sequential(nn.Linear(24, 64), nn.ReLU(), nn.Linear(64, 64))
     backend = ubcompile.backend(p="auto", min_dim=16)

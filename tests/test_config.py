@@ -27,7 +27,7 @@ def test_p_valid(p):
 def test_unknown_grad_mode_lists_valid_ones():
     with pytest.raises(ValueError, match="grad must be one of 'weight', 'input', 'both', got 'all'"):
         ubcompile.backend(grad="all")
-    with pytest.raises(ValueError, match="sketch must be one of 'uniform', 'norm', 'lowrank', 'gaussian', got 'topk'"):
+    with pytest.raises(ValueError, match="sketch must be one of 'uniform', 'norm', 'lowrank', 'gaussian', 'activation', got 'topk'"):
         ubcompile.backend(sketch="topk")
     with pytest.raises(ValueError, match="axis must be one of 'rows', 'features', got 'tokens'"):
         ubcompile.backend(axis="tokens")

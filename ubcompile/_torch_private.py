@@ -8,7 +8,7 @@ Supported: torch 2.11 through 2.13.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 import torch.fx
@@ -22,6 +22,13 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.decomposition import select_decomp_table
 from torch.fx.experimental.proxy_tensor import make_fx
 
+try:  # Dynamo's view of the frame it compiles; callers fall back to sampling (with a warning) without it
+    from torch._dynamo.guards import GuardBuilder, install_guard
+    from torch._dynamo.source import AttrSource, LocalSource
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+except ImportError:
+    InstructionTranslator = None
+
 SUPPORTED_TORCH = ((2, 11), (2, 13))
 
 __all__ = [
@@ -29,6 +36,8 @@ __all__ = [
     "check_torch_version",
     "compile_eager_with_joint_pass",
     "compile_with_joint_pass",
+    "compiling_frame_modules",
+    "guard_training_flags",
     "size_hint",
     "trace_with_fake",
 ]
@@ -53,6 +62,29 @@ def size_hint(size: Any) -> int:
             raise ValueError(f"symbolic size {size} has no example value")
         return int(hint)
     return int(size)
+
+
+def compiling_frame_modules() -> Optional[dict[str, torch.nn.Module]]:
+    """The ``nn.Module`` local variables of the frame Dynamo is compiling, by name.
+
+    That is ``self`` in a compiled module's ``forward`` (``fn`` for a module whose ``forward`` Dynamo
+    wraps, as ``nn.Sequential``), or the modules passed to a compiled function. ``None`` when no
+    frame is being compiled (the backend was called outside Dynamo) or Dynamo's internals moved.
+    """
+    if InstructionTranslator is None:
+        return None
+    try:
+        f_locals = InstructionTranslator.current_tx().f_locals
+    except AttributeError:
+        return None
+    return {name: value for name, value in f_locals.items() if isinstance(value, torch.nn.Module)}
+
+
+def guard_training_flags(names: Iterable[str]) -> None:
+    """Make Dynamo recompile the frame it is compiling when the ``training`` flag of any of its local
+    variables ``names`` (from :func:`compiling_frame_modules`) changes, as if the frame had read it."""
+    install_guard(*(AttrSource(LocalSource(name), "training").make_guard(GuardBuilder.CONSTANT_MATCH)
+                    for name in names))
 
 
 def trace_with_fake(fn: Callable[..., Any], fake_args: Sequence[Any]) -> torch.fx.GraphModule:

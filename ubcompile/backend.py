@@ -10,7 +10,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 import torch.fx
 
-from ._torch_private import compile_eager_with_joint_pass, compile_with_joint_pass
+from ._torch_private import (compile_eager_with_joint_pass, compile_with_joint_pass, compiling_frame_modules,
+                             guard_training_flags)
 from .auto import AutoController
 from .config import SamplingConfig
 from .passes import JointSamplingPass
@@ -26,8 +27,12 @@ REPORT_ENV = "UBCOMPILE_REPORT"
 class Backend:
     """A ``torch.compile`` backend that samples gradient GEMMs, then compiles with Inductor.
 
-    It keeps a :class:`~ubcompile.report.GraphReport` for every graph it compiled
-    (:meth:`report`), with the rewritten joint graph's code and the backward graph's code.
+    It keeps a :class:`~ubcompile.report.GraphReport` for every graph it sampled (:meth:`report`),
+    with the rewritten joint graph's code and the backward graph's code.
+
+    Only modules in training mode are sampled (unless ``config.sample_in_eval``): the backend makes
+    Dynamo guard on the compiled module's ``training`` flag, so after ``eval()`` the graph is
+    recompiled once, without the pass, and its gradients are exact.
     """
 
     def __init__(self, config: SamplingConfig) -> None:
@@ -35,12 +40,15 @@ class Backend:
         auto = AutoController(config.budget, config.measure_every) if config.adaptive else None
         self.sampler = Sampler(config.seed, auto)
         self.graphs: list[GraphReport] = []
-        self._warned: set[tuple[str, str]] = set()
+        self._warned: set[Any] = set()
 
     def __repr__(self) -> str:
         return f"ubcompile.Backend({self.config})"
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
+        compile_fn = compile_with_joint_pass if self.config.compiler == "inductor" else compile_eager_with_joint_pass
+        if not self._samples(example_inputs):
+            return compile_fn(gm, example_inputs, None, lambda graph: None)
         current: list[GraphReport] = []
 
         def on_report(report: GraphReport) -> None:
@@ -56,18 +64,48 @@ class Backend:
 
         parameters = [isinstance(t, torch.nn.Parameter) for t in example_inputs]
         joint_pass = JointSamplingPass(self.config, self.sampler.id, on_report, parameters, self._fallback)
-        compile_fn = compile_with_joint_pass if self.config.compiler == "inductor" else compile_eager_with_joint_pass
         return compile_fn(gm, example_inputs, joint_pass, on_backward_graph)
+
+    def _samples(self, example_inputs: Sequence[Any]) -> bool:
+        """Whether the graph being compiled gets the sampling pass: unless ``sample_in_eval``, only
+        when the frame's modules train, and Dynamo then guards on their ``training`` flags.
+
+        The modules are the frame's local ``nn.Module`` variables that hold trainable parameters
+        (all of them if none does). A graph that cannot be differentiated needs no decision; one
+        with no module (a compiled function) is sampled, with a warning if it has trainable
+        ``nn.Parameter`` inputs whose module could not be found.
+        """
+        differentiable = torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in example_inputs)
+        if self.config.sample_in_eval or not differentiable:
+            return True
+        modules = compiling_frame_modules()
+        if modules is None:
+            self._warn_once("frame", "ubcompile could not see the frame Dynamo compiles, so it samples this graph "
+                            "even if its module is in eval() mode. Pass sample_in_eval=True to silence this.")
+            return True
+        owners = {name: m for name, m in modules.items() if any(p.requires_grad for p in m.parameters())}
+        deciding = owners or modules
+        if not deciding:
+            if any(isinstance(t, torch.nn.Parameter) and t.requires_grad for t in example_inputs):
+                self._warn_once("module", "ubcompile found no nn.Module among the compiled frame's local variables "
+                                "(is the model a global?), so it samples this graph even in eval() mode. Pass "
+                                "sample_in_eval=True to silence this, or compile the module itself.")
+            return True
+        guard_training_flags(deciding)
+        return all(m.training for m in deciding.values())
 
     def _fallback(self, node: torch.fx.Node, reason: str) -> None:
         """A rewrite failed and its gradient stays exact: warn once per node and reason."""
-        key = (node.name, reason)
+        self._warn_once((node.name, reason),
+                        f"ubcompile: node {node.name} ({node.target}) {reason}; training continues with its "
+                        "exact gradient. Pass strict=True to raise instead.")
+
+    def _warn_once(self, key: Any, message: str) -> None:
+        """A ``RuntimeWarning``, also logged, the first time ``key`` is seen."""
         if key not in self._warned:
             self._warned.add(key)
-            message = (f"ubcompile: node {node.name} ({node.target}) {reason}; training continues with its "
-                       "exact gradient. Pass strict=True to raise instead.")
             log.warning(message)
-            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def state_dict(self) -> dict[str, Any]:
         """The sampler's random state: save it with the training checkpoint."""
@@ -100,7 +138,7 @@ def _snapshot(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 def backend(p: Union[float, str] = 0.25, *, grad: str = "weight", sketch: str = "norm",
             axis: Optional[str] = None, seed: Optional[int] = None, min_dim: int = 64, compiler: str = "inductor",
             filter: Optional[Callable[[str], bool]] = None, budget: float = 1.0,
-            measure_every: int = 50, strict: bool = False) -> Backend:
+            measure_every: int = 50, strict: bool = False, sample_in_eval: bool = False) -> Backend:
     """A ubcompile backend: ``torch.compile(model, backend=ubcompile.backend(p=0.25))``.
 
     See :class:`~ubcompile.config.SamplingConfig` for the options. The default, chosen by
@@ -108,11 +146,12 @@ def backend(p: Union[float, str] = 0.25, *, grad: str = "weight", sketch: str = 
     weight-gradient GEMM with the minimal-variance norm sketch and keeps the propagated gradients
     exact; ``p="auto"`` chooses that fraction per layer during training so that the added variance
     stays within ``budget`` times the layer's minibatch-SGD variance; ``grad="both"`` samples a fraction ``p`` of each layer's output features for both of its
-    gradient GEMMs (cheaper, noisier: the noise compounds with depth).
+    gradient GEMMs (cheaper, noisier: the noise compounds with depth). A module in ``eval()`` mode
+    gets exact gradients unless ``sample_in_eval=True``.
     """
     return Backend(SamplingConfig(p=p, grad=grad, sketch=sketch, axis=axis, seed=seed, min_dim=min_dim,
                                   compiler=compiler, filter=filter, budget=budget, measure_every=measure_every,
-                                  strict=strict))
+                                  strict=strict, sample_in_eval=sample_in_eval))
 
 
 def default_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:

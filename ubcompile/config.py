@@ -25,13 +25,16 @@ sampling); one that does not has only the kept rows/columns of its output comput
 
 DEFAULT_AXIS = {"weight": "rows", "input": "features", "both": "features"}
 
-SKETCHES = ("uniform", "norm", "lowrank", "gaussian")
+SKETCHES = ("uniform", "norm", "lowrank", "gaussian", "activation")
 """``"uniform"``: ``k`` indices uniformly without replacement, weight ``n / k``. ``"norm"``: the
 minimal-variance probabilities ``pi_j = min(1, c a_j)`` from the norms of the GEMM's terms, a
 fixed-size systematic sample, weights ``1 / pi_j`` (see :mod:`ubcompile.sketches.norm`).
 ``"lowrank"`` / ``"gaussian"``: a rank-``k`` random projection ``S = Omega Omega^T`` with
 orthonormal (scaled) or Gaussian ``Omega`` (see :mod:`ubcompile.sketches.lowrank`); used only
-where the three thinner GEMMs cost less than the exact one."""
+where the three thinner GEMMs cost less than the exact one. ``"activation"``: saves memory; the
+probabilities ``pi_j = min(1, c ||A_j||)`` come from the norms of the layer input's rows alone,
+so the layer's forward GEMM draws them and only the ``k`` kept rows of ``A`` are saved for the
+backward (see :mod:`ubcompile.passes.forward_rows`); linear layers' weight gradients only."""
 
 
 def _one_of(name: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -51,6 +54,9 @@ class SamplingConfig:
         budget: with ``p="auto"``, the sketch's added variance allowed per layer, as a fraction of
             that layer's minibatch-SGD variance.
         strict: raise when a rewrite fails, instead of keeping that gradient exact with a warning.
+        sample_in_eval: sample gradients in ``eval()`` mode too. By default only a module in
+            training mode is sampled; gradients taken in ``eval()`` mode (saliency maps,
+            attributions) are exact.
         measure_every: with ``p="auto"``, a layer's variances are measured at least every this many
             steps (more often at the start of training, when they change fastest).
         grad: which gradient GEMMs are sampled, one of :data:`GRAD_MODES`.
@@ -80,6 +86,7 @@ class SamplingConfig:
     budget: float = 1.0
     strict: bool = False
     measure_every: int = 50
+    sample_in_eval: bool = False
 
     def __post_init__(self) -> None:
         p = self.p
@@ -108,11 +115,22 @@ class SamplingConfig:
             raise ValueError(f"measure_every must be a positive int, got {self.measure_every!r}")
         if not isinstance(self.strict, bool):
             raise TypeError(f"strict must be a bool, got {self.strict!r}")
+        if not isinstance(self.sample_in_eval, bool):
+            raise TypeError(f"sample_in_eval must be a bool, got {self.sample_in_eval!r}")
+        if self.draws_in_forward and (self.grad, self.axis) != ("weight", "rows"):
+            raise ValueError(
+                "sketch='activation' draws the weight gradients' batch/token rows in the forward pass: use "
+                f"grad='weight', axis='rows' (got grad={self.grad!r}, axis={self.axis!r}), or another sketch")
         if self.adaptive and (self.grad, self.axis, self.sketch) != ("weight", "rows", "norm"):
             raise ValueError(
                 "p='auto' controls the weight gradients' batch/token rows with the norm sketch: use "
                 f"grad='weight', axis='rows', sketch='norm' (got grad={self.grad!r}, axis={self.axis!r}, "
                 f"sketch={self.sketch!r}), or give a number p")
+
+    @property
+    def draws_in_forward(self) -> bool:
+        """Whether the rows are drawn in the forward pass, saving only the kept ones (``sketch="activation"``)."""
+        return self.sketch == "activation"
 
     @property
     def adaptive(self) -> bool:

@@ -14,7 +14,8 @@ def explain(model: torch.nn.Module, *example_inputs: Any, backend: Optional[Back
             loss_fn: Optional[Callable[[Any], torch.Tensor]] = None, **options: Any) -> Report:
     """Compile ``model`` with ``backend`` (or ``ubcompile.backend(**options)``), run one forward and
     backward on ``example_inputs`` and return the report. ``model``'s ``.grad`` fields are left as
-    they were. ``loss_fn`` maps the output to a scalar (default: sum of the output).
+    they were. ``loss_fn`` maps the output to a scalar (default: sum of the output). A model in
+    ``eval()`` mode gets exact gradients (unless ``sample_in_eval=True``): its report is empty.
     """
     if backend is None:
         backend = make_backend(**options)

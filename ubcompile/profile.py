@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .backend import Backend, backend as make_backend
 from .sketches import keep_count
-from .sketches.norm import contraction_importance, contraction_poisson_total_variance, water_fill
+from .sketches.norm import contraction_importance, contraction_poisson_total_variance, output_importance, water_fill
 from .sketches.uniform import contraction_total_variance
 
 
@@ -115,8 +115,8 @@ def _capture_linear_io(linears: dict[str, nn.Linear]) -> Iterator[dict[str, dict
 def _predicted(io: dict[str, Tensor], backend: Backend, sampled: bool) -> Optional[float]:
     """Closed-form variance of a weight gradient sampled on batch rows alone (``grad="weight"``).
 
-    Exact for the uniform sketch; for the norm sketch, the Poisson formula (the fixed-size
-    systematic design is close to it, not equal).
+    Exact for the uniform sketch; for the norm and activation sketches, the Poisson formula (the
+    fixed-size systematic design is close to it, not equal) at their probabilities.
     """
     config = backend.config
     if not sampled or config.grad != "weight" or config.axis != "rows" or "G" not in io:
@@ -125,7 +125,8 @@ def _predicted(io: dict[str, Tensor], backend: Backend, sampled: bool) -> Option
     k = keep_count(x.shape[1], config.p)
     if config.sketch == "uniform":
         return float(contraction_total_variance(x, y, k))
-    return float(contraction_poisson_total_variance(x, y, water_fill(contraction_importance(x, y), k)))
+    importance = output_importance(y, 0) if config.draws_in_forward else contraction_importance(x, y)
+    return float(contraction_poisson_total_variance(x, y, water_fill(importance, k)))
 
 
 def profile(model: nn.Module, loss_fn: Callable[..., Tensor], *inputs: Any, targets: Any = None,

@@ -42,6 +42,7 @@ class GraphReport:
     entries: list[GemmEntry]
     joint_code: str = ""
     backward_graph: Optional[torch.fx.GraphModule] = None
+    pass_seconds: float = 0.0  # wall time of the rewrite itself (not of the compile it feeds)
 
     @property
     def backward_code(self) -> str:

@@ -153,6 +153,15 @@ def _geometry_reason(site: ConvSite, g_axis: int, sketch: str) -> Optional[str]:
     return None
 
 
+def _linear_only(config: SamplingConfig) -> Optional[str]:
+    """Why ``config`` leaves every convolution exact, if it does."""
+    if config.adaptive:
+        return "p='auto' controls linear layers only; convolutions stay exact"
+    if config.draws_in_forward:
+        return "the activation sketch samples linear layers only; convolutions stay exact"
+    return None
+
+
 def plan_conv(site: ConvSite, config: SamplingConfig) -> tuple[Optional[ConvRewrite], dict[int, str]]:
     """The rewrite of ``site`` (or ``None``), and the reason each unsampled gradient stays exact.
 
@@ -168,7 +177,7 @@ def plan_conv(site: ConvSite, config: SamplingConfig) -> tuple[Optional[ConvRewr
         if role is None:
             continue
         reason = decline(config, role, module_path(site.node), conv_dims(site, output), n, strata)
-        reason = reason or _geometry_reason(site, g_axis, config.sketch)
+        reason = reason or _linear_only(config) or _geometry_reason(site, g_axis, config.sketch)
         if reason is not None:
             reasons[output] = reason
     sampled = tuple(role is not None and output not in reasons for output, role in enumerate(site.roles))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import pathlib
+import time
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -21,12 +22,15 @@ from ..report import GemmEntry, GraphReport
 from ..sampler import sampler
 from .adaptive import AdaptiveRewrite, plan_adaptive
 from .conv import ConvRewrite, ConvSite, conv_dims, conv_flops, conv_sites, narrow_exact, plan_conv
-from .gemm import GEMMS, GemmRewrite, gemm_dims, gemm_flops, gemm_sites, plan_gemm
+from .forward_rows import ForwardRowsRewrite, plan_forward_rows
+from .gemm import GEMMS, GemmRewrite, GemmSite, gemm_dims, gemm_flops, gemm_sites, plan_gemm
 from .graph import GradientFlow, Role, Unmatched, cotangent_dependent, fused_kernels, module_path
 from .inline import inline_call
 from .rules import AXIS_NAMES, SKETCH_TABLE
 
-Draws = dict[tuple[torch.fx.Node, int], tuple[torch.fx.Node, ...]]
+Draws = dict[Union[torch.fx.Node, tuple[torch.fx.Node, int]], tuple[torch.fx.Node, ...]]
+"""The draws inserted so far: per (cotangent, axis), or per activation for draws in the forward."""
+Rewrite = Union[GemmRewrite, AdaptiveRewrite, ForwardRowsRewrite]
 
 
 @functools.lru_cache(maxsize=None)
@@ -67,17 +71,17 @@ class JointSamplingPass(CustomGraphPass):
         return f"ubcompile-{self.config!r}-sampler{self.sampler_id}-{self.parameters}-{_source_hash()}"
 
     def __call__(self, graph: torch.fx.Graph) -> None:
+        start = time.perf_counter()
         dependent = cotangent_dependent(graph)
         flow = GradientFlow(graph, self.parameters)
         gemms, unmatched = gemm_sites(graph, dependent, flow)
         convs = conv_sites(graph, dependent, flow)
         entries = [_exact_entry(u) for u in unmatched + fused_kernels(graph, dependent)]
         draws: Draws = {}
-        plan = plan_adaptive if self.config.adaptive else plan_gemm
         for site in gemms:
-            decision = plan(site, self.config)
+            decision = self._plan(site, dependent)
             entry = _gemm_entry(site.node, site.role, decision)
-            if isinstance(decision, (GemmRewrite, AdaptiveRewrite)):
+            if not isinstance(decision, str):
                 failed = self._guarded(graph, site.node, draws,
                                        functools.partial(self._rewrite_gemm, graph, decision, draws))
                 if failed is not None:
@@ -92,13 +96,22 @@ class JointSamplingPass(CustomGraphPass):
                     conv_entries = _conv_entries(conv, None, {output: failed for output in range(len(conv.roles))})
             entries += conv_entries
         graph.lint()
-        self.on_report(GraphReport(entries, joint_code=graph.python_code("self").src))
+        self.on_report(GraphReport(entries, joint_code=graph.python_code("self").src,
+                                   pass_seconds=time.perf_counter() - start))
+
+    def _plan(self, site: GemmSite, dependent: set[torch.fx.Node]) -> Union[Rewrite, str]:
+        if self.config.adaptive:
+            return plan_adaptive(site, self.config)
+        if self.config.draws_in_forward:
+            return plan_forward_rows(site, self.config, dependent)
+        return plan_gemm(site, self.config)
 
     def _guarded(self, graph: torch.fx.Graph, node: torch.fx.Node, draws: Draws,
                  rewrite: Callable[[], None]) -> Optional[str]:
         """Run ``rewrite``; ``None`` if it succeeds. If it raises, undo what it inserted, tell
         ``on_fallback`` and return why ``node`` stays exact (with ``strict``, raise instead)."""
-        # Rewrites insert their nodes just before ``node`` and replace it only once they are built.
+        # Rewrites insert their nodes just before ``node`` and replace it only once they are built
+        # (a forward-rows rewrite first replaces the forward GEMM by an equivalent one: kept).
         start = node.prev
         try:
             rewrite()
@@ -125,9 +138,12 @@ class JointSamplingPass(CustomGraphPass):
             draws[key] = inline_call(graph, draw, operands, meta_from=site_node)
         return draws[key]
 
-    def _rewrite_gemm(self, graph: torch.fx.Graph, rewrite: Union[GemmRewrite, AdaptiveRewrite], draws: Draws) -> None:
+    def _rewrite_gemm(self, graph: torch.fx.Graph, rewrite: Rewrite, draws: Draws) -> None:
         if isinstance(rewrite, AdaptiveRewrite):
             rewrite.insert(graph, sampler(self.sampler_id).auto, self.sampler_id)
+            return
+        if isinstance(rewrite, ForwardRowsRewrite):
+            rewrite.insert(graph, self.sampler_id, draws)
             return
         node = rewrite.site.node
         x, y = node.args
@@ -159,7 +175,7 @@ def _gemm_entry(node: torch.fx.Node, role: Role, decision) -> GemmEntry:
     flops = gemm_flops(node)
     label = f"bmm {role.value}" if node.target is torch.ops.aten.bmm.default else role.value
     common = dict(module=module_path(node), role=label, shape=gemm_dims(node), exact_flops=flops)
-    if isinstance(decision, GemmRewrite):
+    if isinstance(decision, (GemmRewrite, ForwardRowsRewrite)):
         return GemmEntry(**common, sampled_flops=decision.sampled_flops(), **_sampling_fields(decision))
     if isinstance(decision, AdaptiveRewrite):
         return GemmEntry(**common, sampled_flops=flops, axis="rows", sketch="norm", n=decision.n)

@@ -43,6 +43,14 @@ def sampled_contraction(x: Tensor, y: Tensor, idx: Tensor, scale: Scale) -> Tens
     return sketched_contraction(x, y, Diagonal(idx, scale))
 
 
+def kept_rows_contraction(x: Tensor, y_kept: Tensor, idx: Tensor, scale: Scale) -> Tensor:
+    """``x @ S @ y`` from the kept rows ``y_kept = y[..., idx, :]``, gathered earlier (in the forward pass).
+
+    The same estimate as :func:`sampled_contraction`; only ``x`` is gathered here.
+    """
+    return Diagonal(idx, scale).weighted(x, -1) @ y_kept
+
+
 def sampled_output(x: Tensor, y: Tensor, idx: Tensor, scale: Scale, dim: int) -> Tensor:
     """``S @ (x @ y)`` (``dim = 0``) or ``(x @ y) @ S`` (``dim = 1``): sampled output rows or columns.
 

@@ -1,0 +1,62 @@
+"""Smoke test of ``benchmarks/bench.py``: every model at toy sizes, one round, graphs run op by op."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
+import bench  # noqa: E402
+
+MODELS = ["mlp", "vit", "gpt2", "resnet"]
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    """The rows of one run over every model, and the folder of its JSON and CSV files."""
+    out = tmp_path_factory.mktemp("bench")
+    argv = ["--model", *MODELS, "--width", "64", "--batch", "8", "--tokens", "16", "--image", "8", "--blocks", "1",
+            "--rounds", "1", "--compiler", "eager", "--variant", "grad=both, p=0.5, min_dim=8",
+            "--json", str(out / "rows.json"), "--csv", str(out / "rows.csv")]
+    return bench.main(argv), out
+
+
+def test_rows_per_model_and_variant(bench_run):
+    rows, _ = bench_run
+    assert [(r["model"], r["variant"]) for r in rows] == [
+        (m, v) for m in MODELS for v in ("exact aot_eager", "grad=both p=0.5 min_dim=8")]
+
+
+def test_exact_row_is_one_and_values_plausible(bench_run):
+    rows, _ = bench_run
+    for r in rows:
+        exact = r["variant"].startswith("exact")
+        for key in ("fwd_ratio", "bwd_ratio", "step_ratio", "saved_ratio", "compile_ratio", "bwd_flop_ratio",
+                    "ideal_bwd", "ideal_step"):
+            assert r[key] > 0 and math.isfinite(r[key]), (r["model"], key)
+            assert not exact or r[key] == 1.0, (r["model"], key)
+        assert r["step_ms"] >= r["bwd_ms"] > 0 and r["fwd_ms"] > 0 and r["saved_mb"] > 0 and r["compile_s"] > 0
+        assert r["peak_mb"] is None and r["peak_ratio"] is None  # CUDA only
+        assert (r["pass_s"] is None) == exact
+        if not exact:  # grad="both" at p=0.5 samples every layer wide enough: about half the backward GEMMs
+            assert 0.45 < r["bwd_flop_ratio"] < 0.75 and r["ideal_bwd"] < r["ideal_step"] < 1, r
+            assert 0 < r["pass_s"] < r["compile_s"]
+
+
+def test_json_and_csv_written(bench_run):
+    rows, out = bench_run
+    assert json.loads((out / "rows.json").read_text())["rows"] == rows
+    assert len((out / "rows.csv").read_text().splitlines()) == len(rows) + 1
+
+
+def test_parse_variant():
+    assert bench.parse_variant("grad=weight,p=0.25, axis=features,seed=None") == {
+        "grad": "weight", "p": 0.25, "axis": "features", "seed": None}
+    assert bench.parse_variant("p=auto,key=(1, 2)") == {"p": "auto", "key": (1, 2)}
+    with pytest.raises(argparse.ArgumentTypeError, match="key=value"):
+        bench.parse_variant("grad")
