@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import ubcompile
-from ubcompile.auto import LEVELS, AutoController, choose_level
+from ubcompile.auto import LEVELS, AutoController, allocate
 from ubcompile.sketches.control import sample_sq_norms, sgd_variance, sketch_variances
 from ubcompile.sketches.norm import water_fill
 from ubcompile.testing import assert_unbiased, critical_z
@@ -58,12 +58,27 @@ def test_sgd_variance_is_unbiased_and_a_biased_version_is_caught():
     assert abs(_minibatch_variance_z(biased=True)) > bound
 
 
-def test_choose_level_takes_the_most_aggressive_fit_under_the_ceiling():
-    ratios = (0.0, 0.2, 0.6, 1.5, 3.0, 5.0, 9.0, 20.0)
-    assert choose_level(ratios, 1.0, len(LEVELS) - 1) == 2
-    assert choose_level(ratios, 1.0, 1) == 1
-    assert choose_level(ratios, 0.1, len(LEVELS) - 1) == 0
-    assert choose_level(ratios, 100.0, len(LEVELS) - 1) == len(LEVELS) - 1
+def test_allocate_one_site_takes_the_most_aggressive_fit_under_the_ceiling():
+    variances = ((0.0, 0.2, 0.6, 1.5, 3.0, 5.0, 9.0, 20.0),)
+    top = len(LEVELS) - 1
+    assert allocate([1.0], variances, [top], 1.0) == [2]
+    assert allocate([1.0], variances, [1], 1.0) == [1]
+    assert allocate([1.0], variances, [top], 0.1) == [0]
+    assert allocate([1.0], variances, [top], 100.0) == [top]
+
+
+def test_allocate_spends_the_shared_budget_where_it_saves_most():
+    """Site 0 is noisy when sampled, site 1 nearly free: the shared allowance (the sum of two
+    per-layer budgets of 1) goes to site 1, which a per-layer budget of 1 would have held back."""
+    noisy = (0.0, 2.5, 5.0, 8.0, 12.0, 16.0, 24.0, 40.0)
+    quiet = (0.0, 0.1, 0.2, 0.4, 0.8, 1.2, 1.9, 3.0)
+    levels = allocate([1.0, 1.0], [noisy, quiet], [len(LEVELS) - 1] * 2, 2.0)
+    assert levels == [0, 6]  # per layer: noisy exact, quiet at level 4 (0.8 <= 1 < 1.2)
+    assert noisy[levels[0]] + quiet[levels[1]] <= 2.0
+    # a cheap first step of a noisy site can be worth more than the last steps of a quiet one
+    assert allocate([1.0, 1.0], [(0.0, 1.5, 9.0, 9, 9, 9, 9, 9), quiet], [len(LEVELS) - 1] * 2, 2.0) == [1, 3]
+    # FLOPs matter too: at equal variances the bigger product moves first
+    assert allocate([1.0, 4.0], [quiet, quiet], [len(LEVELS) - 1] * 2, 0.2) == [0, 2]
 
 
 def _call(controller, x, y, gen, times=1):

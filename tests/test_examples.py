@@ -151,9 +151,9 @@ def test_report_draws_plots_and_tables(mlp_records, tmp_path, monkeypatch):
 def test_auto_run_records_fractions_and_the_auto_report_reads_them(fashion_dir, text_file, mlp_records, tmp_path,
                                                                   monkeypatch):
     module, argv = tiny("mlp", fashion_dir, text_file)
-    record = run_tiny(module, argv + ["--p", "auto", "--grad", "weight", "--budget", "1", "--min-dim", "32"])
+    record = run_tiny(module, argv + ["--p", "auto", "--grad", "weight", "--budget", "0.5", "--min-dim", "32"])
     json.dumps(record)
-    assert record["label"] == "auto budget=1" and record["status"] == "ok"
+    assert record["label"] == "auto budget=0.5" and record["status"] == "ok"
     sites = record["auto"]["sites"]
     assert [s["module"] for s in sites] == ["5", "3", "1"] and all(s["timeline"] for s in sites)
     flops = record["bwd_gflop_per_step"]
@@ -161,7 +161,6 @@ def test_auto_run_records_fractions_and_the_auto_report_reads_them(fashion_dir, 
     assert record["curve"][-1]["bwd_gflop"] == pytest.approx(record["curve"][-1]["step"] * flops["sampled"])
     (tmp_path / "auto_runs.jsonl").write_text(json.dumps(mlp_records[0]) + "\n" + json.dumps(record) + "\n")
     monkeypatch.setattr(sys, "argv", ["auto_report.py", "--out", str(tmp_path)])
-    monkeypatch.setattr(sweep, "AUTO_MODELS", ("mlp",))
     auto_report.main()
     assert (tmp_path / "auto_fractions.png").stat().st_size > 0
-    assert "| auto budget=1 |" in (tmp_path / "auto.md").read_text()
+    assert "| auto budget=0.5 |" in (tmp_path / "auto.md").read_text()

@@ -9,9 +9,12 @@ contracted, one :class:`AutoSite` per product) runs through :meth:`AutoControlle
   (:mod:`ubcompile.sketches.control`). They need the terms' norms ``a_j`` (computed anyway),
   each sample's squared norm (free for a plain batch, a small Gram product per sequence with
   tokens), and ``||T||^2``, estimated without bias by ``||T_hat||^2 - V_sketch(k)`` from the
-  sampled product itself: a measurement costs no extra GEMM on a plain batch. The site then keeps
-  the smallest fraction whose ratio ``V_sketch / V_sgd`` is at most ``budget``: the most FLOPs saved
-  within the noise budget. A site where no fraction below 1 fits stays exact.
+  sampled product itself: a measurement costs no extra GEMM on a plain batch.
+* **allocate** (after every measurement): the fractions of all measured sites are chosen together
+  (:func:`allocate`) so that their added variances sum to at most ``budget`` times the sum of their
+  SGD variances, with the most FLOPs saved: noise goes where it buys the most FLOPs, and a layer
+  whose sampling is noisy for little saving stays exact. (The paper's trade-off is in the total
+  variance: SGD needs about ``1 + sum V_sketch / sum V_sgd`` times the steps.)
 * **sample** (other calls): the norm sketch at the chosen fraction, a dense GEMM of inner size
   ``k``. The norm sketch is the only family used: at the same ``k`` its variance is never above the
   uniform sketch's (:mod:`ubcompile.sketches.norm`).
@@ -56,8 +59,14 @@ class Measurement:
     call: int
     sgd_variance: float
     grad_sq_norm: float  # ||T||^2 of the exact product, estimated
-    ratios: tuple[float, ...]
-    p: float  # the fraction chosen from it
+    variances: tuple[float, ...]  # V_sketch at each level
+    p: float  # the fraction the site ran at after it
+
+    @property
+    def ratios(self) -> tuple[float, ...]:
+        """``V_sketch / V_sgd`` at each level."""
+        v_sgd = self.sgd_variance
+        return tuple(v / v_sgd if v_sgd > 0 else (0.0 if v == 0 else math.inf) for v in self.variances)
 
 
 @dataclasses.dataclass
@@ -91,10 +100,30 @@ class AutoSite:
         self.level = level
 
 
-def choose_level(ratios: tuple[float, ...], budget: float, ceiling: int) -> int:
-    """The most aggressive level up to ``ceiling`` whose ratio is at most ``budget`` (0 always fits)."""
-    fits = [i for i, r in enumerate(ratios[:ceiling + 1]) if r <= budget]
-    return max(fits, default=0)
+def allocate(flops: list[float], variances: list[tuple[float, ...]], ceilings: list[int],
+             allowance: float) -> list[int]:
+    """Levels for sites with ``flops`` per exact call and sketch variance ``variances[s][level]``
+    (increasing with the level) that save the most FLOPs with ``sum_s variances[s][level_s] <= allowance``.
+
+    Greedy on the exchange rate: repeatedly move the site whose next level saves the most FLOPs per
+    unit of added variance, among the moves that still fit, up to each site's ceiling. Exact for
+    convex variance-versus-FLOPs curves (a Lagrangian argument), close otherwise.
+    """
+    levels = [0] * len(flops)
+    used = 0.0
+    while True:
+        moves = []
+        for s, level in enumerate(levels):
+            if level < ceilings[s]:
+                added = variances[s][level + 1] - variances[s][level]
+                saved = flops[s] * (LEVELS[level] - LEVELS[level + 1])
+                if used + added <= allowance:
+                    moves.append((saved / added if added > 0 else math.inf, s, added))
+        if not moves:
+            return levels
+        _, s, added = max(moves)
+        levels[s] += 1
+        used += added
 
 
 class AutoController:
@@ -145,14 +174,26 @@ class AutoController:
         v_sketch = sketch_variances(a, [keep_count(n, p) for p in LEVELS])
         grad_sq_norm = max(0.0, float(out.double().square().sum()) - v_sketch[site.level])
         v_sgd = sgd_variance(sq, grad_sq_norm)
-        ratios = tuple(v / v_sgd if v_sgd > 0 else (0.0 if v == 0 else math.inf) for v in v_sketch)
         if not site.due:
             site.ceiling = min(len(LEVELS) - 1, site.ceiling + 1)
         site.due = False
         site.next_measure = site.calls - 1 + min(site.gap, self.measure_every)
         site.gap *= 2
-        site.set_level(choose_level(ratios, self.budget, site.ceiling))
-        site.measurements.append(Measurement(site.calls - 1, v_sgd, grad_sq_norm, ratios, site.p))
+        measurement = Measurement(site.calls - 1, v_sgd, grad_sq_norm, tuple(v_sketch), site.p)
+        site.measurements.append(measurement)
+        self._allocate()
+        measurement.p = site.p
+
+    def _allocate(self) -> None:
+        """Re-choose every measured site's level (see :func:`allocate`) from its last measurement;
+        a site without a finite SGD variance (a batch of one sample) stays exact."""
+        measured = [s for s in self.sites if s.measurements and math.isfinite(s.measurements[-1].sgd_variance)]
+        last = [s.measurements[-1] for s in measured]
+        allowance = self.budget * sum(max(0.0, m.sgd_variance) for m in last)
+        levels = allocate([2.0 * math.prod(s.shape) for s in measured], [m.variances for m in last],
+                          [s.ceiling for s in measured], allowance)
+        for site, level in zip(measured, levels):
+            site.set_level(level)
 
     @property
     def exact_flops(self) -> float:
@@ -176,7 +217,7 @@ class AutoController:
         headers = ["module", "M x n x N", "calls", "measured", "fraction used (share of calls)", "now",
                    "V_sketch/V_sgd now", "spikes", "FLOPs vs exact"]
         ratio = self.spent_flops / self.exact_flops if self.exact_flops else 1.0
-        summary = (f'p="auto": budget {self.budget:g} (V_sketch <= budget * V_sgd per layer), measured every '
+        summary = (f'p="auto": budget {self.budget:g} (sum of V_sketch <= budget * sum of V_sgd), measured every '
                    f"{self.measure_every} calls; levels {', '.join(f'{p:g}' for p in LEVELS)} chosen at run "
                    f"time inside one compiled op (no recompilation); controlled weight-gradient FLOPs "
                    f"{ratio:.3f} of exact")

@@ -137,15 +137,16 @@ def _snapshot(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 def backend(p: Union[float, str] = 0.25, *, grad: str = "weight", sketch: str = "norm",
             axis: Optional[str] = None, seed: Optional[int] = None, min_dim: int = 64, compiler: str = "inductor",
-            filter: Optional[Callable[[str], bool]] = None, budget: float = 1.0,
+            filter: Optional[Callable[[str], bool]] = None, budget: float = 0.5,
             measure_every: int = 50, strict: bool = False, sample_in_eval: bool = False) -> Backend:
     """A ubcompile backend: ``torch.compile(model, backend=ubcompile.backend(p=0.25))``.
 
     See :class:`~ubcompile.config.SamplingConfig` for the options. The default, chosen by
     measurement (README, "Defaults"), samples a fraction ``p`` of the batch/token rows of every
     weight-gradient GEMM with the minimal-variance norm sketch and keeps the propagated gradients
-    exact; ``p="auto"`` chooses that fraction per layer during training so that the added variance
-    stays within ``budget`` times the layer's minibatch-SGD variance; ``grad="both"`` samples a fraction ``p`` of each layer's output features for both of its
+    exact; ``p="auto"`` chooses that fraction per layer during training so that the added variance,
+    summed over the layers, stays within ``budget`` times their minibatch-SGD variance;
+    ``grad="both"`` samples a fraction ``p`` of each layer's output features for both of its
     gradient GEMMs (cheaper, noisier: the noise compounds with depth). A module in ``eval()`` mode
     gets exact gradients unless ``sample_in_eval=True``.
     """

@@ -51,8 +51,9 @@ class SamplingConfig:
             entries of its sampled axis. ``p = 1`` compiles exact gradients. ``"auto"`` chooses
             each weight-gradient GEMM's fraction during training from measured variance
             (:mod:`ubcompile.auto`); it needs ``grad="weight"``, rows and the norm sketch.
-        budget: with ``p="auto"``, the sketch's added variance allowed per layer, as a fraction of
-            that layer's minibatch-SGD variance.
+        budget: with ``p="auto"``, the sketch's added variance allowed, summed over the sampled
+            layers, as a fraction of their summed minibatch-SGD variance (0.5 by measurement:
+            docs/EXPERIMENTS.md).
         strict: raise when a rewrite fails, instead of keeping that gradient exact with a warning.
         sample_in_eval: sample gradients in ``eval()`` mode too. By default only a module in
             training mode is sampled; gradients taken in ``eval()`` mode (saliency maps,
@@ -83,7 +84,7 @@ class SamplingConfig:
     min_dim: int = 64
     compiler: str = "inductor"
     filter: Optional[Callable[[str], bool]] = None
-    budget: float = 1.0
+    budget: float = 0.5
     strict: bool = False
     measure_every: int = 50
     sample_in_eval: bool = False
