@@ -106,8 +106,9 @@ def allocate(flops: list[float], variances: list[tuple[float, ...]], ceilings: l
     (increasing with the level) that save the most FLOPs with ``sum_s variances[s][level_s] <= allowance``.
 
     Greedy on the exchange rate: repeatedly move the site whose next level saves the most FLOPs per
-    unit of added variance, among the moves that still fit, up to each site's ceiling. Exact for
-    convex variance-versus-FLOPs curves (a Lagrangian argument), close otherwise.
+    unit of added variance, among the moves that still fit, up to each site's ceiling. When every
+    site's variance grows convexly with the FLOPs it saves, this follows the Lagrangian optimum
+    (it may leave part of the allowance unused at the last move); otherwise it is a heuristic.
     """
     levels = [0] * len(flops)
     used = 0.0

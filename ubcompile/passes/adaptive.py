@@ -16,8 +16,9 @@ import torch
 import torch.fx
 
 from .._torch_private import size_hint
-from ..auto import LEVELS, AutoController
+from ..auto import LEVELS
 from ..config import SamplingConfig
+from ..sampler import sampler
 from .gemm import GemmSite, gemm_dims
 from .graph import ROWS, module_path, shape_of
 from .rules import decline
@@ -36,10 +37,11 @@ class AdaptiveRewrite:
     n: int
     group: int
 
-    def insert(self, graph: torch.fx.Graph, controller: AutoController, sampler_id: int) -> None:
-        """Register the site with ``controller`` and replace the product by the controlled op."""
+    def insert(self, graph: torch.fx.Graph, sampler_id: int, draws: dict) -> None:
+        """Register the site with the sampler's controller and replace the product by the controlled
+        op (which draws at run time: ``draws`` is not used)."""
         node = self.site.node
-        key = controller.register(module_path(node), gemm_dims(node), self.group)
+        key = sampler(sampler_id).auto.register(module_path(node), gemm_dims(node), self.group)
         with graph.inserting_before(node):
             call = graph.call_function(torch.ops.ubcompile.auto_contraction.default,
                                        (*node.args, sampler_id, key))

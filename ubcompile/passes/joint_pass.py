@@ -19,7 +19,6 @@ import torch.fx
 from .._torch_private import CustomGraphPass
 from ..config import SamplingConfig
 from ..report import GemmEntry, GraphReport
-from ..sampler import sampler
 from .adaptive import AdaptiveRewrite, plan_adaptive
 from .conv import ConvRewrite, ConvSite, conv_dims, conv_flops, conv_sites, narrow_exact, plan_conv
 from .forward_rows import ForwardRowsRewrite, plan_forward_rows
@@ -139,10 +138,7 @@ class JointSamplingPass(CustomGraphPass):
         return draws[key]
 
     def _rewrite_gemm(self, graph: torch.fx.Graph, rewrite: Rewrite, draws: Draws) -> None:
-        if isinstance(rewrite, AdaptiveRewrite):
-            rewrite.insert(graph, sampler(self.sampler_id).auto, self.sampler_id)
-            return
-        if isinstance(rewrite, ForwardRowsRewrite):
+        if not isinstance(rewrite, GemmRewrite):  # the families that insert themselves
             rewrite.insert(graph, self.sampler_id, draws)
             return
         node = rewrite.site.node
