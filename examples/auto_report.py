@@ -4,8 +4,8 @@
 
 For ``--grid auto`` (``python examples/sweep.py --grid auto``) it writes under ``OUT``:
 
-* ``auto.md``: per model, exact and each budget: the final accuracy per seed and its mean
-  (difference to exact's mean), backward FLOPs relative to exact, median step time relative to
+* ``auto.md``: per model, exact and each budget: the seeds, the final accuracy's mean and
+  standard error, its difference to exact's run of the same seed (mean and standard error), backward FLOPs relative to exact, median step time relative to
   exact, the training time to exact's mean final accuracy minus 0.5 point relative to exact's
   (means over the runs that reach it, with their count);
 * ``auto_fractions.png``: per model (seed 0, default budget), the keep fraction of each controlled
@@ -36,8 +36,10 @@ Record = dict[str, Any]
 DEFAULT_LABEL = f"auto budget={SamplingConfig.budget:g}"
 
 
-def auto_labels() -> list[str]:
-    return ["exact"] + [f"auto budget={b:g}" for b in sweep.AUTO_BUDGETS]
+def auto_labels(records: list[Record]) -> list[str]:
+    """``exact`` and the budgets the records ran, in increasing order."""
+    budgets = sorted({r["config"]["budget"] for r in records if r["config"].get("p") == "auto"})
+    return ["exact"] + [f"auto budget={b:g}" for b in budgets]
 
 
 def memory_labels() -> list[str]:
@@ -56,33 +58,46 @@ def fmt_time(time: tuple[float, int], exact: tuple[float, int], runs: int) -> st
     return f"{time[0] / exact[0]:.2f} ({time[1]} of {runs} reach it)" if exact[0] > 0 else "-"
 
 
+def mean_se(values: list[float]) -> str:
+    """``mean ± standard error`` (the error only from two values on)."""
+    if len(values) < 2:
+        return f"{statistics.mean(values):.2f}" if values else "-"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values) / len(values) ** 0.5:.2f}"
+
+
+def paired_differences(runs: list[Record], exact: list[Record]) -> list[float]:
+    """Final accuracy minus exact's of the same seed (same initialisation and data order)."""
+    exact_acc = {r["config"]["seed"]: r["final_acc"] for r in exact if r["status"] == "ok"}
+    return [r["final_acc"] - exact_acc[r["config"]["seed"]] for r in runs
+            if r["status"] == "ok" and r["config"]["seed"] in exact_acc]
+
+
 def model_table(model: str, records: list[Record], labels: list[str]) -> str:
     groups = by_label(records, exact_lr(model))
     target = exact_target(groups)
     exact = groups["exact"]
-    exact_mean = statistics.mean(r["final_acc"] for r in exact)
     exact_time = reached_time(exact, target)
     exact_step = statistics.median(r["median_step_ms"] for r in exact)
-    seeds = [r["config"]["seed"] for r in exact]
     lines = [f"### {model}", "",
              f"exact: {exact[0]['steps_per_epoch'] * exact[0]['config']['epochs']:g} steps "
              f"({exact[0]['config']['epochs']:g} epochs), {exact[0]['config']['optimizer']} lr "
              f"{exact[0]['config']['lr']:g}, median step {exact_step:.1f} ms; target {target:.2f}% "
              f"(exact's mean minus 0.5); {exact[0]['env']['torch']}, {exact[0]['env']['cpu_count']} CPUs, "
              f"{exact[0]['env']['date']}.", "",
-             f"| run | final acc % (seeds {', '.join(map(str, seeds))}) | mean (vs exact) | backward FLOPs vs exact "
-             "| step time vs exact | time to target vs exact | diverged |",
-             "|---|---|---|---|---|---|---|"]
+             "| run | seeds | final acc % (mean ± s.e.) | minus exact, same seed (mean ± s.e.) "
+             "| backward FLOPs vs exact | step time vs exact | time to target vs exact | diverged |",
+             "|---|---|---|---|---|---|---|---|"]
     for label in labels:
         runs = groups.get(label, [])
         if not runs:
             continue
         finals = [r["final_acc"] for r in runs if r["status"] == "ok"]
-        mean = statistics.mean(finals) if finals else float("nan")
         flops = statistics.mean(r["bwd_gflop_per_step"]["sampled"] / r["bwd_gflop_per_step"]["exact"] for r in runs)
         step = statistics.median(r["median_step_ms"] for r in runs) / exact_step
         time = reached_time(runs, target)
-        lines.append(f"| {label} | {' / '.join(f'{a:.2f}' for a in finals)} | {mean:.2f} ({mean - exact_mean:+.2f}) "
+        seeds = [r["config"]["seed"] for r in runs]
+        lines.append(f"| {label} | {min(seeds)}-{max(seeds)} | {mean_se(finals)} "
+                     f"| {mean_se(paired_differences(runs, exact)) if label != 'exact' else '-'} "
                      f"| {flops:.3f} | {step:.2f} | {fmt_time(time, exact_time, len(runs))} "
                      f"| {sum(r['status'] != 'ok' for r in runs)} of {len(runs)} |")
     return "\n".join(lines) + "\n"
@@ -104,7 +119,7 @@ def plot(records_by_model: dict[str, list[Record]], path: pathlib.Path) -> None:
                xlabel="training step", ylabel="keep fraction p", yscale="log")
         ax.legend(fontsize=7)
         ax = axes[1][col]
-        for label in auto_labels():
+        for label in auto_labels(records_by_model[model]):
             for r in groups.get(label, [])[:1]:
                 ax.plot([pt["bwd_gflop"] for pt in r["curve"]], [pt["acc"] for pt in r["curve"]],
                         "k-" if label == "exact" else "-", label=label)
@@ -122,10 +137,11 @@ def main() -> None:
     args = ap.parse_args()
     _, filename, models = sweep.GRIDS[args.grid]
     records = records_by_model(args.out / filename, models)
-    labels = auto_labels() if args.grid == "auto" else memory_labels()
     if args.grid == "auto":
         plot(records, args.out / "auto_fractions.png")
-    write_tables([model_table(m, runs, labels) for m, runs in records.items()], args.out / f"{args.grid}.md")
+    tables = [model_table(m, runs, auto_labels(runs) if args.grid == "auto" else memory_labels())
+              for m, runs in records.items()]
+    write_tables(tables, args.out / f"{args.grid}.md")
 
 
 if __name__ == "__main__":

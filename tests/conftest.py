@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.fx
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ubcompile.estimator_ops import CONTRACTED, sketched_conv_grads, sketched_product
+from ubcompile.sketches.conv import ConvGeometry
 
 
 @pytest.fixture(autouse=True)
@@ -50,3 +55,65 @@ def make(name: str) -> tuple[nn.Module, torch.Tensor]:
 def loss_of(out: torch.Tensor) -> torch.Tensor:
     """A loss whose cotangent is not constant (unlike ``out.sum()``), so sampling has work to do."""
     return (out.float().tanh() * torch.linspace(-1, 1, out.shape[-1])).sum()
+
+
+class _Record(TorchDispatchMode):
+    """Records every call of the ops in ``targets`` dispatched under it, with its arguments."""
+
+    def __init__(self, targets) -> None:
+        super().__init__()
+        self.targets = targets
+        self.calls: list[tuple] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.targets:
+            self.calls.append((func, args))
+        return func(*args, **(kwargs or {}))
+
+
+def _random_like(node: torch.fx.Node) -> torch.Tensor:
+    return torch.randn(node.meta["val"].shape)
+
+
+def _kept(n: int, k: int) -> torch.Tensor:
+    return torch.randperm(n)[:k].sort().values
+
+
+def _run_sketched_gemm(node: torch.fx.Node) -> None:
+    x, y, idx, scale = (_random_like(a) for a in node.args[:4])
+    out_dim = node.args[4]
+    n = {CONTRACTED: x.shape[-1], 0: x.shape[-2], 1: y.shape[-1]}[out_dim]
+    sketched_product(x, y, _kept(n, idx.shape[0]), scale, out_dim)
+
+
+def _run_sketched_conv(node: torch.fx.Node) -> None:
+    g, x, w, idx, scale = (_random_like(a) for a in node.args[:5])
+    channels, mask = node.args[11:13]
+    geometry = ConvGeometry(*(tuple(a) if isinstance(a, (list, tuple)) else a for a in node.args[5:11]))
+    sketched_conv_grads(g, x, w, _kept(g.shape[1 if channels else 0], idx.shape[0]), scale, geometry, channels,
+                        tuple(mask))
+
+
+_ESTIMATOR_OPS = {torch.ops.ubcompile.sketched_gemm.default: _run_sketched_gemm,
+                  torch.ops.ubcompile.sketched_conv_backward.default: _run_sketched_conv}
+
+
+def inner_calls(graph: torch.fx.GraphModule, targets) -> list[tuple]:
+    """``(op, args)`` of every call of an op in ``targets`` the backward ``graph`` makes: its own
+    nodes (args as the nodes' example values), and those each ubcompile estimator op makes inside
+    (its plain function, run on random operands of the node's shapes)."""
+    calls = []
+    for node in graph.graph.nodes:
+        if node.target in targets:
+            calls.append((node.target, torch.fx.map_arg(node.args, lambda a: a.meta["val"])))
+        elif node.target in _ESTIMATOR_OPS:
+            with _Record(targets) as recorded:
+                _ESTIMATOR_OPS[node.target](node)
+            calls += recorded.calls
+    return calls
+
+
+def gemm_shapes(graph: torch.fx.GraphModule) -> set[tuple[tuple[int, ...], ...]]:
+    """Operand shapes of the ``mm`` and ``bmm`` the backward ``graph`` computes (:func:`inner_calls`)."""
+    targets = (torch.ops.aten.mm.default, torch.ops.aten.bmm.default)
+    return {tuple(tuple(a.shape) for a in args[:2]) for _, args in inner_calls(graph, targets)}

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import ubcompile
-from ubcompile.passes import rules
+from ubcompile import sampler
 from ubcompile.testing import assert_unbiased
 
+from conftest import inner_calls
 from zoo import DRAWS, make_zoo, zoo_loss
 
 CONV_GRADS = ("conv grad_input", "conv grad_weight")
@@ -28,8 +29,8 @@ def by_layer(report):
 def conv_backward_operands(report):
     """``(G shape, x shape, w shape, output_mask)`` of every convolution backward the backward graph runs."""
     (graph,) = [g.backward_graph for g in report.graphs]
-    return [(*(tuple(a.meta["val"].shape) for a in n.args[:3]), tuple(n.args[10])) for n in graph.graph.nodes
-            if n.target is torch.ops.aten.convolution_backward.default]
+    return [(*(tuple(a.shape) for a in args[:3]), tuple(args[10]))
+            for _, args in inner_calls(graph, (torch.ops.aten.convolution_backward.default,))]
 
 
 def test_channel_sampling_covers_every_geometry_and_stratifies_groups():
@@ -87,7 +88,7 @@ def test_conv_gradients_are_unbiased(grad, axis, sketch):
 
 
 def test_a_biased_conv_rewrite_fails_the_same_test(monkeypatch):
-    monkeypatch.setattr(rules, "uniform_scale", lambda n, k: 1.25 * n / k)
+    monkeypatch.setattr(sampler, "uniform_scale", lambda n, k: 1.25 * n / k)
     model, x = make_zoo("bagnet")
     backend = ubcompile.backend(p=0.25, grad="weight", axis="rows", sketch="uniform", min_dim=8, seed=0)
     with pytest.raises(AssertionError, match="looks biased"):

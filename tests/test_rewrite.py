@@ -10,7 +10,7 @@ from ubcompile.passes import JointSamplingPass
 from ubcompile.passes.gemm import gemm_sites
 from ubcompile.passes.graph import GradientFlow, cotangent_dependent
 
-from conftest import loss_of, make, mlp
+from conftest import gemm_shapes, loss_of, make, mlp
 
 # (model, grad mode) -> (sampled, kept exact)
 EXPECTED_COUNTS = {
@@ -30,8 +30,7 @@ def explain(name, sketch="uniform", **options):
 
 def mm_operand_shapes(report):
     (graph,) = [g.backward_graph for g in report.graphs]
-    return {tuple(tuple(a.meta["val"].shape) for a in n.args) for n in graph.graph.nodes
-            if n.target is torch.ops.aten.mm.default}
+    return gemm_shapes(graph)
 
 
 @pytest.mark.parametrize("name, grad", sorted(EXPECTED_COUNTS))

@@ -19,7 +19,7 @@ from torch import Tensor
 from .auto import AutoController
 from .sketches.lowrank import gaussian_sketch, orthonormal_sketch
 from .sketches.norm import output_importance, pps_sample
-from .sketches.uniform import stratified, uniform_subset
+from .sketches.uniform import stratified, uniform_scale, uniform_subset
 
 _SEED_SALT = 0x5EED_0BC0  # keeps the backend's stream apart from torch's stream for the same seed
 _RANK_STRIDE = 0x9E37_79B9_7F4A_7C15  # 2**64 / golden ratio, odd: the ranks' seeds land far apart
@@ -110,21 +110,22 @@ def sampler(sampler_id: int) -> Sampler:
 
 
 @torch.library.custom_op("ubcompile::uniform_indices", mutates_args=())
-def uniform_indices(anchor: Tensor, n: int, k: int, sampler_id: int, site: int, strata: int = 1) -> Tensor:
+def uniform_indices(anchor: Tensor, n: int, k: int, sampler_id: int, site: int,
+                    strata: int = 1) -> tuple[Tensor, Tensor]:
     """``k`` sorted indices drawn uniformly from ``range(n)`` on ``anchor``'s device (``k / strata``
-    from each of ``strata`` equal blocks).
+    from each of ``strata`` equal blocks), and their weight ``n / k`` (0-d, ``anchor``'s dtype).
 
     ``anchor`` (the cotangent being sampled) fixes the device and orders the draw after the
     cotangent exists; ``site`` tells the draws of different layers apart so no pass merges them.
     """
     gen = sampler(sampler_id).generator(anchor.device)
-    return stratified(lambda _, k_block: (uniform_subset(n // strata, k_block, gen, anchor.device),),
-                      n, k, strata)[0]
+    idx = stratified(lambda _, k_block: (uniform_subset(n // strata, k_block, gen, anchor.device),), n, k, strata)[0]
+    return idx, anchor.new_full((), uniform_scale(n, k))
 
 
 @uniform_indices.register_fake
-def _(anchor: Tensor, n: int, k: int, sampler_id: int, site: int, strata: int = 1) -> Tensor:
-    return anchor.new_empty((k,), dtype=torch.long)
+def _(anchor: Tensor, n: int, k: int, sampler_id: int, site: int, strata: int = 1) -> tuple[Tensor, Tensor]:
+    return anchor.new_empty((k,), dtype=torch.long), anchor.new_empty(())
 
 
 @torch.library.custom_op("ubcompile::pps_indices", mutates_args=())

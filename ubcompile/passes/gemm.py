@@ -26,10 +26,10 @@ from torch import Tensor
 
 from .._torch_private import size_hint
 from ..config import SamplingConfig
+from ..estimator_ops import CONTRACTED, gemm_importance, sketched_gemm
 from ..sketches import keep_count
 from ..sketches.axis import axis_sketch
 from ..sketches.matmul import sketched_contraction, sketched_output
-from ..sketches.norm import contraction_importance, output_importance
 from .graph import FEATURES, ROWS, GradientFlow, Role, Unmatched, module_path, shape_of
 from .rules import AXIS_BY_NAME, SKETCH_TABLE, decline
 
@@ -150,16 +150,20 @@ class GemmRewrite:
 
     def importance(self, x: Tensor, y: Tensor) -> Tensor:
         """Norm of the part of ``x @ y`` that each index carries."""
-        if self.out_dim is None:
-            return contraction_importance(x, y)
-        return output_importance(x, -2) if self.out_dim == 0 else output_importance(y, -1)
+        return gemm_importance(x, y, CONTRACTED if self.out_dim is None else self.out_dim)
 
     def anchor(self, x: Tensor, y: Tensor) -> Tensor:
         return (x, y)[self.site.cotangent_arg]
 
     def estimator(self) -> Callable[..., Tensor]:
-        """``(x, y, *sketch tensors) -> estimate of x @ y``: ``x S y``, ``S (x y)`` or ``(x y) S``."""
+        """``(x, y, *sketch tensors) -> estimate of x @ y``: ``x S y``, ``S (x y)`` or ``(x y) S``.
+
+        A diagonal sketch is one opaque op (:mod:`ubcompile.estimator_ops`); a projection's three
+        GEMMs are left to Inductor."""
         out_dim = self.out_dim
+        if not SKETCH_TABLE[self.sketch].projects:
+            op_dim = CONTRACTED if out_dim is None else out_dim
+            return lambda x, y, idx, scale: sketched_gemm(x, y, idx, scale, op_dim)
         if out_dim is None:
             return lambda x, y, *drawn: sketched_contraction(x, y, axis_sketch(*drawn))
         return lambda x, y, *drawn: sketched_output(x, y, axis_sketch(*drawn), out_dim)

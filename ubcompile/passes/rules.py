@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..config import SamplingConfig
-from ..sketches import keep_count, uniform_scale
+from ..sketches import keep_count
 from .graph import FEATURES, ROWS, Role
 
 AXIS_NAMES = {ROWS: "rows", FEATURES: "features"}
@@ -64,8 +64,7 @@ def _uniform_draw(rewrite: Sampled, sampler_id: int, key: int) -> Draw:
         anchor = rewrite.anchor(*operands)
         n = rewrite.size(*operands)
         k = sample_size(n, rewrite.p, rewrite.strata)
-        idx = torch.ops.ubcompile.uniform_indices(anchor, n, k, sampler_id, key, rewrite.strata)
-        return idx, anchor.new_full((), uniform_scale(n, k))
+        return torch.ops.ubcompile.uniform_indices(anchor, n, k, sampler_id, key, rewrite.strata)
 
     return draw
 

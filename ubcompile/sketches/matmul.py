@@ -27,7 +27,7 @@ def sketched_output(x: Tensor, y: Tensor, sketch: AxisSketch, dim: int) -> Tenso
     """``S @ (x @ y)`` (``dim = 0``) or ``(x @ y) @ S`` (``dim = 1``): ``k`` output rows (columns)
     computed, then moved back to ``n``. ``dim`` counts the two matrix dims."""
     if dim == 1:
-        return sketched_output(y.mT, x.mT, sketch, 0).mT
+        return sketch.extend(x @ sketch.weighted(y, -1), -1, y.shape[-1])
     return sketch.extend(sketch.weighted(x, -2) @ y, -2, x.shape[-2])
 
 

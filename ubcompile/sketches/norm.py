@@ -89,13 +89,16 @@ def contraction_importance(x: Tensor, y: Tensor) -> Tensor:
     For batched ``x: (..., M, n)``, ``y: (..., n, N)`` with one draw shared by the batch, the
     ``j``-th term is the stack of the batch's terms: ``a_j = sqrt(sum_b ||x_b[:, j]||^2 ||y_b[j, :]||^2)``.
     """
-    per_batch = x.square().sum(-2) * y.square().sum(-1)  # (..., n)
-    return per_batch.reshape(-1, per_batch.shape[-1]).sum(0).sqrt()
+    # Norms first: one read of each operand, no operand-sized temporaries.
+    per_batch = torch.linalg.vector_norm(x, dim=-2) * torch.linalg.vector_norm(y, dim=-1)  # (..., n)
+    if per_batch.dim() == 1:
+        return per_batch
+    return per_batch.reshape(-1, per_batch.shape[-1]).square().sum(0).sqrt()
 
 
 def output_importance(t: Tensor, dim: int) -> Tensor:
     """``a_i = ||t.select(dim, i)||``: the norm of each slice of ``t`` along ``dim``."""
-    return torch.linalg.vector_norm(t.movedim(dim, 0).reshape(t.shape[dim], -1), dim=1)
+    return torch.linalg.vector_norm(t, dim=[d for d in range(t.dim()) if d != dim % t.dim()])
 
 
 def poisson_variance(terms: Tensor, pi: Tensor) -> Tensor:

@@ -1,0 +1,101 @@
+"""The diagonal-sketch estimators of GEMMs and convolutions as opaque graph ops.
+
+The pass inserts ``ubcompile::gemm_importance`` / ``conv_importance`` and ``ubcompile::sketched_gemm``
+/ ``sketched_conv_backward`` where a sampled gradient's importances and product are computed.
+Inductor calls them like it calls ``mm`` (an extern kernel on the tensors as they are, views
+included) and compiles no kernels of its own for the gathers, scales and scatters inside: traced as
+ATen nodes, they fused into different C++ kernels in every layer, which on CPU made the first
+step's compile 1.3-1.8x exact's (benchmarks/RESULTS.md, "Compile time"). Each runs the pure
+functions of :mod:`ubcompile.sketches` eagerly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .sketches.axis import Diagonal
+from .sketches.conv import ConvGeometry, batch_sketched_vjp, channel_sketched_vjp, conv_importance as _conv_importance
+from .sketches.matmul import sketched_contraction, sketched_output
+from .sketches.norm import contraction_importance, output_importance
+
+CONTRACTED = -1
+"""``out_dim`` of a sketch on the axis the product sums over (``x S y``)."""
+
+
+def _sampled_size(x: Tensor, y: Tensor, out_dim: int) -> int:
+    return {CONTRACTED: x.shape[-1], 0: x.shape[-2], 1: y.shape[-1]}[out_dim]
+
+
+@torch.library.custom_op("ubcompile::gemm_importance", mutates_args=())
+def gemm_importance(x: Tensor, y: Tensor, out_dim: int) -> Tensor:
+    """Norm of the part of ``x @ y`` each index of the sampled axis carries: the term norms
+    ``||x[:, j]|| ||y[j, :]||`` of a contracted axis, the output row (column) norms of ``x`` (``y``)
+    along output dim ``out_dim``."""
+    if out_dim == CONTRACTED:
+        return contraction_importance(x, y)
+    return output_importance(x, -2) if out_dim == 0 else output_importance(y, -1)
+
+
+@gemm_importance.register_fake
+def _(x: Tensor, y: Tensor, out_dim: int) -> Tensor:
+    return x.new_empty((_sampled_size(x, y, out_dim),))
+
+
+def sketched_product(x: Tensor, y: Tensor, idx: Tensor, scale: Tensor, out_dim: int) -> Tensor:
+    """``x @ y`` with the diagonal sketch ``(idx, scale)`` on one axis: ``x S y`` (``out_dim = -1``),
+    ``S (x y)`` (``0``) or ``(x y) S`` (``1``), as a GEMM on the ``k`` kept indices
+    (:func:`~ubcompile.sketches.matmul.sketched_contraction`, :func:`~ubcompile.sketches.matmul.sketched_output`);
+    contiguous."""
+    sketch = Diagonal(idx, scale)
+    out = sketched_contraction(x, y, sketch) if out_dim == CONTRACTED else sketched_output(x, y, sketch, out_dim)
+    return out.contiguous()  # the strides the fake promises (a copy only for broadcast batch dims)
+
+
+@torch.library.custom_op("ubcompile::sketched_gemm", mutates_args=())
+def sketched_gemm(x: Tensor, y: Tensor, idx: Tensor, scale: Tensor, out_dim: int) -> Tensor:
+    """:func:`sketched_product` as one graph op."""
+    return sketched_product(x, y, idx, scale, out_dim)
+
+
+@sketched_gemm.register_fake
+def _(x: Tensor, y: Tensor, idx: Tensor, scale: Tensor, out_dim: int) -> Tensor:
+    return x.new_empty((*torch.broadcast_shapes(x.shape[:-2], y.shape[:-2]), x.shape[-2], y.shape[-1]))
+
+
+@torch.library.custom_op("ubcompile::conv_importance", mutates_args=())
+def conv_importance(g: Tensor, co_operand: Tensor, axis: int, co_dim: int, contracted: bool) -> Tensor:
+    """:func:`ubcompile.sketches.conv.conv_importance` as one graph op."""
+    return _conv_importance(g, co_operand, axis, co_dim, contracted)
+
+
+@conv_importance.register_fake
+def _(g: Tensor, co_operand: Tensor, axis: int, co_dim: int, contracted: bool) -> Tensor:
+    return g.new_empty((g.shape[axis],))
+
+
+@torch.library.custom_op("ubcompile::sketched_conv_backward", mutates_args=())
+def sketched_conv_backward(g: Tensor, x: Tensor, w: Tensor, idx: Tensor, scale: Tensor, stride: list[int],
+                           padding: list[int], dilation: list[int], transposed: bool, output_padding: list[int],
+                           groups: int, channels: bool, mask: list[bool]) -> tuple[Tensor, Tensor]:
+    """``(grad_input, grad_weight)`` of a convolution with the diagonal sketch ``(idx, scale)`` on the
+    output channels (``channels``) or the batch of ``G``
+    (:func:`~ubcompile.sketches.conv.channel_sketched_vjp`, :func:`~ubcompile.sketches.conv.batch_sketched_vjp`);
+    an output ``mask`` leaves out is an empty tensor."""
+    geometry = ConvGeometry(tuple(stride), tuple(padding), tuple(dilation), transposed, tuple(output_padding), groups)
+    return sketched_conv_grads(g, x, w, idx, scale, geometry, channels, (mask[0], mask[1]))
+
+
+def sketched_conv_grads(g: Tensor, x: Tensor, w: Tensor, idx: Tensor, scale: Tensor, geometry: ConvGeometry,
+                        channels: bool, mask: tuple[bool, bool]) -> tuple[Tensor, Tensor]:
+    """What :func:`sketched_conv_backward` computes, as a plain function; contiguous results."""
+    vjp = channel_sketched_vjp if channels else batch_sketched_vjp
+    gi, gw = vjp(g, x, w, Diagonal(idx, scale), geometry, mask)
+    return (x.new_empty(0) if gi is None else gi.contiguous()), (w.new_empty(0) if gw is None else gw.contiguous())
+
+
+@sketched_conv_backward.register_fake
+def _(g: Tensor, x: Tensor, w: Tensor, idx: Tensor, scale: Tensor, stride: list[int], padding: list[int],
+      dilation: list[int], transposed: bool, output_padding: list[int], groups: int, channels: bool,
+      mask: list[bool]) -> tuple[Tensor, Tensor]:
+    return (x.new_empty(x.shape if mask[0] else (0,)), w.new_empty(w.shape if mask[1] else (0,)))
