@@ -37,9 +37,10 @@ DEFAULT_LABEL = f"auto budget={SamplingConfig.budget:g}"
 
 
 def auto_labels(records: list[Record]) -> list[str]:
-    """``exact`` and the budgets the records ran, in increasing order."""
+    """``exact``, the fixed fractions, and the budgets the records ran, in increasing order."""
+    fixed = sorted({r["label"] for r in records if not r["config"].get("exact") and r["config"]["p"] != "auto"})
     budgets = sorted({r["config"]["budget"] for r in records if r["config"].get("p") == "auto"})
-    return ["exact"] + [f"auto budget={b:g}" for b in budgets]
+    return ["exact", *fixed] + [f"auto budget={b:g}" for b in budgets]
 
 
 def memory_labels() -> list[str]:

@@ -75,11 +75,15 @@ AUTO_BUDGETS = {0.5: MANY_SEEDS, 1.0: AUTO_SEEDS, 2.0: AUTO_SEEDS}
 seeds leave a standard error near issue 7's 0.5-point criterion: the default budget gets 16."""
 
 
+AUTO_FIXED_P = 0.25  # the default fixed fraction, run beside p="auto" as the reference trade-off
+
+
 def auto_grid(model: str) -> list[dict[str, Any]]:
-    """``p="auto"`` at each budget against exact (every seed any budget uses), at exact's learning
-    rate and epochs."""
+    """``p="auto"`` at each budget against exact (every seed any budget uses) and the default fixed
+    ``p``, at exact's learning rate and epochs."""
     lr = importlib.import_module(MODELS[model][0]).LR
-    runs = [({"exact": True}, sorted(set().union(*AUTO_BUDGETS.values())))]
+    runs = [({"exact": True}, sorted(set().union(*AUTO_BUDGETS.values()))),
+            ({"p": AUTO_FIXED_P, "grad": "weight", "sketch": "norm", "same_epochs": True}, MANY_SEEDS)]
     runs += [({"p": "auto", "grad": "weight", "sketch": "norm", "budget": b}, seeds) for b, seeds in AUTO_BUDGETS.items()]
     return [{"model": model, "seed": seed, "lr": lr, **c} for c, seeds in runs for seed in seeds]
 
