@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 import ubcompile
 from ubcompile.auto import LEVELS, AutoController
-from ubcompile.config import AXES, COMPILERS, GRAD_MODES, SKETCHES
+from ubcompile.config import AXES, COMPILERS, GRAD_MODES, SKETCHES, SamplingConfig
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -88,8 +88,9 @@ def add_common_arguments(ap: argparse.ArgumentParser, task_lr: float, task_epoch
     ap.add_argument("--p", type=keep_fraction, default=0.25,
                     help="keep fraction of the sampled gradient products, or 'auto' (chosen per layer from "
                          "measured variance; grad weight, norm sketch)")
-    ap.add_argument("--budget", type=float, default=1.0,
-                    help="with --p auto: added variance allowed per layer, as a fraction of its SGD variance")
+    ap.add_argument("--budget", type=float, default=SamplingConfig.budget,
+                    help="with --p auto: added variance allowed, summed over the layers, as a fraction of their "
+                         "summed SGD variance")
     ap.add_argument("--sketch", choices=SKETCHES, default="norm")
     ap.add_argument("--grad", choices=GRAD_MODES, default="weight")
     ap.add_argument("--axis", choices=AXES, default=None, help="default: the grad mode's default axis")
