@@ -8,7 +8,7 @@ import torch.fx
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ubcompile.estimator_ops import CONTRACTED, sketched_conv_grads, sketched_product
+from ubcompile.estimator_ops import sampled_size, sketched_conv_grads, sketched_product
 from ubcompile.sketches.conv import ConvGeometry
 
 
@@ -82,16 +82,14 @@ def _kept(n: int, k: int) -> torch.Tensor:
 def _run_sketched_gemm(node: torch.fx.Node) -> None:
     x, y, idx, scale = (_random_like(a) for a in node.args[:4])
     out_dim = node.args[4]
-    n = {CONTRACTED: x.shape[-1], 0: x.shape[-2], 1: y.shape[-1]}[out_dim]
-    sketched_product(x, y, _kept(n, idx.shape[0]), scale, out_dim)
+    sketched_product(x, y, _kept(sampled_size(x, y, out_dim), idx.shape[0]), scale, out_dim)
 
 
 def _run_sketched_conv(node: torch.fx.Node) -> None:
     g, x, w, idx, scale = (_random_like(a) for a in node.args[:5])
-    channels, mask = node.args[11:13]
+    axis, mask = node.args[11:13]
     geometry = ConvGeometry(*(tuple(a) if isinstance(a, (list, tuple)) else a for a in node.args[5:11]))
-    sketched_conv_grads(g, x, w, _kept(g.shape[1 if channels else 0], idx.shape[0]), scale, geometry, channels,
-                        tuple(mask))
+    sketched_conv_grads(g, x, w, _kept(g.shape[axis], idx.shape[0]), scale, geometry, axis, tuple(mask))
 
 
 _ESTIMATOR_OPS = {torch.ops.ubcompile.sketched_gemm.default: _run_sketched_gemm,

@@ -15,15 +15,16 @@ import torch
 from torch import Tensor
 
 from .sketches.axis import Diagonal
-from .sketches.conv import ConvGeometry, batch_sketched_vjp, channel_sketched_vjp, conv_importance as _conv_importance
-from .sketches.matmul import sketched_contraction, sketched_output
+from .sketches.conv import SKETCHED_VJPS, ConvGeometry, conv_importance as _conv_importance
+from .sketches.matmul import sketched_matmul
 from .sketches.norm import contraction_importance, output_importance
 
 CONTRACTED = -1
 """``out_dim`` of a sketch on the axis the product sums over (``x S y``)."""
 
 
-def _sampled_size(x: Tensor, y: Tensor, out_dim: int) -> int:
+def sampled_size(x: Tensor, y: Tensor, out_dim: int) -> int:
+    """Length of the axis of ``x @ y`` that ``out_dim`` names (``CONTRACTED``: the inner one)."""
     return {CONTRACTED: x.shape[-1], 0: x.shape[-2], 1: y.shape[-1]}[out_dim]
 
 
@@ -39,16 +40,15 @@ def gemm_importance(x: Tensor, y: Tensor, out_dim: int) -> Tensor:
 
 @gemm_importance.register_fake
 def _(x: Tensor, y: Tensor, out_dim: int) -> Tensor:
-    return x.new_empty((_sampled_size(x, y, out_dim),))
+    return x.new_empty((sampled_size(x, y, out_dim),))
 
 
 def sketched_product(x: Tensor, y: Tensor, idx: Tensor, scale: Tensor, out_dim: int) -> Tensor:
     """``x @ y`` with the diagonal sketch ``(idx, scale)`` on one axis: ``x S y`` (``out_dim = -1``),
     ``S (x y)`` (``0``) or ``(x y) S`` (``1``), as a GEMM on the ``k`` kept indices
-    (:func:`~ubcompile.sketches.matmul.sketched_contraction`, :func:`~ubcompile.sketches.matmul.sketched_output`);
+    (:func:`~ubcompile.sketches.matmul.sketched_matmul`);
     contiguous."""
-    sketch = Diagonal(idx, scale)
-    out = sketched_contraction(x, y, sketch) if out_dim == CONTRACTED else sketched_output(x, y, sketch, out_dim)
+    out = sketched_matmul(x, y, Diagonal(idx, scale), None if out_dim == CONTRACTED else out_dim)
     return out.contiguous()  # the strides the fake promises (a copy only for broadcast batch dims)
 
 
@@ -77,25 +77,23 @@ def _(g: Tensor, co_operand: Tensor, axis: int, co_dim: int, contracted: bool) -
 @torch.library.custom_op("ubcompile::sketched_conv_backward", mutates_args=())
 def sketched_conv_backward(g: Tensor, x: Tensor, w: Tensor, idx: Tensor, scale: Tensor, stride: list[int],
                            padding: list[int], dilation: list[int], transposed: bool, output_padding: list[int],
-                           groups: int, channels: bool, mask: list[bool]) -> tuple[Tensor, Tensor]:
-    """``(grad_input, grad_weight)`` of a convolution with the diagonal sketch ``(idx, scale)`` on the
-    output channels (``channels``) or the batch of ``G``
-    (:func:`~ubcompile.sketches.conv.channel_sketched_vjp`, :func:`~ubcompile.sketches.conv.batch_sketched_vjp`);
+                           groups: int, axis: int, mask: list[bool]) -> tuple[Tensor, Tensor]:
+    """``(grad_input, grad_weight)`` of a convolution with the diagonal sketch ``(idx, scale)`` on
+    ``axis`` of ``G`` (its output channels or its batch, :data:`~ubcompile.sketches.conv.SKETCHED_VJPS`);
     an output ``mask`` leaves out is an empty tensor."""
     geometry = ConvGeometry(tuple(stride), tuple(padding), tuple(dilation), transposed, tuple(output_padding), groups)
-    return sketched_conv_grads(g, x, w, idx, scale, geometry, channels, (mask[0], mask[1]))
+    return sketched_conv_grads(g, x, w, idx, scale, geometry, axis, (mask[0], mask[1]))
 
 
 def sketched_conv_grads(g: Tensor, x: Tensor, w: Tensor, idx: Tensor, scale: Tensor, geometry: ConvGeometry,
-                        channels: bool, mask: tuple[bool, bool]) -> tuple[Tensor, Tensor]:
+                        axis: int, mask: tuple[bool, bool]) -> tuple[Tensor, Tensor]:
     """What :func:`sketched_conv_backward` computes, as a plain function; contiguous results."""
-    vjp = channel_sketched_vjp if channels else batch_sketched_vjp
-    gi, gw = vjp(g, x, w, Diagonal(idx, scale), geometry, mask)
+    gi, gw = SKETCHED_VJPS[axis](g, x, w, Diagonal(idx, scale), geometry, mask)
     return (x.new_empty(0) if gi is None else gi.contiguous()), (w.new_empty(0) if gw is None else gw.contiguous())
 
 
 @sketched_conv_backward.register_fake
 def _(g: Tensor, x: Tensor, w: Tensor, idx: Tensor, scale: Tensor, stride: list[int], padding: list[int],
-      dilation: list[int], transposed: bool, output_padding: list[int], groups: int, channels: bool,
+      dilation: list[int], transposed: bool, output_padding: list[int], groups: int, axis: int,
       mask: list[bool]) -> tuple[Tensor, Tensor]:
     return (x.new_empty(x.shape if mask[0] else (0,)), w.new_empty(w.shape if mask[1] else (0,)))

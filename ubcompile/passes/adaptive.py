@@ -21,7 +21,7 @@ from ..config import SamplingConfig
 from ..sampler import sampler
 from .gemm import GemmSite, gemm_dims
 from .graph import ROWS, module_path, shape_of
-from .rules import decline
+from .rules import Draws, decline
 
 aten = torch.ops.aten
 
@@ -37,7 +37,7 @@ class AdaptiveRewrite:
     n: int
     group: int
 
-    def insert(self, graph: torch.fx.Graph, sampler_id: int, draws: dict) -> None:
+    def insert(self, graph: torch.fx.Graph, sampler_id: int, draws: Draws) -> None:
         """Register the site with the sampler's controller and replace the product by the controlled
         op (which draws at run time: ``draws`` is not used)."""
         node = self.site.node

@@ -27,7 +27,7 @@ from .._torch_private import size_hint
 from ..config import SamplingConfig
 from ..sketches.axis import axis_sketch
 from ..estimator_ops import conv_importance, sketched_conv_backward
-from ..sketches.conv import BATCH, CHANNELS, ConvGeometry, batch_sketched_vjp, channel_sketched_vjp
+from ..sketches.conv import BATCH, CHANNELS, SKETCHED_VJPS, ConvGeometry
 from .graph import FEATURES, ROWS, GradientFlow, Role, module_path, shape_of
 from .rules import AXIS_BY_NAME, SKETCH_TABLE, decline, sample_size
 
@@ -124,15 +124,13 @@ class ConvRewrite:
 
         A diagonal sketch is one opaque op (:mod:`ubcompile.estimator_ops`); a projection is left
         to Inductor."""
-        vjp = channel_sketched_vjp if self.g_axis == CHANNELS else batch_sketched_vjp
-        geometry, sampled, bias = self.site.geometry, self.sampled, self.site.outputs[2] is not None
+        axis, geometry, sampled, bias = self.g_axis, self.site.geometry, self.sampled, self.site.outputs[2] is not None
         projects = SKETCH_TABLE[self.sketch].projects
 
         def grads(g: Tensor, x: Tensor, w: Tensor, *drawn: Tensor) -> tuple[Optional[Tensor], ...]:
             if projects:
-                return vjp(g, x, w, axis_sketch(*drawn), geometry, sampled)
-            out = sketched_conv_backward(g, x, w, *drawn, *dataclasses.astuple(geometry),
-                                         self.g_axis == CHANNELS, list(sampled))
+                return SKETCHED_VJPS[axis](g, x, w, axis_sketch(*drawn), geometry, sampled)
+            out = sketched_conv_backward(g, x, w, *drawn, *dataclasses.astuple(geometry), axis, list(sampled))
             return tuple(t if keep else None for t, keep in zip(out, sampled))
 
         def estimate(g: Tensor, x: Tensor, w: Tensor, *drawn: Tensor) -> tuple[Optional[Tensor], ...]:

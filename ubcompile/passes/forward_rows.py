@@ -32,11 +32,9 @@ from ..sketches.matmul import kept_rows_contraction
 from .gemm import GemmSite, gemm_dims, gemm_flops
 from .graph import ROWS, module_path, shape_of
 from .inline import inline_call
-from .rules import decline
+from .rules import Draws, decline
 
 aten = torch.ops.aten
-
-Draws = dict[torch.fx.Node, tuple[torch.fx.Node, ...]]  # activation -> (kept rows, idx, weights)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,10 +26,10 @@ from torch import Tensor
 
 from .._torch_private import size_hint
 from ..config import SamplingConfig
-from ..estimator_ops import CONTRACTED, gemm_importance, sketched_gemm
+from ..estimator_ops import CONTRACTED, gemm_importance, sampled_size, sketched_gemm
 from ..sketches import keep_count
 from ..sketches.axis import axis_sketch
-from ..sketches.matmul import sketched_contraction, sketched_output
+from ..sketches.matmul import sketched_matmul
 from .graph import FEATURES, ROWS, GradientFlow, Role, Unmatched, module_path, shape_of
 from .rules import AXIS_BY_NAME, SKETCH_TABLE, decline
 
@@ -145,12 +145,17 @@ class GemmRewrite:
         """The output dim the sampled axis runs along, or ``None`` when the GEMM contracts it."""
         return None if self.axis == self.site.contracted else self.site.output_dim(self.axis)
 
+    @property
+    def op_dim(self) -> int:
+        """:attr:`out_dim` as the estimator ops take it (``CONTRACTED`` for ``None``)."""
+        return CONTRACTED if self.out_dim is None else self.out_dim
+
     def size(self, x: Tensor, y: Tensor) -> int:
-        return {None: x.shape[-1], 0: x.shape[-2], 1: y.shape[-1]}[self.out_dim]
+        return sampled_size(x, y, self.op_dim)
 
     def importance(self, x: Tensor, y: Tensor) -> Tensor:
         """Norm of the part of ``x @ y`` that each index carries."""
-        return gemm_importance(x, y, CONTRACTED if self.out_dim is None else self.out_dim)
+        return gemm_importance(x, y, self.op_dim)
 
     def anchor(self, x: Tensor, y: Tensor) -> Tensor:
         return (x, y)[self.site.cotangent_arg]
@@ -160,13 +165,10 @@ class GemmRewrite:
 
         A diagonal sketch is one opaque op (:mod:`ubcompile.estimator_ops`); a projection's three
         GEMMs are left to Inductor."""
-        out_dim = self.out_dim
+        out_dim, op_dim = self.out_dim, self.op_dim
         if not SKETCH_TABLE[self.sketch].projects:
-            op_dim = CONTRACTED if out_dim is None else out_dim
             return lambda x, y, idx, scale: sketched_gemm(x, y, idx, scale, op_dim)
-        if out_dim is None:
-            return lambda x, y, *drawn: sketched_contraction(x, y, axis_sketch(*drawn))
-        return lambda x, y, *drawn: sketched_output(x, y, axis_sketch(*drawn), out_dim)
+        return lambda x, y, *drawn: sketched_matmul(x, y, axis_sketch(*drawn), out_dim)
 
     def sampled_flops(self) -> int:
         """GEMM FLOPs of the rewritten product."""

@@ -25,10 +25,8 @@ from .forward_rows import ForwardRowsRewrite, plan_forward_rows
 from .gemm import GEMMS, GemmRewrite, GemmSite, gemm_dims, gemm_flops, gemm_sites, plan_gemm
 from .graph import GradientFlow, Role, Unmatched, cotangent_dependent, fused_kernels, module_path
 from .inline import inline_call
-from .rules import AXIS_NAMES, SKETCH_TABLE
+from .rules import AXIS_NAMES, SKETCH_TABLE, Draws
 
-Draws = dict[Union[torch.fx.Node, tuple[torch.fx.Node, int]], tuple[torch.fx.Node, ...]]
-"""The draws inserted so far: per (cotangent, axis), or per activation for draws in the forward."""
 Rewrite = Union[GemmRewrite, AdaptiveRewrite, ForwardRowsRewrite]
 
 

@@ -12,9 +12,10 @@ device anchor through the :class:`Sampled` protocol.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Callable, Optional, Protocol, Sequence, Union
 
 import torch
+import torch.fx
 from torch import Tensor
 
 from ..config import SamplingConfig
@@ -31,6 +32,9 @@ RULES: frozenset[tuple[str, Role]] = frozenset({
     ("both", Role.GRAD_INPUT),
     ("both", Role.GRAD_WEIGHT),
 })
+
+Draws = dict[Union[torch.fx.Node, tuple[torch.fx.Node, int]], tuple[torch.fx.Node, ...]]
+"""The draws a pass inserted so far: per (cotangent, axis), or per activation for draws in the forward."""
 
 Draw = Callable[..., tuple[Tensor, ...]]
 """``(*operands) -> sketch tensors``: kept indices and their weights (0-d, or one per index) for

@@ -81,6 +81,10 @@ def batch_sketched_vjp(g: Tensor, x: Tensor, w: Tensor, sketch: AxisSketch, geom
     return (sketch.extend(gi, BATCH, x.shape[0]) if gi is not None else None), gw
 
 
+SKETCHED_VJPS = {CHANNELS: channel_sketched_vjp, BATCH: batch_sketched_vjp}
+"""The sketched VJP for each axis of ``G``."""
+
+
 def conv_importance(g: Tensor, co_operand: Tensor, axis: int, co_dim: int, contracted: bool) -> Tensor:
     """Per-index weights for the norm sketch on ``axis`` of ``G``.
 

@@ -9,7 +9,7 @@ dense GEMMs on the kept indices: the zero rows/columns of ``S`` are never multip
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 from torch import Tensor
 
@@ -29,6 +29,12 @@ def sketched_output(x: Tensor, y: Tensor, sketch: AxisSketch, dim: int) -> Tenso
     if dim == 1:
         return sketch.extend(x @ sketch.weighted(y, -1), -1, y.shape[-1])
     return sketch.extend(sketch.weighted(x, -2) @ y, -2, x.shape[-2])
+
+
+def sketched_matmul(x: Tensor, y: Tensor, sketch: AxisSketch, out_dim: Optional[int]) -> Tensor:
+    """``x @ y`` with ``sketch`` on the contracted axis (``out_dim = None``: :func:`sketched_contraction`)
+    or on output dim ``out_dim`` (:func:`sketched_output`)."""
+    return sketched_contraction(x, y, sketch) if out_dim is None else sketched_output(x, y, sketch, out_dim)
 
 
 def sampled_contraction(x: Tensor, y: Tensor, idx: Tensor, scale: Scale) -> Tensor:
