@@ -113,10 +113,14 @@ def plot(records_by_model: dict[str, list[Record]], path: pathlib.Path) -> None:
         ax = axes[0][col]
         total = run["curve"][-1]["step"]
         for site in run["auto"]["sites"]:
-            steps = [c for c, _ in site["timeline"]] + [total]
-            fractions = [p for _, p in site["timeline"]]
-            ax.step(steps, fractions + fractions[-1:], where="post", label=site["module"])
-        ax.set(title=f"{model}: keep fraction per layer ({DEFAULT_LABEL}, seed {run['config']['seed']})",
+            steps = [change[0] for change in site["timeline"]] + [total]
+            fractions = [change[1] for change in site["timeline"]]
+            line, = ax.step(steps, fractions + fractions[-1:], where="post", label=site["module"])
+            residual = [change[:2] for change in site["timeline"] if len(change) > 2 and change[2] == "residual"]
+            if residual:
+                ax.plot(*zip(*residual), "o", color=line.get_color(), markersize=4)
+        ax.set(title=f"{model}: keep fraction per layer ({DEFAULT_LABEL}, seed {run['config']['seed']}; "
+                     "o: switched to the residual sketch)",
                xlabel="training step", ylabel="keep fraction p", yscale="log")
         ax.legend(fontsize=7)
         ax = axes[1][col]

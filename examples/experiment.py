@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import ubcompile
-from ubcompile.auto import LEVELS, AutoController
+from ubcompile.auto import LEVELS, RESIDUAL_RANK, AutoController
 from ubcompile.config import AXES, COMPILERS, GRAD_MODES, SKETCHES, SamplingConfig
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -164,9 +164,11 @@ def auto_record(backend: Any) -> Optional[dict[str, Any]]:
     if auto is None:
         return None
     return {"budget": auto.budget, "measure_every": auto.measure_every, "levels": list(LEVELS),
+            "rank": RESIDUAL_RANK,
             "flop_ratio": auto.spent_flops / auto.exact_flops if auto.exact_flops else 1.0,
             "sites": [{"module": s.module, "shape": list(s.shape), "group": s.group, "calls": s.calls,
-                       "uses": s.uses, "spikes": s.spikes, "timeline": s.timeline,
+                       "options": [o.label for o in s.options], "uses": s.uses, "spikes": s.spikes,
+                       "timeline": s.timeline,
                        "measurements": [dataclasses.asdict(m) for m in s.measurements]} for s in auto.sites]}
 
 

@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import ubcompile
-from ubcompile.auto import LEVELS, AutoController, allocate
+from ubcompile.auto import LEVELS, AutoController, allocate, lower_hull, site_options
 from ubcompile.sketches.control import sample_sq_norms, sgd_variance, sketch_variances
 from ubcompile.sketches.norm import water_fill
 from ubcompile.testing import assert_unbiased, critical_z
@@ -58,13 +58,17 @@ def test_sgd_variance_is_unbiased_and_a_biased_version_is_caught():
     assert abs(_minibatch_variance_z(biased=True)) > bound
 
 
-def test_allocate_one_site_takes_the_most_aggressive_fit_under_the_ceiling():
-    variances = ((0.0, 0.2, 0.6, 1.5, 3.0, 5.0, 9.0, 20.0),)
-    top = len(LEVELS) - 1
-    assert allocate([1.0], variances, [top], 1.0) == [2]
-    assert allocate([1.0], variances, [1], 1.0) == [1]
-    assert allocate([1.0], variances, [top], 0.1) == [0]
-    assert allocate([1.0], variances, [top], 100.0) == [top]
+def _levels(variances, flops=1.0):
+    """Options of a site whose norm-sketch levels have these variances: ``(FLOPs saved, variance)``."""
+    return [(flops * (1 - p), v) for p, v in zip(LEVELS, variances)]
+
+
+def test_allocate_one_site_takes_the_most_aggressive_fit():
+    variances = (0.0, 0.2, 0.6, 1.5, 3.0, 5.0, 9.0, 20.0)
+    assert allocate([_levels(variances)], 1.0) == [2]
+    assert allocate([_levels(variances[:2])], 1.0) == [1]
+    assert allocate([_levels(variances)], 0.1) == [0]
+    assert allocate([_levels(variances)], 100.0) == [len(LEVELS) - 1]
 
 
 def test_allocate_spends_the_shared_budget_where_it_saves_most():
@@ -72,13 +76,30 @@ def test_allocate_spends_the_shared_budget_where_it_saves_most():
     per-layer budgets of 1) goes to site 1, which a per-layer budget of 1 would have held back."""
     noisy = (0.0, 2.5, 5.0, 8.0, 12.0, 16.0, 24.0, 40.0)
     quiet = (0.0, 0.1, 0.2, 0.4, 0.8, 1.2, 1.9, 3.0)
-    levels = allocate([1.0, 1.0], [noisy, quiet], [len(LEVELS) - 1] * 2, 2.0)
+    levels = allocate([_levels(noisy), _levels(quiet)], 2.0)
     assert levels == [0, 6]  # per layer: noisy exact, quiet at level 4 (0.8 <= 1 < 1.2)
     assert noisy[levels[0]] + quiet[levels[1]] <= 2.0
     # a cheap first step of a noisy site can be worth more than the last steps of a quiet one
-    assert allocate([1.0, 1.0], [(0.0, 1.5, 9.0, 9, 9, 9, 9, 9), quiet], [len(LEVELS) - 1] * 2, 2.0) == [1, 3]
+    assert allocate([_levels((0.0, 1.5, 9.0, 9, 9, 9, 9, 9)), _levels(quiet)], 2.0) == [1, 3]
     # FLOPs matter too: at equal variances the bigger product moves first
-    assert allocate([1.0, 4.0], [quiet, quiet], [len(LEVELS) - 1] * 2, 0.2) == [0, 2]
+    assert allocate([_levels(quiet), _levels(quiet, flops=4.0)], 0.2) == [0, 2]
+
+
+def test_allocate_skips_options_off_the_lower_hull():
+    """Option 1 saves less than option 2 for more variance, option 3 lies above the chord from
+    option 2 to option 4: neither is ever chosen, whatever the allowance."""
+    options = [(0.0, 0.0), (1.0, 3.0), (2.0, 1.0), (3.0, 2.5), (4.0, 3.0), (5.0, 10.0)]
+    assert lower_hull(options) == [0, 2, 4, 5]
+    chosen = {allocate([options], allowance)[0] for allowance in (0.5, 1.0, 2.0, 2.9, 3.0, 9.0, 10.0)}
+    assert chosen == {0, 2, 4, 5}
+
+
+def test_site_offers_the_residual_sketch_only_where_it_can_pay():
+    wide, tokens, narrow = (site_options(shape) for shape in ((1024, 256, 1024), (64, 2176, 192), (10, 256, 1024)))
+    assert sum(o.sketch == "residual" for o in wide) == len(LEVELS) - 1
+    assert all(o.flops(1024, 256, 1024) < wide[0].flops(1024, 256, 1024) for o in wide[1:])
+    # many rows, few features: the bases (2 r n (M + N) (1 + 2 + 1) FLOPs) cost 2/3 of exact's product
+    assert all(o.sketch == "norm" for o in tokens + narrow)
 
 
 def _call(controller, x, y, gen, times=1):
@@ -98,7 +119,7 @@ def test_controller_samples_noise_dominated_products_and_keeps_exact_when_the_bu
     assert loose.sites[0].p == 0.25
     assert loose.spent_flops < 0.5 * loose.exact_flops
     assert tight.sites[0].p == 1.0 and tight.spent_flops == tight.exact_flops
-    assert "fraction used" in loose.table()
+    assert "option used" in loose.table()
 
 
 def test_a_gradient_spike_falls_back_towards_exact():
@@ -108,12 +129,12 @@ def test_a_gradient_spike_falls_back_towards_exact():
     c.register("layer", (64, 256, 32), 1)
     _call(c, x, y, gen, times=60)
     site = c.sites[0]
-    before = site.level
+    before = site.current.level
     assert before > 0 and not site.spikes
     out = c.contraction(x, 10 * y, 0, gen)  # the gradient's norm jumps 10x: a loss spike
     assert site.spikes == [60]
     assert torch.allclose(out, x @ (10 * y), rtol=1e-4)  # the spiking call is computed exactly
-    assert site.ceiling == before - 1 and site.level <= before - 1
+    assert site.ceiling == before - 1 and site.current.level <= before - 1
 
 
 def test_auto_backend_rewrites_weight_gradients_into_the_controlled_op():
@@ -126,7 +147,7 @@ def test_auto_backend_rewrites_weight_gradients_into_the_controlled_op():
     assert sorted(e.module for e in adaptive) == ["0", "2"]
     assert all(e.role == "grad_weight" for e in adaptive)
     assert "auto_contraction" in report.backward_code
-    assert "auto/96 rows" in str(report) and "fraction used" in str(report)
+    assert "auto/96 rows" in str(report) and "option used" in str(report)
 
 
 def test_convolutions_stay_exact_under_auto():
@@ -153,7 +174,7 @@ def test_auto_gradients_are_unbiased():
     backend = ubcompile.backend(p="auto", min_dim=16, budget=4.0, compiler="eager", seed=0)
     assert_unbiased(model, lambda out: F.cross_entropy(out, target), x, draws=200, backend=backend)
     uses = [s.uses for s in backend.sampler.auto.sites]
-    assert all(sum(u[1:]) > 150 for u in uses), uses  # most calls sampled
+    assert all(sum(u[1:]) > 150 for u in uses), uses  # most calls sampled (option 0 is exact)
 
 
 @pytest.mark.parametrize("options, message", [

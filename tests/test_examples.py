@@ -164,3 +164,13 @@ def test_auto_run_records_fractions_and_the_auto_report_reads_them(fashion_dir, 
     auto_report.main()
     assert (tmp_path / "auto_fractions.png").stat().st_size > 0
     assert "| auto budget=0.5 |" in (tmp_path / "auto.md").read_text()
+
+
+def test_residual_check_writes_its_table(fashion_dir, tmp_path, monkeypatch):
+    out = tmp_path / "residual.md"
+    script = ROOT / "examples" / "residual_check.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--data-dir", str(fashion_dir), "--width", "64",
+                                      "--steps", "1", "2", "--out", str(out)])
+    runpy.run_path(str(script), run_name="__main__")
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
+    assert len(rows) == 2 * 3  # two steps, three hidden layers

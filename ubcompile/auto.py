@@ -1,30 +1,34 @@
-"""``p="auto"``: per-layer keep fractions chosen, during training, from measured variance.
+"""``p="auto"``: per-layer sketches and keep fractions chosen, during training, from measured variance.
 
 Every weight-gradient product ``T = x @ y`` the pass hands to the controller (batch/token rows
-contracted, one :class:`AutoSite` per product) runs through :meth:`AutoController.contraction`:
+contracted, one :class:`AutoSite` per product) runs through :meth:`AutoController.contraction`,
+with one of the site's :class:`Option` s: exact, the norm sketch keeping a fraction ``p`` of the
+rows (:mod:`ubcompile.sketches.norm`), or the residual sketch, which computes a rank-``2 r`` part
+of ``T`` exactly and applies the norm sketch to the rest (:mod:`ubcompile.sketches.residual`;
+costlier per kept row, much less noisy where the batch's rows lie near a low-dimensional subspace).
 
 * **measure** (the site's first call, then after 5, 10, 20, ... calls, the gap doubling up to
-  ``measure_every``, and after a spike): besides the product at the current fraction, the sketch
-  variance at each level of :data:`LEVELS` and the minibatch-SGD variance are estimated
-  (:mod:`ubcompile.sketches.control`). They need the terms' norms ``a_j`` (computed anyway),
-  each sample's squared norm (free for a plain batch, a small Gram product per sequence with
-  tokens), and ``||T||^2``, estimated without bias by ``||T_hat||^2 - V_sketch(k)`` from the
-  sampled product itself: a measurement costs no extra GEMM on a plain batch.
-* **allocate** (after every measurement): the fractions of all measured sites are chosen together
+  ``measure_every``, and after a spike): besides the product, the sketch variance of every option
+  and the minibatch-SGD variance are estimated (:mod:`ubcompile.sketches.control`). They need the
+  terms' norms ``a_j`` (computed anyway), the residual terms' norms (from the residual sketch's
+  bases: a few thin GEMMs when the site is not using it already), each sample's squared norm
+  (free for a plain batch, a small Gram product per sequence with tokens), and ``||T||^2``,
+  estimated without bias by ``||T_hat||^2 - V_sketch`` from the sampled product itself.
+* **allocate** (after every measurement): the options of all measured sites are chosen together
   (:func:`allocate`) so that their added variances sum to at most ``budget`` times the sum of their
-  SGD variances, with the most FLOPs saved: noise goes where it buys the most FLOPs, and a layer
-  whose sampling is noisy for little saving stays exact. (The paper's trade-off is in the total
-  variance: SGD needs about ``1 + sum V_sketch / sum V_sgd`` times the steps.)
-* **sample** (other calls): the norm sketch at the chosen fraction, a dense GEMM of inner size
-  ``k``. The norm sketch is the only family used: at the same ``k`` its variance is never above the
-  uniform sketch's (:mod:`ubcompile.sketches.norm`).
+  SGD variances, with the most FLOPs saved (each option's FLOPs counted in full, bases included):
+  noise goes where it buys the most FLOPs, and a layer whose sampling is noisy for little saving
+  stays exact. (The paper's trade-off is in the total variance: SGD needs about
+  ``1 + sum V_sketch / sum V_sgd`` times the steps.) The uniform sketch is never an option: at the
+  same ``k`` the norm sketch's variance is never above it.
+* **sample** (other calls): the chosen option, dense GEMMs of inner size ``k`` (``2 r + k``).
 * **guard**: every call knows ``sum_j a_j^2`` (the squared norms of the product's terms) for free.
   A call where it jumps above :data:`SPIKE` times its running mean (a loss spike) is computed
-  exactly and measured, and the site's most aggressive allowed level moves one step towards exact;
-  each clean measurement later gives one step back.
+  exactly and measured, and the site's most aggressive allowed fraction moves one level towards
+  exact; each clean measurement later gives one level back.
 
-The product's output shape never changes, so the compiled graphs stay static: the fraction is
-chosen inside one opaque op, among the few :data:`LEVELS`, with no recompilation.
+The product's output shape never changes, so the compiled graphs stay static: the option is
+chosen inside one opaque op, among the few :data:`LEVELS` of each sketch, with no recompilation.
 """
 
 from __future__ import annotations
@@ -40,9 +44,13 @@ from torch import Tensor
 from .sketches import keep_count, sampled_contraction
 from .sketches.control import sample_norms_flops, sample_sq_norms, sgd_variance, sketch_variances
 from .sketches.norm import contraction_importance, pps_sample
+from .sketches.residual import ResidualSplit, residual_contraction, residual_flops, split_flops
 
 LEVELS = (1.0, 0.5, 0.35, 0.25, 0.18, 0.12, 0.08, 0.05)
 """The keep fractions a site can use, from exact to the most aggressive."""
+
+RESIDUAL_RANK = 8
+"""Rank ``r`` of each basis of the residual sketch (:mod:`ubcompile.sketches.residual`)."""
 
 SPIKE = 4.0
 """A call whose ``sum_j a_j^2`` exceeds this multiple of its running mean is a spike."""
@@ -52,21 +60,62 @@ _WARMUP = 50  # calls before the spike guard is armed
 _FIRST_GAP = 5  # calls between the first two measurements; the gap then doubles up to measure_every
 
 
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One way to compute a site's product: exact (``level == 0``) or ``sketch`` keeping ``LEVELS[level]``."""
+
+    sketch: str  # "norm" or "residual"
+    level: int
+
+    @property
+    def p(self) -> float:
+        return LEVELS[self.level]
+
+    @property
+    def label(self) -> str:
+        if self.level == 0:
+            return "exact"
+        return f"{self.p:g}" if self.sketch == "norm" else f"{self.p:g}+r{RESIDUAL_RANK}"
+
+    def flops(self, m: int, n: int, big_n: int) -> float:
+        """GEMM FLOPs of one call on ``(m x n) @ (n x N)``."""
+        k = min(n, keep_count(n, self.p))
+        if k == n:
+            return 2.0 * m * n * big_n
+        if self.sketch == "norm":
+            return 2.0 * m * k * big_n
+        return float(residual_flops(m, n, big_n, RESIDUAL_RANK, k))
+
+
+def site_options(shape: tuple[int, int, int]) -> tuple[Option, ...]:
+    """Exact, the norm sketch at every level, and the residual sketch at the levels where it costs
+    less than exact, if its cheapest level costs less than the mildest norm sketch (half the rows):
+    elsewhere (few features against many rows) its bases cost about what they could save, and
+    measuring it would cost more than it ever returns."""
+    m, n, big_n = shape
+    options = [Option("norm", level) for level in range(len(LEVELS))]
+    if 2 * RESIDUAL_RANK >= min(m, big_n):
+        return tuple(options)
+    residual = [Option("residual", level) for level in range(1, len(LEVELS))]
+    if residual[-1].flops(*shape) >= options[1].flops(*shape):
+        return tuple(options)
+    return tuple(options + [o for o in residual if o.flops(*shape) < options[0].flops(*shape)])
+
+
 @dataclasses.dataclass
 class Measurement:
-    """One measurement of a site: the SGD variance and ``V_sketch / V_sgd`` at each level."""
+    """One measurement of a site: the SGD variance and the sketch variance of each of its options."""
 
     call: int
     sgd_variance: float
     grad_sq_norm: float  # ||T||^2 of the exact product, estimated
-    variances: tuple[float, ...]  # V_sketch at each level
-    p: float  # the fraction the site ran at after it
+    variances: tuple[float, ...]  # V_sketch of each option of the site
+    option: str  # the label of the option the site ran at after it
 
-    @property
-    def ratios(self) -> tuple[float, ...]:
-        """``V_sketch / V_sgd`` at each level."""
-        v_sgd = self.sgd_variance
-        return tuple(v / v_sgd if v_sgd > 0 else (0.0 if v == 0 else math.inf) for v in self.variances)
+    def ratio(self, option: int) -> float:
+        """``V_sketch / V_sgd`` of one option."""
+        v, v_sgd = self.variances[option], self.sgd_variance
+        return v / v_sgd if v_sgd > 0 else (0.0 if v == 0 else math.inf)
 
 
 @dataclasses.dataclass
@@ -76,54 +125,80 @@ class AutoSite:
     module: str
     shape: tuple[int, int, int]
     group: int  # rows per sample (tokens per sequence); 1 for a plain batch
-    level: int = 0  # index into LEVELS; exact until first measured
+    options: tuple[Option, ...] = ()
+    option: int = 0  # index into options; exact until first measured
     ceiling: int = len(LEVELS) - 1  # most aggressive level allowed
     calls: int = 0
     due: bool = False  # measure at the next call (after a spike)
     next_measure: int = 0  # call index of the next scheduled measurement
     gap: int = _FIRST_GAP
     running: Optional[float] = None  # running mean of sum_j a_j^2
-    uses: list[int] = dataclasses.field(default_factory=lambda: [0] * len(LEVELS))
+    uses: list[int] = dataclasses.field(default_factory=list)  # calls at each option
     measurements: list[Measurement] = dataclasses.field(default_factory=list)
     spikes: list[int] = dataclasses.field(default_factory=list)
-    timeline: list[tuple[int, float]] = dataclasses.field(default_factory=list)  # (call, p) at each change
+    timeline: list[tuple[int, float, str]] = dataclasses.field(default_factory=list)  # (call, p, sketch) at each change
     exact_flops: float = 0.0
     spent_flops: float = 0.0
 
+    def __post_init__(self) -> None:
+        self.options = self.options or site_options(self.shape)
+        self.uses = self.uses or [0] * len(self.options)
+
+    @property
+    def current(self) -> Option:
+        return self.options[self.option]
+
     @property
     def p(self) -> float:
-        return LEVELS[self.level]
+        return self.current.p
 
-    def set_level(self, level: int) -> None:
-        if not self.timeline or level != self.level:
-            self.timeline.append((self.calls - 1, LEVELS[level]))
-        self.level = level
+    def set_option(self, option: int) -> None:
+        if not self.timeline or option != self.option:
+            self.timeline.append((self.calls - 1, self.options[option].p, self.options[option].sketch))
+        self.option = option
 
 
-def allocate(flops: list[float], variances: list[tuple[float, ...]], ceilings: list[int],
-             allowance: float) -> list[int]:
-    """Levels for sites with ``flops`` per exact call and sketch variance ``variances[s][level]``
-    (increasing with the level) that save the most FLOPs with ``sum_s variances[s][level_s] <= allowance``.
+def lower_hull(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the lower convex hull of ``(saved, variance)`` points, from ``points[0] = (0, 0)``
+    (exact) to the most saving: the options worth using, in order of increasing saving."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    hull: list[int] = []
+    for i in order:
+        if hull and points[i][0] == points[hull[-1]][0]:
+            continue  # the same saving at a higher variance
+        while len(hull) >= 2:
+            (x0, y0), (x1, y1), (x2, y2) = points[hull[-2]], points[hull[-1]], points[i]
+            if (x1 - x0) * (y2 - y0) - (x2 - x0) * (y1 - y0) > 0:  # hull[-1] lies below the chord: keep it
+                break
+            hull.pop()
+        hull.append(i)
+    return hull
 
-    Greedy on the exchange rate: repeatedly move the site whose next level saves the most FLOPs per
-    unit of added variance, among the moves that still fit, up to each site's ceiling. When every
-    site's variance grows convexly with the FLOPs it saves, this follows the Lagrangian optimum
-    (it may leave part of the allowance unused at the last move); otherwise it is a heuristic.
+
+def allocate(options: list[list[tuple[float, float]]], allowance: float) -> list[int]:
+    """The option of each site that saves the most FLOPs with the sum of their variances at most ``allowance``.
+
+    ``options[s]`` lists site ``s``'s options as ``(FLOPs saved per call, V_sketch)``, exact first at
+    ``(0, 0)``. Greedy on the exchange rate along each site's lower convex hull
+    (:func:`lower_hull`): repeatedly take the hull step, among those that still fit, that saves
+    the most FLOPs per unit of added variance. This is the Lagrangian optimum when the hull steps
+    fit exactly, and within one hull step of it otherwise.
     """
-    levels = [0] * len(flops)
+    hulls = [lower_hull(points) for points in options]
+    position = [0] * len(options)
     used = 0.0
     while True:
         moves = []
-        for s, level in enumerate(levels):
-            if level < ceilings[s]:
-                added = variances[s][level + 1] - variances[s][level]
-                saved = flops[s] * (LEVELS[level] - LEVELS[level + 1])
+        for s, hull in enumerate(hulls):
+            if position[s] + 1 < len(hull):
+                (saved0, var0), (saved1, var1) = options[s][hull[position[s]]], options[s][hull[position[s] + 1]]
+                added = var1 - var0
                 if used + added <= allowance:
-                    moves.append((saved / added if added > 0 else math.inf, s, added))
+                    moves.append(((saved1 - saved0) / added if added > 0 else math.inf, s, added))
         if not moves:
-            return levels
+            return [hull[i] for hull, i in zip(hulls, position)]
         _, s, added = max(moves)
-        levels[s] += 1
+        position[s] += 1
         used += added
 
 
@@ -141,25 +216,29 @@ class AutoController:
         return len(self.sites) - 1
 
     def contraction(self, x: Tensor, y: Tensor, key: int, generator: torch.Generator) -> Tensor:
-        """An estimate of ``x @ y`` (rows of ``y`` = batch/token rows) at the site's current fraction."""
+        """An estimate of ``x @ y`` (rows of ``y`` = batch/token rows) with the site's current option."""
         site = self.sites[key]
         site.calls += 1
-        n = x.shape[1]
-        flops = 2.0 * x.shape[0] * n * y.shape[1]
-        site.exact_flops += flops
+        site.exact_flops += site.options[0].flops(*site.shape)
         a = contraction_importance(x, y)
         if self._spiked(site, float(a.double().square().sum())):
             site.spikes.append(site.calls - 1)
-            site.ceiling = max(0, site.level - 1)
-            site.set_level(0)
+            site.ceiling = max(0, site.current.level - 1)
+            site.set_option(0)
             site.due = True
             site.gap = _FIRST_GAP  # re-measure soon after
-        site.uses[site.level] += 1
-        k = min(n, keep_count(n, site.p))
-        site.spent_flops += flops * k / n
-        out = x @ y if k == n else sampled_contraction(x, y, *pps_sample(a, k, generator))
+        site.uses[site.option] += 1
+        site.spent_flops += site.current.flops(*site.shape)
+        k = min(x.shape[1], keep_count(x.shape[1], site.p))
+        split = ResidualSplit.of(x, y, RESIDUAL_RANK, generator) if site.current.sketch == "residual" else None
+        if k == x.shape[1]:
+            out = x @ y
+        elif split is None:
+            out = sampled_contraction(x, y, *pps_sample(a, k, generator))
+        else:
+            out = residual_contraction(x, y, split, *pps_sample(split.importance(x, y), k, generator))
         if site.due or site.calls - 1 >= site.next_measure:
-            self._measure(site, x, y, a, out)
+            self._measure(site, x, y, a, split, out, generator)
         return out
 
     def _spiked(self, site: AutoSite, sq_norm: float) -> bool:
@@ -167,34 +246,46 @@ class AutoController:
         site.running = sq_norm if site.running is None else _SMOOTHING * site.running + (1 - _SMOOTHING) * sq_norm
         return spiked
 
-    def _measure(self, site: AutoSite, x: Tensor, y: Tensor, a: Tensor, out: Tensor) -> None:
+    def _measure(self, site: AutoSite, x: Tensor, y: Tensor, a: Tensor, split: Optional[ResidualSplit],
+                 out: Tensor, generator: torch.Generator) -> None:
         (m, n), big_n = x.shape, y.shape[1]
         group = site.group if site.group > 1 and n % site.group == 0 else 1
         sq = a.double().square() if group == 1 else sample_sq_norms(x, y, group)
         site.spent_flops += sample_norms_flops(m, n, big_n, group)
-        v_sketch = sketch_variances(a, [keep_count(n, p) for p in LEVELS])
-        grad_sq_norm = max(0.0, float(out.double().square().sum()) - v_sketch[site.level])
+        importances = {"norm": a}
+        if any(o.sketch == "residual" for o in site.options):
+            if split is None:
+                split = ResidualSplit.of(x, y, RESIDUAL_RANK, generator)
+                site.spent_flops += split_flops(m, n, big_n, RESIDUAL_RANK)
+            importances["residual"] = split.importance(x, y)
+        per_level = {sketch: sketch_variances(importance, [keep_count(n, p) for p in LEVELS])
+                     for sketch, importance in importances.items()}
+        v_sketch = tuple(per_level[o.sketch][o.level] for o in site.options)
+        grad_sq_norm = max(0.0, float(out.double().square().sum()) - v_sketch[site.option])
         v_sgd = sgd_variance(sq, grad_sq_norm)
         if not site.due:
             site.ceiling = min(len(LEVELS) - 1, site.ceiling + 1)
         site.due = False
         site.next_measure = site.calls - 1 + min(site.gap, self.measure_every)
         site.gap *= 2
-        measurement = Measurement(site.calls - 1, v_sgd, grad_sq_norm, tuple(v_sketch), site.p)
+        measurement = Measurement(site.calls - 1, v_sgd, grad_sq_norm, v_sketch, site.current.label)
         site.measurements.append(measurement)
         self._allocate()
-        measurement.p = site.p
+        measurement.option = site.current.label
 
     def _allocate(self) -> None:
-        """Re-choose every measured site's level (see :func:`allocate`) from its last measurement;
-        a site without a finite SGD variance (a batch of one sample) stays exact."""
+        """Re-choose every measured site's option (see :func:`allocate`) from its last measurement,
+        among the options at or below its ceiling; a site without a finite SGD variance (a batch
+        of one sample) stays exact."""
         measured = [s for s in self.sites if s.measurements and math.isfinite(s.measurements[-1].sgd_variance)]
         last = [s.measurements[-1] for s in measured]
         allowance = self.budget * sum(max(0.0, m.sgd_variance) for m in last)
-        levels = allocate([2.0 * math.prod(s.shape) for s in measured], [m.variances for m in last],
-                          [s.ceiling for s in measured], allowance)
-        for site, level in zip(measured, levels):
-            site.set_level(level)
+        allowed = [[i for i, o in enumerate(s.options) if o.level <= s.ceiling] for s in measured]
+        exact = [s.options[0].flops(*s.shape) for s in measured]
+        points = [[(full - s.options[i].flops(*s.shape), m.variances[i]) for i in keep]
+                  for s, m, keep, full in zip(measured, last, allowed, exact)]
+        for site, keep, choice in zip(measured, allowed, allocate(points, allowance)):
+            site.set_option(keep[choice])
 
     @property
     def exact_flops(self) -> float:
@@ -210,16 +301,17 @@ class AutoController:
         rows = []
         for s in self.sites:
             calls = max(1, sum(s.uses))
-            use = ", ".join(f"{p:g}: {100 * u / calls:.0f}%" for p, u in zip(LEVELS, s.uses) if u)
-            last = s.measurements[-1].ratios[s.level] if s.measurements else math.nan
-            rows.append([s.module, "x".join(map(str, s.shape)), s.calls, len(s.measurements), use, f"{s.p:g}",
+            use = ", ".join(f"{o.label}: {100 * u / calls:.0f}%" for o, u in zip(s.options, s.uses) if u)
+            last = s.measurements[-1].ratio(s.option) if s.measurements else math.nan
+            rows.append([s.module, "x".join(map(str, s.shape)), s.calls, len(s.measurements), use, s.current.label,
                          f"{last:.3g}", len(s.spikes),
                          f"{s.spent_flops / s.exact_flops:.3f}" if s.exact_flops else "-"])
-        headers = ["module", "M x n x N", "calls", "measured", "fraction used (share of calls)", "now",
+        headers = ["module", "M x n x N", "calls", "measured", "option used (share of calls)", "now",
                    "V_sketch/V_sgd now", "spikes", "FLOPs vs exact"]
         ratio = self.spent_flops / self.exact_flops if self.exact_flops else 1.0
         summary = (f'p="auto": budget {self.budget:g} (sum of V_sketch <= budget * sum of V_sgd), measured every '
-                   f"{self.measure_every} calls; levels {', '.join(f'{p:g}' for p in LEVELS)} chosen at run "
-                   f"time inside one compiled op (no recompilation); controlled weight-gradient FLOPs "
+                   f"{self.measure_every} calls; the norm sketch at fractions {', '.join(f'{p:g}' for p in LEVELS[1:])}, "
+                   f"or with a rank-{RESIDUAL_RANK} part exact (+r{RESIDUAL_RANK}), chosen at run time inside "
+                   f"one compiled op (no recompilation); controlled weight-gradient FLOPs "
                    f"{ratio:.3f} of exact")
         return tabulate(rows, headers=headers, disable_numparse=True) + "\n" + summary

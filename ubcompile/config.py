@@ -49,7 +49,8 @@ class SamplingConfig:
     Attributes:
         p: keep fraction in (0, 1]. Each sampled GEMM keeps ``k = ceil(p * n)`` of the ``n``
             entries of its sampled axis. ``p = 1`` compiles exact gradients. ``"auto"`` chooses
-            each weight-gradient GEMM's fraction during training from measured variance
+            each weight-gradient GEMM's sketch (the norm sketch, or the residual sketch with a
+            low-rank part exact) and fraction during training from measured variance
             (:mod:`ubcompile.auto`); it needs ``grad="weight"``, rows and the norm sketch.
         budget: with ``p="auto"``, the sketch's added variance allowed, summed over the sampled
             layers, as a fraction of their summed minibatch-SGD variance (0.5 by measurement:

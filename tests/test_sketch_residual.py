@@ -1,0 +1,87 @@
+"""The residual sketch: exact low-rank part plus the norm sketch on the rest."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ubcompile.sketches.matmul import sampled_contraction
+from ubcompile.sketches.norm import contraction_importance, pps_sample
+from ubcompile.sketches.residual import ResidualSplit, residual_contraction, residual_flops, split_flops
+from ubcompile.testing import assert_unbiased_samples, critical_z, z_scores
+
+M, N_ROWS, N, RANK, K, DRAWS = 24, 40, 20, 4, 8, 2000
+
+
+def _operands(noise: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x``'s columns and ``y``'s rows near 3-dimensional subspaces (a classifier's gradient rows
+    and activations), plus ``noise``; term norms spread over two orders of magnitude."""
+    gen = torch.Generator().manual_seed(0)
+    scale = torch.logspace(-1, 1, N_ROWS)[torch.randperm(N_ROWS, generator=gen)]
+    x = (torch.randn(M, 3, generator=gen) @ torch.randn(3, N_ROWS, generator=gen)
+         + noise * torch.randn(M, N_ROWS, generator=gen)) * scale
+    y = torch.randn(N_ROWS, 3, generator=gen) @ torch.randn(3, N, generator=gen) + noise * torch.randn(N_ROWS, N, generator=gen)
+    return x.double(), y.double()
+
+
+def _draws(x, y, estimate) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1)
+    return torch.stack([estimate(x, y, gen) for _ in range(DRAWS)])
+
+
+def residual(x, y, gen):
+    split = ResidualSplit.of(x, y, RANK, gen)
+    return residual_contraction(x, y, split, *pps_sample(split.importance(x, y), K, gen))
+
+
+def plain(x, y, gen):
+    return sampled_contraction(x, y, *pps_sample(contraction_importance(x, y), K, gen))
+
+
+def double_counted(x, y, gen):
+    """Deliberately biased: adds ``P_U T P_V`` a second time (the correction term left out)."""
+    split = ResidualSplit.of(x, y, RANK, gen)
+    out = residual_contraction(x, y, split, *pps_sample(split.importance(x, y), K, gen))
+    return out + split.u @ (split.xu @ split.yv) @ split.v.mT
+
+
+def test_keeping_every_term_is_exact():
+    x, y = _operands()
+    split = ResidualSplit.of(x, y, RANK, torch.Generator().manual_seed(2))
+    assert torch.allclose(residual_contraction(x, y, split, torch.arange(N_ROWS), 1.0), x @ y)
+
+
+def test_exact_when_the_terms_lie_in_the_bases():
+    x, y = _operands(noise=0.0)
+    split = ResidualSplit.of(x, y, RANK, torch.Generator().manual_seed(2))
+    assert split.importance(x, y).max() < 1e-6 * contraction_importance(x, y).max()
+    idx, weights = pps_sample(split.importance(x, y), K, torch.Generator().manual_seed(3))
+    assert torch.allclose(residual_contraction(x, y, split, idx, weights), x @ y)
+
+
+def test_residual_sketch_is_unbiased_and_a_double_counted_part_is_caught():
+    x, y = _operands()
+    assert_unbiased_samples(_draws(x, y, residual), x @ y)
+    assert not z_scores(_draws(x, y, double_counted), x @ y).passed
+
+
+def test_residual_variance_is_far_below_the_norm_sketch_near_low_rank():
+    """Total variance at the same ``k``, with the standard error of its difference."""
+    x, y = _operands()
+    dev = {f.__name__: (d - x @ y).pow(2).flatten(1).sum(1) for f in (residual, plain) for d in [_draws(x, y, f)]}
+    diff = dev["residual"].mean() - dev["plain"].mean()
+    se = (dev["residual"].var() / DRAWS + dev["plain"].var() / DRAWS).sqrt()
+    assert diff < -critical_z(1) * se
+    assert dev["residual"].mean() < 0.1 * dev["plain"].mean()
+
+
+@pytest.mark.parametrize("power", [0, 1, 2])
+def test_flops_are_what_the_gemms_count(power):
+    x, y = _operands()
+    gen = torch.Generator().manual_seed(4)
+    with FlopCounterMode(display=False) as split_count:
+        split = ResidualSplit.of(x, y, RANK, gen, power)
+    idx, weights = pps_sample(split.importance(x, y), K, gen)
+    with FlopCounterMode(display=False) as apply_count:
+        residual_contraction(x, y, split, idx, weights)
+    assert split_count.get_total_flops() == split_flops(M, N_ROWS, N, RANK, power)
+    assert split_count.get_total_flops() + apply_count.get_total_flops() == residual_flops(M, N_ROWS, N, RANK, K, power)
