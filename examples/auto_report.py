@@ -1,6 +1,6 @@
 """Tables and plots of the runs at exact's epochs: ``p="auto"`` and the memory-saving sketch.
 
-    python examples/auto_report.py [--grid auto|memory] [--out docs/experiments]
+    python examples/auto_report.py [--grid auto|auto-confirm|memory] [--out docs/experiments]
 
 For ``--grid auto`` (``python examples/sweep.py --grid auto``) it writes under ``OUT``:
 
@@ -11,8 +11,9 @@ For ``--grid auto`` (``python examples/sweep.py --grid auto``) it writes under `
 * ``auto_fractions.png``: per model (seed 0, default budget), the keep fraction of each controlled
   layer over training, and test accuracy against backward FLOPs for exact and every budget.
 
-For ``--grid memory`` (``python examples/sweep.py --grid memory``): ``memory.md``, the same table
-for the norm and activation sketches at ``p = 0.25``.
+For ``--grid auto-confirm`` (the default budget on fresh seeds): ``auto-confirm.md``, the same
+table. For ``--grid memory`` (``python examples/sweep.py --grid memory``): ``memory.md``, the same
+table for the norm and activation sketches at ``p = 0.25``.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def plot(records_by_model: dict[str, list[Record]], path: pathlib.Path) -> None:
         run = groups[DEFAULT_LABEL][0]
         ax = axes[0][col]
         total = run["curve"][-1]["step"]
-        for site in run["auto"]["sites"]:
+        for site in (s for s in run["auto"]["sites"] if s["timeline"]):  # sites of kind "rows" have none
             steps = [change[0] for change in site["timeline"]] + [total]
             fractions = [change[1] for change in site["timeline"]]
             line, = ax.step(steps, fractions + fractions[-1:], where="post", label=site["module"])
@@ -137,14 +138,14 @@ def plot(records_by_model: dict[str, list[Record]], path: pathlib.Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--grid", choices=["auto", "memory"], default="auto")
+    ap.add_argument("--grid", choices=["auto", "auto-confirm", "memory"], default="auto")
     ap.add_argument("--out", type=pathlib.Path, default=sweep.ROOT / "docs" / "experiments")
     args = ap.parse_args()
     _, filename, models = sweep.GRIDS[args.grid]
     records = records_by_model(args.out / filename, models)
     if args.grid == "auto":
         plot(records, args.out / "auto_fractions.png")
-    tables = [model_table(m, runs, auto_labels(runs) if args.grid == "auto" else memory_labels())
+    tables = [model_table(m, runs, memory_labels() if args.grid == "memory" else auto_labels(runs))
               for m, runs in records.items()]
     write_tables(tables, args.out / f"{args.grid}.md")
 

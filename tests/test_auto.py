@@ -137,16 +137,19 @@ def test_a_gradient_spike_falls_back_towards_exact():
     assert site.ceiling == before - 1 and site.current.level <= before - 1
 
 
-def test_auto_backend_rewrites_weight_gradients_into_the_controlled_op():
+def test_auto_backend_rewrites_weight_and_propagated_gradients_into_the_controlled_op():
+    """Weight gradients are sampled; the propagated one (layer 2's: layer 4's is under min_dim,
+    layer 0's is not needed) is computed on the cotangent's nonzero rows."""
     model = mlp(32, 128, 128, 4)
     backend = ubcompile.backend(p="auto", min_dim=16)
     out = torch.compile(model, backend=backend)(torch.randn(96, 32))
     out.sum().backward()
     report = backend.report()
     adaptive = [e for e in report.entries if e.adaptive]
-    assert sorted(e.module for e in adaptive) == ["0", "2"]
-    assert all(e.role == "grad_weight" for e in adaptive)
-    assert "auto_contraction" in report.backward_code
+    assert sorted((e.module, e.role, e.sketch) for e in adaptive) == [
+        ("0", "grad_weight", "norm"), ("2", "grad_input", "nonzero rows"), ("2", "grad_weight", "norm")]
+    assert sorted(s.kind for s in backend.sampler.auto.sites if s.module == "2") == ["rows", "sample"]
+    assert report.backward_code.count("ubcompile.auto_contraction.default(") == 3
     assert "auto/96 rows" in str(report) and "option used" in str(report)
 
 
@@ -156,25 +159,29 @@ def test_convolutions_stay_exact_under_auto():
     torch.compile(model, backend=backend)(torch.randn(32, 8, 8, 8)).sum().backward()
     reasons = {e.role: e.reason for e in backend.report().entries if e.module == "0"}
     assert "convolutions stay exact" in reasons["conv grad_weight"]
-    assert [s.module for s in backend.sampler.auto.sites] == ["3"]
+    assert sorted((s.module, s.kind) for s in backend.sampler.auto.sites) == [("3", "rows"), ("3", "sample")]
 
 
 def test_tokens_per_sequence_are_found_for_the_sgd_variance():
     model = nn.Sequential(nn.Linear(24, 64), nn.ReLU(), nn.Linear(64, 64))
     backend = ubcompile.backend(p="auto", min_dim=16)
     torch.compile(model, backend=backend)(torch.randn(8, 7, 24)).sum().backward()
-    assert [s.group for s in backend.sampler.auto.sites] == [7, 7]
+    assert [s.group for s in backend.sampler.auto.sites if s.kind == "sample"] == [7, 7]
 
 
-def test_auto_gradients_are_unbiased():
-    """Each call's fraction depends only on earlier calls, so every gradient stays unbiased."""
+@pytest.mark.parametrize("widths, budget, residual", [((16, 64, 64, 3), 4.0, False), ((16, 512, 512, 3), 1.0, True)])
+def test_auto_gradients_are_unbiased(widths, budget, residual):
+    """Each call's option depends only on earlier calls, so every gradient stays unbiased; the
+    512 x 512 layer is wide enough for the residual sketch, and the controller uses it."""
     torch.manual_seed(0)
-    model = mlp(16, 64, 64, 3)
+    model = mlp(*widths)
     x, target = torch.randn(128, 16), torch.randint(0, 3, (128,))
-    backend = ubcompile.backend(p="auto", min_dim=16, budget=4.0, compiler="eager", seed=0)
+    backend = ubcompile.backend(p="auto", min_dim=16, budget=budget, compiler="eager", seed=0)
     assert_unbiased(model, lambda out: F.cross_entropy(out, target), x, draws=200, backend=backend)
-    uses = [s.uses for s in backend.sampler.auto.sites]
-    assert all(sum(u[1:]) > 150 for u in uses), uses  # most calls sampled (option 0 is exact)
+    sites = [s for s in backend.sampler.auto.sites if s.kind == "sample"]
+    assert all(sum(s.uses[1:]) > 150 for s in sites), [s.uses for s in sites]  # most calls sampled (0: exact)
+    used = {s.module: sum(u for o, u in zip(s.options, s.uses) if o.sketch == "residual") for s in sites}
+    assert (used["2"] > 0) == residual, used
 
 
 @pytest.mark.parametrize("options, message", [

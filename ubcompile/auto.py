@@ -22,6 +22,10 @@ costlier per kept row, much less noisy where the batch's rows lie near a low-dim
   ``1 + sum V_sketch / sum V_sgd`` times the steps.) The uniform sketch is never an option: at the
   same ``k`` the norm sketch's variance is never above it.
 * **sample** (other calls): the chosen option, dense GEMMs of inner size ``k`` (``2 r + k``).
+* **propagated gradients** ``G W`` (``kind="rows"``) are never sampled (their noise would reach
+  every earlier layer): each call computes them exactly on the rows where ``G`` is nonzero, a
+  smaller dense GEMM where a model reads out only some tokens (a class token) and its last
+  layers' cotangents are zero elsewhere.
 * **guard**: every call knows ``sum_j a_j^2`` (the squared norms of the product's terms) for free.
   A call where it jumps above :data:`SPIKE` times its running mean (a loss spike) is computed
   exactly and measured, and the site's most aggressive allowed fraction moves one level towards
@@ -125,6 +129,7 @@ class AutoSite:
     module: str
     shape: tuple[int, int, int]
     group: int  # rows per sample (tokens per sequence); 1 for a plain batch
+    kind: str = "sample"  # "rows": a propagated gradient G W, computed on G's nonzero rows
     options: tuple[Option, ...] = ()
     option: int = 0  # index into options; exact until first measured
     ceiling: int = len(LEVELS) - 1  # most aggressive level allowed
@@ -139,9 +144,10 @@ class AutoSite:
     timeline: list[tuple[int, float, str]] = dataclasses.field(default_factory=list)  # (call, p, sketch) at each change
     exact_flops: float = 0.0
     spent_flops: float = 0.0
+    rows_kept: float = 0.0  # kind "rows": the fractions of nonzero rows, summed over calls
 
     def __post_init__(self) -> None:
-        self.options = self.options or site_options(self.shape)
+        self.options = self.options or (site_options(self.shape) if self.kind == "sample" else (Option("norm", 0),))
         self.uses = self.uses or [0] * len(self.options)
 
     @property
@@ -210,16 +216,19 @@ class AutoController:
         self.measure_every = measure_every
         self.sites: list[AutoSite] = []
 
-    def register(self, module: str, shape: tuple[int, int, int], group: int) -> int:
+    def register(self, module: str, shape: tuple[int, int, int], group: int, kind: str = "sample") -> int:
         """A new site for a compiled product; returns its key for the graph's op call."""
-        self.sites.append(AutoSite(module, shape, group))
+        self.sites.append(AutoSite(module, shape, group, kind))
         return len(self.sites) - 1
 
     def contraction(self, x: Tensor, y: Tensor, key: int, generator: torch.Generator) -> Tensor:
-        """An estimate of ``x @ y`` (rows of ``y`` = batch/token rows) with the site's current option."""
+        """``x @ y`` for the site ``key``: sampled with its current option (``kind="sample"``: rows of
+        ``y`` = batch/token rows), or exactly on ``x``'s nonzero rows (``kind="rows"``)."""
         site = self.sites[key]
         site.calls += 1
         site.exact_flops += site.options[0].flops(*site.shape)
+        if site.kind == "rows":
+            return self._nonzero_rows(site, x, y)
         a = contraction_importance(x, y)
         if self._spiked(site, float(a.double().square().sum())):
             site.spikes.append(site.calls - 1)
@@ -239,6 +248,20 @@ class AutoController:
             out = residual_contraction(x, y, split, *pps_sample(split.importance(x, y), k, generator))
         if site.due or site.calls - 1 >= site.next_measure:
             self._measure(site, x, y, a, split, out, generator)
+        return out
+
+    def _nonzero_rows(self, site: AutoSite, x: Tensor, y: Tensor) -> Tensor:
+        """``x @ y`` computed on the rows of ``x`` that are not zero (the others give zero rows):
+        exact, with a GEMM of ``nnz`` instead of ``n`` rows when some are zero."""
+        rows = torch.linalg.vector_norm(x, dim=1).nonzero().squeeze(1)
+        kept = rows.shape[0]
+        site.uses[0] += 1
+        site.spent_flops += 2.0 * kept * x.shape[1] * y.shape[1]
+        site.rows_kept += kept / x.shape[0]
+        if kept == x.shape[0]:
+            return x @ y
+        out = x.new_zeros(x.shape[0], y.shape[1])
+        out[rows] = x[rows] @ y
         return out
 
     def _spiked(self, site: AutoSite, sq_norm: float) -> bool:
@@ -302,6 +325,8 @@ class AutoController:
         for s in self.sites:
             calls = max(1, sum(s.uses))
             use = ", ".join(f"{o.label}: {100 * u / calls:.0f}%" for o, u in zip(s.options, s.uses) if u)
+            if s.kind == "rows":
+                use = f"exact on G's nonzero rows ({s.rows_kept / calls:.2f} of them on average)"
             last = s.measurements[-1].ratio(s.option) if s.measurements else math.nan
             rows.append([s.module, "x".join(map(str, s.shape)), s.calls, len(s.measurements), use, s.current.label,
                          f"{last:.3g}", len(s.spikes),

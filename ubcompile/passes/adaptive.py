@@ -1,9 +1,13 @@
-"""The ``p="auto"`` family: weight-gradient GEMMs handed to the run-time controller.
+"""The ``p="auto"`` family: backward GEMMs handed to the run-time controller.
 
-A weight gradient ``G^T A`` of a linear layer contracts the cotangent's batch/token rows. Under
-``p="auto"`` the pass replaces it by one call of ``torch.ops.ubcompile.auto_contraction``, whose
-output has the exact product's shape, so the graph stays static while the controller
-(:mod:`ubcompile.auto`) picks the keep fraction at every call.
+A weight gradient ``G^T A`` of a linear layer contracts the cotangent's batch/token rows: the
+controller samples them (``kind="sample"``). A propagated gradient ``G W`` has one output row per
+row of ``G``: the controller computes only the rows where ``G`` is nonzero (``kind="rows"``),
+exactly; a model that reads out some tokens only (a class token, the last token) leaves the
+other rows of its last layers' cotangents zero. Under ``p="auto"`` the pass replaces either
+product by one call of ``torch.ops.ubcompile.auto_contraction``, whose output has the exact
+product's shape, so the graph stays static while the controller (:mod:`ubcompile.auto`) decides
+at every call.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ from ..auto import LEVELS
 from ..config import SamplingConfig
 from ..sampler import sampler
 from .gemm import GemmSite, gemm_dims
-from .graph import ROWS, module_path, shape_of
-from .rules import Draws, decline
+from .graph import FEATURES, ROWS, Role, module_path, shape_of
+from .rules import Draws, decline, excluded
 
 aten = torch.ops.aten
 
@@ -31,17 +35,20 @@ _RESHAPES = (aten.view.default, aten._unsafe_view.default, aten.reshape.default,
 
 @dataclasses.dataclass(frozen=True)
 class AdaptiveRewrite:
-    """A weight-gradient ``mm`` whose ``n`` contracted rows the controller samples; ``group`` rows per sample."""
+    """An ``mm`` handed to the controller: a weight gradient whose ``n`` contracted rows it samples
+    (``group`` rows per sample), or a propagated gradient whose ``n`` output rows it computes where
+    ``G`` is nonzero (``kind="rows"``)."""
 
     site: GemmSite
     n: int
     group: int
+    kind: str = "sample"
 
     def insert(self, graph: torch.fx.Graph, sampler_id: int, draws: Draws) -> None:
         """Register the site with the sampler's controller and replace the product by the controlled
         op (which draws at run time: ``draws`` is not used)."""
         node = self.site.node
-        key = sampler(sampler_id).auto.register(module_path(node), gemm_dims(node), self.group)
+        key = sampler(sampler_id).auto.register(module_path(node), gemm_dims(node), self.group, self.kind)
         with graph.inserting_before(node):
             call = graph.call_function(torch.ops.ubcompile.auto_contraction.default,
                                        (*node.args, sampler_id, key))
@@ -66,6 +73,8 @@ def rows_per_sample(operand: torch.fx.Node, n: int) -> int:
 
 def plan_adaptive(site: GemmSite, config: SamplingConfig) -> Union[AdaptiveRewrite, str]:
     """The controlled rewrite of ``site`` under ``p="auto"``, or the reason it stays exact."""
+    if site.role is Role.GRAD_INPUT:
+        return _plan_rows(site, config)
     n = size_hint(site.cotangent.meta["val"].shape[-2])
     reason = decline(config, site.role, module_path(site.node), gemm_dims(site.node), n)
     if reason is not None:
@@ -76,3 +85,13 @@ def plan_adaptive(site: GemmSite, config: SamplingConfig) -> Union[AdaptiveRewri
         return f"{n} rows are too few to sample"
     activation = site.node.args[1 - site.cotangent_arg]
     return AdaptiveRewrite(site, n, rows_per_sample(activation, n))
+
+
+def _plan_rows(site: GemmSite, config: SamplingConfig) -> Union[AdaptiveRewrite, str]:
+    """A propagated gradient ``G W`` (``G`` the left operand): computed on ``G``'s nonzero rows only."""
+    reason = excluded(config, module_path(site.node), gemm_dims(site.node))
+    if reason is not None:
+        return reason
+    if site.node.target is not aten.mm.default or site.cotangent_arg != 0 or site.contracted != FEATURES:
+        return "p='auto' keeps propagated gradients exact, computing only G's nonzero rows of 2-D G @ W"
+    return AdaptiveRewrite(site, size_hint(site.cotangent.meta["val"].shape[-2]), 1, kind="rows")

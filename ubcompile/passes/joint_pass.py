@@ -172,7 +172,8 @@ def _gemm_entry(node: torch.fx.Node, role: Role, decision) -> GemmEntry:
     if isinstance(decision, (GemmRewrite, ForwardRowsRewrite)):
         return GemmEntry(**common, sampled_flops=decision.sampled_flops(), **_sampling_fields(decision))
     if isinstance(decision, AdaptiveRewrite):
-        return GemmEntry(**common, sampled_flops=flops, axis="rows", sketch="norm", n=decision.n)
+        sketch = "norm" if decision.kind == "sample" else "nonzero rows"
+        return GemmEntry(**common, sampled_flops=flops, axis="rows", sketch=sketch, n=decision.n)
     return GemmEntry(**common, sampled_flops=flops, reason=decision)
 
 

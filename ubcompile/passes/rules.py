@@ -106,6 +106,16 @@ SKETCH_TABLE: dict[str, SketchRule] = {
 }
 
 
+def excluded(config: SamplingConfig, module: str, dims: Sequence[int]) -> Optional[str]:
+    """Why the user's policy keeps a product of ``module`` with GEMM dims ``dims`` exact: ``filter``
+    or ``min_dim``; ``None`` if it allows rewriting it."""
+    if config.filter is not None and not config.filter(module):
+        return f"filter excludes module {module!r}"
+    if min(dims) < config.min_dim:
+        return f"GEMM {'x'.join(map(str, dims))} has a dim below min_dim={config.min_dim}"
+    return None
+
+
 def decline(config: SamplingConfig, role: Role, module: str, dims: Sequence[int], n: int,
             strata: int = 1) -> Optional[str]:
     """Why a gradient of ``role`` in ``module`` stays exact under ``config``, or ``None`` to sample it.
@@ -115,11 +125,12 @@ def decline(config: SamplingConfig, role: Role, module: str, dims: Sequence[int]
     judged by its compiled size.
     """
     if config.filter is not None and not config.filter(module):
-        return f"filter excludes module {module!r}"
+        return excluded(config, module, dims)
     if (config.grad, role) not in RULES:
         return f"grad={config.grad!r} keeps {role.value} exact"
-    if min(dims) < config.min_dim:
-        return f"GEMM {'x'.join(map(str, dims))} has a dim below min_dim={config.min_dim}"
+    reason = excluded(config, module, dims)
+    if reason is not None:
+        return reason
     if not config.adaptive and sample_size(n, config.p, strata) >= n:
         per_block = f" ({n // strata} in each of {strata} groups)" if strata > 1 else ""
         return f"p={config.p} keeps all {n} {config.axis}{per_block}"
