@@ -194,3 +194,45 @@ def test_auto_config_errors_say_what_to_do(options, message):
     with pytest.raises(ValueError, match=message):
         ubcompile.backend(p="auto", **options)
 
+
+
+def test_propagated_gradients_are_exact_and_computed_on_the_nonzero_rows_only():
+    gen = torch.Generator().manual_seed(0)
+    c = AutoController(budget=0.5, measure_every=10)
+    key = c.register("layer", (40, 24, 16), 1, kind="rows")
+    x, y = torch.randn(40, 24, generator=gen), torch.randn(24, 16, generator=gen)
+    x[::4] = 0  # a quarter of the rows carry no gradient
+    assert torch.equal(c.contraction(x, y, key, gen), x @ y)
+    assert c.spent_flops == 0.75 * c.exact_flops
+    x = torch.randn(40, 24, generator=gen)
+    assert torch.equal(c.contraction(x, y, key, gen), x @ y)
+    assert c.spent_flops == (0.75 + 1) / 2 * c.exact_flops
+    assert "nonzero rows (0.88 of them on average)" in c.table()
+
+
+class ClassTokenReadout(nn.Module):
+    """Token-wise layers, then a head on token 0 only: the last layer's cotangent is zero on every other token."""
+
+    def __init__(self, dim: int = 32, width: int = 64):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(dim, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                                  nn.Linear(width, width))
+        self.head = nn.Linear(width, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x)[:, 0])
+
+
+def test_a_class_token_readout_computes_the_last_layers_on_one_token_in_eight():
+    """With a budget too small to sample, every gradient equals exact's, and the propagated
+    gradients of layers 2 and 4 (whose cotangents are zero off the class token) cost 1/8."""
+    torch.manual_seed(0)
+    model, x = ClassTokenReadout(), torch.randn(16, 8, 32)
+    backend = ubcompile.backend(p="auto", budget=1e-9, min_dim=16, compiler="eager")
+    torch.compile(model, backend=backend)(x).square().sum().backward()
+    sampled = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(x).square().sum().backward()
+    assert all(torch.allclose(s, p.grad, rtol=1e-4, atol=1e-6) for s, p in zip(sampled, model.parameters()))
+    rows = {s.module: s.rows_kept / s.calls for s in backend.sampler.auto.sites if s.kind == "rows"}
+    assert rows == {"body.2": 1 / 8, "body.4": 1 / 8}

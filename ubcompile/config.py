@@ -53,8 +53,8 @@ class SamplingConfig:
             low-rank part exact) and fraction during training from measured variance
             (:mod:`ubcompile.auto`); it needs ``grad="weight"``, rows and the norm sketch.
         budget: with ``p="auto"``, the sketch's added variance allowed, summed over the sampled
-            layers, as a fraction of their summed minibatch-SGD variance (0.5 by measurement:
-            docs/EXPERIMENTS.md).
+            layers, as a fraction of their summed minibatch-SGD variance (0.1: the smallest budget
+            that cut the backward FLOPs by 40% on both experiment models, docs/EXPERIMENTS.md).
         strict: raise when a rewrite fails, instead of keeping that gradient exact with a warning.
         sample_in_eval: sample gradients in ``eval()`` mode too. By default only a module in
             training mode is sampled; gradients taken in ``eval()`` mode (saliency maps,
@@ -85,7 +85,7 @@ class SamplingConfig:
     min_dim: int = 64
     compiler: str = "inductor"
     filter: Optional[Callable[[str], bool]] = None
-    budget: float = 0.5
+    budget: float = 0.1
     strict: bool = False
     measure_every: int = 50
     sample_in_eval: bool = False
