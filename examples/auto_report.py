@@ -120,8 +120,8 @@ def plot(records_by_model: dict[str, list[Record]], path: pathlib.Path) -> None:
             residual = [change[:2] for change in site["timeline"] if len(change) > 2 and change[2] == "residual"]
             if residual:
                 ax.plot(*zip(*residual), "o", color=line.get_color(), markersize=4)
-        ax.set(title=f"{model}: keep fraction per layer ({DEFAULT_LABEL}, seed {run['config']['seed']}; "
-                     "o: switched to the residual sketch)",
+        ax.set(title=f"{model}: keep fraction per layer ({DEFAULT_LABEL}, seed {run['config']['seed']})\n"
+                     "o: a change to a residual-sketch option",
                xlabel="training step", ylabel="keep fraction p", yscale="log")
         ax.legend(fontsize=7)
         ax = axes[1][col]

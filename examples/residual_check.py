@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import pathlib
 import platform
 
@@ -50,6 +51,13 @@ def ratios(g: torch.Tensor, a: torch.Tensor, gen: torch.Generator) -> tuple[floa
     return plain / v_sgd, same / v_sgd, equal / v_sgd, k_equal
 
 
+def _record(saved: dict[tuple[str, str], torch.Tensor], name: str, _module: nn.Module,
+            inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+    """Keep the layer's input ``A`` and, once the backward reaches it, its output's cotangent ``G``."""
+    saved[(name, "a")] = inputs[0].detach()
+    output.register_hook(lambda grad: saved.__setitem__((name, "g"), grad.detach()))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parents[1] / "docs" / "experiments" / "residual.md")
@@ -65,8 +73,7 @@ def main() -> None:
     hidden = [(name, m) for name, m in model.named_children() if isinstance(m, nn.Linear) and m.out_features > 10]
     saved: dict[tuple[str, str], torch.Tensor] = {}
     for name, m in hidden:
-        m.register_forward_hook(lambda _m, inp, _out, name=name: saved.__setitem__((name, "a"), inp[0].detach()))
-        m.register_full_backward_hook(lambda _m, _gi, go, name=name: saved.__setitem__((name, "g"), go[0].detach()))
+        m.register_forward_hook(functools.partial(_record, saved, name))
     batches, gen = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
     rows: list[str] = []
     step = 0

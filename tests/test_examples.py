@@ -151,9 +151,9 @@ def test_report_draws_plots_and_tables(mlp_records, tmp_path, monkeypatch):
 def test_auto_run_records_fractions_and_the_auto_report_reads_them(fashion_dir, text_file, mlp_records, tmp_path,
                                                                   monkeypatch):
     module, argv = tiny("mlp", fashion_dir, text_file)
-    record = run_tiny(module, argv + ["--p", "auto", "--grad", "weight", "--budget", "0.5", "--min-dim", "32"])
+    record = run_tiny(module, argv + ["--p", "auto", "--grad", "weight", "--min-dim", "32"])  # default budget
     json.dumps(record)
-    assert record["label"] == "auto budget=0.5" and record["status"] == "ok"
+    assert record["label"] == auto_report.DEFAULT_LABEL and record["status"] == "ok"
     sites = record["auto"]["sites"]
     sampled = [s for s in sites if s["kind"] == "sample"]
     assert [s["module"] for s in sampled] == ["5", "3", "1"] and all(s["timeline"] for s in sampled)
@@ -164,7 +164,7 @@ def test_auto_run_records_fractions_and_the_auto_report_reads_them(fashion_dir, 
     monkeypatch.setattr(sys, "argv", ["auto_report.py", "--out", str(tmp_path)])
     auto_report.main()
     assert (tmp_path / "auto_fractions.png").stat().st_size > 0
-    assert "| auto budget=0.5 |" in (tmp_path / "auto.md").read_text()
+    assert f"| {auto_report.DEFAULT_LABEL} |" in (tmp_path / "auto.md").read_text()
 
 
 def test_residual_check_writes_its_table(fashion_dir, tmp_path, monkeypatch):

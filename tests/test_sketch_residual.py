@@ -85,3 +85,11 @@ def test_flops_are_what_the_gemms_count(power):
         residual_contraction(x, y, split, idx, weights)
     assert split_count.get_total_flops() == split_flops(M, N_ROWS, N, RANK, power)
     assert split_count.get_total_flops() + apply_count.get_total_flops() == residual_flops(M, N_ROWS, N, RANK, K, power)
+
+
+def test_half_precision_operands_get_their_bases_in_float32():
+    x, y = (t.bfloat16() for t in _operands())
+    split = ResidualSplit.of(x, y, RANK, torch.Generator().manual_seed(5))
+    assert split.u.dtype == split.v.dtype == torch.bfloat16
+    out = residual_contraction(x, y, split, torch.arange(N_ROWS), 1.0)
+    assert torch.allclose(out.double(), (x @ y).double(), rtol=0.05, atol=0.05 * (x @ y).abs().max().item())

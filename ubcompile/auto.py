@@ -124,7 +124,8 @@ class Measurement:
 
 @dataclasses.dataclass
 class AutoSite:
-    """One weight-gradient product ``(M x n) @ (n x N)`` under control; ``n`` = batch/token rows."""
+    """One product ``(M x n) @ (n x N)`` under control: a weight gradient whose ``n`` batch/token rows
+    are contracted (``kind="sample"``), or a propagated gradient whose ``M`` rows are ``G``'s (``"rows"``)."""
 
     module: str
     shape: tuple[int, int, int]

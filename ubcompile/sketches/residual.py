@@ -14,8 +14,8 @@ variance is the Poisson formula on the residual terms,
 ``V_res(k) = sum_j (1 / pi_j - 1) ||x_r[:, j]||^2 ||y_r[j, :]||^2``: small when the batch's
 gradient rows ``x[:, j]`` or activations ``y[j]`` lie near an ``r``-dimensional subspace, as they do
 in a classifier (the rows of ``dL/dy`` of a layer are images of the ``C``-dimensional logit
-gradients). On the Fashion-MNIST MLP, ``r = 8`` leaves 5-25% of the plain norm sketch's variance
-at the same ``k`` (docs/EXPERIMENTS.md).
+gradients). On the Fashion-MNIST MLP, ``r = 8`` leaves 1-15% of the plain norm sketch's variance
+at the same ``k``, and 5-73% at the same FLOPs (``examples/residual_check.py``, docs/EXPERIMENTS.md).
 
 The bases come from a randomised range finder (:func:`range_basis`, Halko, Martinsson and Tropp
 2011): ``U = orth(x Omega)`` refined by power iterations, a few thin GEMMs. Everything is dense:
@@ -39,13 +39,15 @@ from .matmul import Scale
 def range_basis(x: Tensor, r: int, generator: Optional[torch.Generator] = None, power: int = 1) -> Tensor:
     """An orthonormal ``(M, r)`` basis close to the span of the top ``r`` left singular vectors of ``x: (M, n)``.
 
-    ``orth(x Omega)`` for a Gaussian ``Omega`` (``n x r``), then ``power`` times ``orth(x x^T U)``.
+    ``orth(x Omega)`` for a Gaussian ``Omega`` (``n x r``), then ``power`` times ``orth(x x^T U)``;
+    in float32 for half-precision ``x`` (QR has no half kernels), returned in ``x``'s dtype.
     """
-    omega = torch.randn(x.shape[1], r, generator=generator, device=x.device, dtype=torch.float64).to(x.dtype)
-    u = torch.linalg.qr(x @ omega).Q
+    work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    omega = torch.randn(x.shape[1], r, generator=generator, device=x.device, dtype=torch.float64).to(work.dtype)
+    u = torch.linalg.qr(work @ omega).Q
     for _ in range(power):
-        u = torch.linalg.qr(x @ (x.mT @ u)).Q
-    return u
+        u = torch.linalg.qr(work @ (work.mT @ u)).Q
+    return u.to(x.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
