@@ -117,7 +117,7 @@ def plot(records_by_model: dict[str, list[Record]], path: pathlib.Path) -> None:
             steps = [change[0] for change in site["timeline"]] + [total]
             fractions = [change[1] for change in site["timeline"]]
             line, = ax.step(steps, fractions + fractions[-1:], where="post", label=site["module"])
-            residual = [change[:2] for change in site["timeline"] if len(change) > 2 and change[2] == "residual"]
+            residual = [change[:2] for change in site["timeline"] if change[2] == "residual"]
             if residual:
                 ax.plot(*zip(*residual), "o", color=line.get_color(), markersize=4)
         ax.set(title=f"{model}: keep fraction per layer ({DEFAULT_LABEL}, seed {run['config']['seed']})\n"

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import fashion_data
 from models import mlp
 from ubcompile.sketches.control import sgd_variance, sketch_variances
-from ubcompile.sketches.norm import contraction_importance
+from ubcompile.sketches.norm import contraction_importance, factor_norms
 from ubcompile.sketches.residual import ResidualSplit, residual_flops
 
 P, RANK, BATCH, LR = 0.25, 8, 256, 0.05
@@ -44,7 +44,7 @@ def ratios(g: torch.Tensor, a: torch.Tensor, gen: torch.Generator) -> tuple[floa
     k = round(P * n)
     importance = contraction_importance(x, y)
     v_sgd = sgd_variance(importance.double().square(), float((x @ y).double().square().sum()))
-    residual = ResidualSplit.of(x, y, RANK, gen).importance(x, y)
+    residual = ResidualSplit.of(x, y, RANK, gen).importance(*factor_norms(x, y))
     k_equal = equal_cost_k(m, n, big_n, k)
     plain, = sketch_variances(importance, [k])
     same, equal = sketch_variances(residual, [k, k_equal]) if k_equal else (*sketch_variances(residual, [k]), float("nan"))

@@ -5,7 +5,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ubcompile.sketches.matmul import sampled_contraction
-from ubcompile.sketches.norm import contraction_importance, pps_sample
+from ubcompile.sketches.norm import contraction_importance, factor_norms, pps_sample
 from ubcompile.sketches.residual import ResidualSplit, residual_contraction, residual_flops, split_flops
 from ubcompile.testing import assert_unbiased_samples, critical_z, z_scores
 
@@ -30,7 +30,7 @@ def _draws(x, y, estimate) -> torch.Tensor:
 
 def residual(x, y, gen):
     split = ResidualSplit.of(x, y, RANK, gen)
-    return residual_contraction(x, y, split, *pps_sample(split.importance(x, y), K, gen))
+    return residual_contraction(x, y, split, *pps_sample(split.importance(*factor_norms(x, y)), K, gen))
 
 
 def plain(x, y, gen):
@@ -40,7 +40,7 @@ def plain(x, y, gen):
 def double_counted(x, y, gen):
     """Deliberately biased: adds ``P_U T P_V`` a second time (the correction term left out)."""
     split = ResidualSplit.of(x, y, RANK, gen)
-    out = residual_contraction(x, y, split, *pps_sample(split.importance(x, y), K, gen))
+    out = residual_contraction(x, y, split, *pps_sample(split.importance(*factor_norms(x, y)), K, gen))
     return out + split.u @ (split.xu @ split.yv) @ split.v.mT
 
 
@@ -53,8 +53,8 @@ def test_keeping_every_term_is_exact():
 def test_exact_when_the_terms_lie_in_the_bases():
     x, y = _operands(noise=0.0)
     split = ResidualSplit.of(x, y, RANK, torch.Generator().manual_seed(2))
-    assert split.importance(x, y).max() < 1e-6 * contraction_importance(x, y).max()
-    idx, weights = pps_sample(split.importance(x, y), K, torch.Generator().manual_seed(3))
+    assert split.importance(*factor_norms(x, y)).max() < 1e-6 * contraction_importance(x, y).max()
+    idx, weights = pps_sample(split.importance(*factor_norms(x, y)), K, torch.Generator().manual_seed(3))
     assert torch.allclose(residual_contraction(x, y, split, idx, weights), x @ y)
 
 
@@ -80,7 +80,7 @@ def test_flops_are_what_the_gemms_count(power):
     gen = torch.Generator().manual_seed(4)
     with FlopCounterMode(display=False) as split_count:
         split = ResidualSplit.of(x, y, RANK, gen, power)
-    idx, weights = pps_sample(split.importance(x, y), K, gen)
+    idx, weights = pps_sample(split.importance(*factor_norms(x, y)), K, gen)
     with FlopCounterMode(display=False) as apply_count:
         residual_contraction(x, y, split, idx, weights)
     assert split_count.get_total_flops() == split_flops(M, N_ROWS, N, RANK, power)

@@ -47,7 +47,7 @@ from torch import Tensor
 
 from .sketches import keep_count, sampled_contraction
 from .sketches.control import sample_norms_flops, sample_sq_norms, sgd_variance, sketch_variances
-from .sketches.norm import contraction_importance, pps_sample
+from .sketches.norm import factor_norms, pps_sample
 from .sketches.residual import ResidualSplit, residual_contraction, residual_flops, split_flops
 
 LEVELS = (1.0, 0.5, 0.35, 0.25, 0.18, 0.12, 0.08, 0.05)
@@ -131,7 +131,8 @@ class AutoSite:
     shape: tuple[int, int, int]
     group: int  # rows per sample (tokens per sequence); 1 for a plain batch
     kind: str = "sample"  # "rows": a propagated gradient G W, computed on G's nonzero rows
-    options: tuple[Option, ...] = ()
+    options: tuple[Option, ...] = dataclasses.field(init=False)
+    costs: tuple[float, ...] = dataclasses.field(init=False)  # GEMM FLOPs of one call with each option
     option: int = 0  # index into options; exact until first measured
     ceiling: int = len(LEVELS) - 1  # most aggressive level allowed
     calls: int = 0
@@ -139,7 +140,7 @@ class AutoSite:
     next_measure: int = 0  # call index of the next scheduled measurement
     gap: int = _FIRST_GAP
     running: Optional[float] = None  # running mean of sum_j a_j^2
-    uses: list[int] = dataclasses.field(default_factory=list)  # calls at each option
+    uses: list[int] = dataclasses.field(init=False)  # calls at each option
     measurements: list[Measurement] = dataclasses.field(default_factory=list)
     spikes: list[int] = dataclasses.field(default_factory=list)
     timeline: list[tuple[int, float, str]] = dataclasses.field(default_factory=list)  # (call, p, sketch) at each change
@@ -148,8 +149,9 @@ class AutoSite:
     rows_kept: float = 0.0  # kind "rows": the fractions of nonzero rows, summed over calls
 
     def __post_init__(self) -> None:
-        self.options = self.options or (site_options(self.shape) if self.kind == "sample" else (Option("norm", 0),))
-        self.uses = self.uses or [0] * len(self.options)
+        self.options = site_options(self.shape) if self.kind == "sample" else (Option("norm", 0),)
+        self.costs = tuple(o.flops(*self.shape) for o in self.options)
+        self.uses = [0] * len(self.options)
 
     @property
     def current(self) -> Option:
@@ -227,10 +229,11 @@ class AutoController:
         ``y`` = batch/token rows), or exactly on ``x``'s nonzero rows (``kind="rows"``)."""
         site = self.sites[key]
         site.calls += 1
-        site.exact_flops += site.options[0].flops(*site.shape)
+        site.exact_flops += site.costs[0]
         if site.kind == "rows":
             return self._nonzero_rows(site, x, y)
-        a = contraction_importance(x, y)
+        norms = factor_norms(x, y)
+        a = norms[0] * norms[1]  # the terms' norms (contraction_importance)
         if self._spiked(site, float(a.double().square().sum())):
             site.spikes.append(site.calls - 1)
             site.ceiling = max(0, site.current.level - 1)
@@ -238,7 +241,7 @@ class AutoController:
             site.due = True
             site.gap = _FIRST_GAP  # re-measure soon after
         site.uses[site.option] += 1
-        site.spent_flops += site.current.flops(*site.shape)
+        site.spent_flops += site.costs[site.option]
         k = min(x.shape[1], keep_count(x.shape[1], site.p))
         split = ResidualSplit.of(x, y, RESIDUAL_RANK, generator) if site.current.sketch == "residual" else None
         if k == x.shape[1]:
@@ -246,9 +249,9 @@ class AutoController:
         elif split is None:
             out = sampled_contraction(x, y, *pps_sample(a, k, generator))
         else:
-            out = residual_contraction(x, y, split, *pps_sample(split.importance(x, y), k, generator))
+            out = residual_contraction(x, y, split, *pps_sample(split.importance(*norms), k, generator))
         if site.due or site.calls - 1 >= site.next_measure:
-            self._measure(site, x, y, a, split, out, generator)
+            self._measure(site, x, y, norms, split, out, generator)
         return out
 
     def _nonzero_rows(self, site: AutoSite, x: Tensor, y: Tensor) -> Tensor:
@@ -270,9 +273,10 @@ class AutoController:
         site.running = sq_norm if site.running is None else _SMOOTHING * site.running + (1 - _SMOOTHING) * sq_norm
         return spiked
 
-    def _measure(self, site: AutoSite, x: Tensor, y: Tensor, a: Tensor, split: Optional[ResidualSplit],
-                 out: Tensor, generator: torch.Generator) -> None:
+    def _measure(self, site: AutoSite, x: Tensor, y: Tensor, norms: tuple[Tensor, Tensor],
+                 split: Optional[ResidualSplit], out: Tensor, generator: torch.Generator) -> None:
         (m, n), big_n = x.shape, y.shape[1]
+        a = norms[0] * norms[1]
         group = site.group if site.group > 1 and n % site.group == 0 else 1
         sq = a.double().square() if group == 1 else sample_sq_norms(x, y, group)
         site.spent_flops += sample_norms_flops(m, n, big_n, group)
@@ -281,7 +285,7 @@ class AutoController:
             if split is None:
                 split = ResidualSplit.of(x, y, RESIDUAL_RANK, generator)
                 site.spent_flops += split_flops(m, n, big_n, RESIDUAL_RANK)
-            importances["residual"] = split.importance(x, y)
+            importances["residual"] = split.importance(*norms)
         per_level = {sketch: sketch_variances(importance, [keep_count(n, p) for p in LEVELS])
                      for sketch, importance in importances.items()}
         v_sketch = tuple(per_level[o.sketch][o.level] for o in site.options)
@@ -305,9 +309,7 @@ class AutoController:
         last = [s.measurements[-1] for s in measured]
         allowance = self.budget * sum(max(0.0, m.sgd_variance) for m in last)
         allowed = [[i for i, o in enumerate(s.options) if o.level <= s.ceiling] for s in measured]
-        exact = [s.options[0].flops(*s.shape) for s in measured]
-        points = [[(full - s.options[i].flops(*s.shape), m.variances[i]) for i in keep]
-                  for s, m, keep, full in zip(measured, last, allowed, exact)]
+        points = [[(s.costs[0] - s.costs[i], m.variances[i]) for i in keep] for s, m, keep in zip(measured, last, allowed)]
         for site, keep, choice in zip(measured, allowed, allocate(points, allowance)):
             site.set_option(keep[choice])
 

@@ -106,14 +106,18 @@ SKETCH_TABLE: dict[str, SketchRule] = {
 }
 
 
+def _filtered(config: SamplingConfig, module: str) -> Optional[str]:
+    return f"filter excludes module {module!r}" if config.filter is not None and not config.filter(module) else None
+
+
+def _too_small(config: SamplingConfig, dims: Sequence[int]) -> Optional[str]:
+    return f"GEMM {'x'.join(map(str, dims))} has a dim below min_dim={config.min_dim}" if min(dims) < config.min_dim else None
+
+
 def excluded(config: SamplingConfig, module: str, dims: Sequence[int]) -> Optional[str]:
     """Why the user's policy keeps a product of ``module`` with GEMM dims ``dims`` exact: ``filter``
     or ``min_dim``; ``None`` if it allows rewriting it."""
-    if config.filter is not None and not config.filter(module):
-        return f"filter excludes module {module!r}"
-    if min(dims) < config.min_dim:
-        return f"GEMM {'x'.join(map(str, dims))} has a dim below min_dim={config.min_dim}"
-    return None
+    return _filtered(config, module) or _too_small(config, dims)
 
 
 def decline(config: SamplingConfig, role: Role, module: str, dims: Sequence[int], n: int,
@@ -124,11 +128,8 @@ def decline(config: SamplingConfig, role: Role, module: str, dims: Sequence[int]
     axis to sample (drawn in ``strata`` equal blocks), at their example values: a dynamic batch is
     judged by its compiled size.
     """
-    if config.filter is not None and not config.filter(module):
-        return excluded(config, module, dims)
-    if (config.grad, role) not in RULES:
-        return f"grad={config.grad!r} keeps {role.value} exact"
-    reason = excluded(config, module, dims)
+    not_in_mode = f"grad={config.grad!r} keeps {role.value} exact" if (config.grad, role) not in RULES else None
+    reason = _filtered(config, module) or not_in_mode or _too_small(config, dims)
     if reason is not None:
         return reason
     if not config.adaptive and sample_size(n, config.p, strata) >= n:

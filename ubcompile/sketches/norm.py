@@ -83,6 +83,11 @@ def bernoulli_sample(pi: Tensor, generator: Optional[torch.Generator] = None) ->
     return idx, pi[idx].reciprocal()
 
 
+def factor_norms(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """``(||x[..., :, j]||, ||y[..., j, :]||)``: the norms of the two factors of each term of ``x @ y``."""
+    return torch.linalg.vector_norm(x, dim=-2), torch.linalg.vector_norm(y, dim=-1)
+
+
 def contraction_importance(x: Tensor, y: Tensor) -> Tensor:
     """``a_j = ||x[:, j]|| * ||y[j, :]||``: the norm of the ``j``-th term of ``x @ y``.
 
@@ -90,7 +95,8 @@ def contraction_importance(x: Tensor, y: Tensor) -> Tensor:
     ``j``-th term is the stack of the batch's terms: ``a_j = sqrt(sum_b ||x_b[:, j]||^2 ||y_b[j, :]||^2)``.
     """
     # Norms first: one read of each operand, no operand-sized temporaries.
-    per_batch = torch.linalg.vector_norm(x, dim=-2) * torch.linalg.vector_norm(y, dim=-1)  # (..., n)
+    x_norms, y_norms = factor_norms(x, y)
+    per_batch = x_norms * y_norms  # (..., n)
     if per_batch.dim() == 1:
         return per_batch
     return per_batch.reshape(-1, per_batch.shape[-1]).square().sum(0).sqrt()

@@ -77,11 +77,13 @@ class ResidualSplit:
         v = range_basis(y.mT, r, generator, power)
         return cls(u, v, u.mT @ x, thin_product(y, v))
 
-    def importance(self, x: Tensor, y: Tensor) -> Tensor:
-        """``||x_r[:, j]|| ||y_r[j, :]||``, from ``||x_r[:, j]||^2 = ||x[:, j]||^2 - ||(u^T x)[:, j]||^2``."""
-        x_sq = torch.linalg.vector_norm(x, dim=0).double().square() - self.xu.double().square().sum(0)
-        y_sq = torch.linalg.vector_norm(y, dim=1).double().square() - self.yv.double().square().sum(1)
-        return (x_sq.clamp_min(0) * y_sq.clamp_min(0)).sqrt().to(x.dtype)
+    def importance(self, x_norms: Tensor, y_norms: Tensor) -> Tensor:
+        """``||x_r[:, j]|| ||y_r[j, :]||`` from the plain factor norms ``||x[:, j]||``, ``||y[j, :]||``
+        (:func:`~.norm.factor_norms`, computed once for both sketches):
+        ``||x_r[:, j]||^2 = ||x[:, j]||^2 - ||(u^T x)[:, j]||^2``, and likewise for ``y``."""
+        x_sq = x_norms.double().square() - self.xu.double().square().sum(0)
+        y_sq = y_norms.double().square() - self.yv.double().square().sum(1)
+        return (x_sq.clamp_min(0) * y_sq.clamp_min(0)).sqrt().to(x_norms.dtype)
 
 
 def residual_contraction(x: Tensor, y: Tensor, split: ResidualSplit, idx: Tensor, scale: Scale) -> Tensor:
