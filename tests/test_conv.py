@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import ubcompile
-from ubcompile import sampler
+from ubcompile import draw_ops
 from ubcompile.testing import assert_unbiased
 
 from conftest import inner_calls
@@ -88,7 +88,7 @@ def test_conv_gradients_are_unbiased(grad, axis, sketch):
 
 
 def test_a_biased_conv_rewrite_fails_the_same_test(monkeypatch):
-    monkeypatch.setattr(sampler, "uniform_scale", lambda n, k: 1.25 * n / k)
+    monkeypatch.setattr(draw_ops, "uniform_scale", lambda n, k: 1.25 * n / k)
     model, x = make_zoo("bagnet")
     backend = ubcompile.backend(p=0.25, grad="weight", axis="rows", sketch="uniform", min_dim=8, seed=0)
     with pytest.raises(AssertionError, match="looks biased"):

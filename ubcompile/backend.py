@@ -16,6 +16,7 @@ from .auto import AutoController
 from .config import SamplingConfig
 from .passes import JointSamplingPass
 from .report import GraphReport, Report
+from . import draw_ops  # noqa: F401  (registers the torch.ops.ubcompile draw ops)
 from .sampler import Sampler
 
 log = logging.getLogger("ubcompile")
