@@ -1,3 +1,4 @@
+import inspect
 import math
 
 import pytest
@@ -66,3 +67,24 @@ def test_unsupported_torch_refused_with_a_message():
     check_torch_version("2.13.0+cpu")
     with pytest.raises(ImportError, match="ubcompile supports torch 2.11 through 2.13, found 2.10.0"):
         check_torch_version("2.10.0")
+
+
+@pytest.mark.parametrize("p", [0.25, "auto"])
+def test_backend_defaults_are_the_configs(p):
+    """Every option ``backend()`` leaves unset has ``SamplingConfig``'s default (issue 18: a second
+    default of ``budget`` in ``backend``'s signature made ``p="auto"`` run at 0.5, not the validated 0.1)."""
+    made = ubcompile.backend(p=p).config
+    assert made == ubcompile.SamplingConfig(p=p)
+    assert made.budget == ubcompile.SamplingConfig.budget == 0.1
+
+
+def test_backend_restates_no_default():
+    """``backend`` forwards its options to ``SamplingConfig``: one place for each default."""
+    defaults = [prm.name for prm in inspect.signature(ubcompile.backend).parameters.values()
+                if prm.default is not inspect.Parameter.empty]
+    assert defaults == []
+
+
+def test_unknown_backend_option_names_the_valid_ones():
+    with pytest.raises(TypeError, match="budget"):
+        ubcompile.backend(budjet=0.1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Sequence
 
 import torch
 import torch.fx
@@ -13,7 +13,7 @@ import torch.fx
 from ._torch_private import (compile_eager_with_joint_pass, compile_with_joint_pass, compiling_frame_modules,
                              guard_training_flags)
 from .auto import AutoController
-from .config import SamplingConfig
+from .config import SamplingConfig, make_config
 from .passes import JointSamplingPass
 from .report import GraphReport, Report
 from . import draw_ops  # noqa: F401  (registers the torch.ops.ubcompile draw ops)
@@ -136,13 +136,11 @@ def _snapshot(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(gm, graph)
 
 
-def backend(p: Union[float, str] = 0.25, *, grad: str = "weight", sketch: str = "norm",
-            axis: Optional[str] = None, seed: Optional[int] = None, min_dim: int = 64, compiler: str = "inductor",
-            filter: Optional[Callable[[str], bool]] = None, budget: float = 0.5,
-            measure_every: int = 50, strict: bool = False, sample_in_eval: bool = False) -> Backend:
+def backend(*args: Any, **options: Any) -> Backend:
     """A ubcompile backend: ``torch.compile(model, backend=ubcompile.backend(p=0.25))``.
 
-    See :class:`~ubcompile.config.SamplingConfig` for the options. The default, chosen by
+    ``args`` and ``options`` are :class:`~ubcompile.config.SamplingConfig`'s fields (``p`` may be
+    given by position), with its defaults: each default lives there only. The default, chosen by
     measurement (README, "Defaults"), samples a fraction ``p`` of the batch/token rows of every
     weight-gradient GEMM with the minimal-variance norm sketch and keeps the propagated gradients
     exact; ``p="auto"`` chooses that fraction per layer during training so that the added variance,
@@ -151,9 +149,7 @@ def backend(p: Union[float, str] = 0.25, *, grad: str = "weight", sketch: str = 
     gradient GEMMs (cheaper, noisier: the noise compounds with depth). A module in ``eval()`` mode
     gets exact gradients unless ``sample_in_eval=True``.
     """
-    return Backend(SamplingConfig(p=p, grad=grad, sketch=sketch, axis=axis, seed=seed, min_dim=min_dim,
-                                  compiler=compiler, filter=filter, budget=budget, measure_every=measure_every,
-                                  strict=strict, sample_in_eval=sample_in_eval))
+    return Backend(make_config(*args, **options))
 
 
 def default_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:

@@ -138,3 +138,16 @@ class SamplingConfig:
     def adaptive(self) -> bool:
         """Whether the keep fractions are chosen during training (``p="auto"``)."""
         return self.p == "auto"
+
+
+OPTIONS = tuple(field.name for field in dataclasses.fields(SamplingConfig))
+"""The backend's option names, in :class:`SamplingConfig`'s order."""
+
+
+def make_config(*args: object, **options: object) -> SamplingConfig:
+    """``SamplingConfig(*args, **options)``, refusing an unknown option by naming the valid ones."""
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown ubcompile option(s) {', '.join(map(repr, unknown))}; the options are "
+                        f"{', '.join(OPTIONS)}")
+    return SamplingConfig(*args, **options)
