@@ -7,6 +7,10 @@ from ._torch_private import check_torch_version
 
 check_torch_version()
 
+from . import seeding  # noqa: E402
+
+seeding.install()  # a seed=None backend's streams restart when torch.manual_seed is called
+
 from .backend import Backend, backend  # noqa: E402
 from .config import AXES, COMPILERS, GRAD_MODES, SKETCHES, SamplingConfig  # noqa: E402
 from .explain import explain  # noqa: E402

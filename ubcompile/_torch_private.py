@@ -38,6 +38,7 @@ __all__ = [
     "compile_with_joint_pass",
     "compiling_frame_modules",
     "guard_training_flags",
+    "register_manual_seed",
     "size_hint",
     "trace_with_fake",
 ]
@@ -85,6 +86,13 @@ def guard_training_flags(names: Iterable[str]) -> None:
     variables ``names`` (from :func:`compiling_frame_modules`) changes, as if the frame had read it."""
     install_guard(*(AttrSource(LocalSource(name), "training").make_guard(GuardBuilder.CONSTANT_MATCH)
                     for name in names))
+
+
+def register_manual_seed(manual_seed: Callable[[int], torch.Generator]) -> None:
+    """Make ``manual_seed`` (a wrapper of torch's) ``torch.manual_seed``, as Dynamo installs its own
+    wrapper: hidden from Dynamo and known to TorchScript as ``aten::manual_seed``."""
+    torch.manual_seed = torch._disable_dynamo(manual_seed)
+    torch.jit._builtins._register_builtin(torch.manual_seed, "aten::manual_seed")
 
 
 def trace_with_fake(fn: Callable[..., Any], fake_args: Sequence[Any]) -> torch.fx.GraphModule:

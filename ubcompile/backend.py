@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import warnings
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx
@@ -17,7 +18,7 @@ from .config import SamplingConfig, make_config
 from .passes import JointSamplingPass
 from .report import GraphReport, Report
 from . import draw_ops  # noqa: F401  (registers the torch.ops.ubcompile draw ops)
-from .sampler import Sampler
+from .sampler import GraphStream, Sampler
 
 log = logging.getLogger("ubcompile")
 
@@ -64,8 +65,9 @@ class Backend:
                 current[-1].backward_graph = _snapshot(graph)
 
         parameters = [isinstance(t, torch.nn.Parameter) for t in example_inputs]
-        joint_pass = JointSamplingPass(self.config, self.sampler.id, on_report, parameters, self._fallback)
-        return compile_fn(gm, example_inputs, joint_pass, on_backward_graph)
+        stream = self.sampler.stream()
+        joint_pass = JointSamplingPass(self.config, stream.id, on_report, parameters, self._fallback)
+        return _holding(compile_fn(gm, example_inputs, joint_pass, on_backward_graph), stream)
 
     def _samples(self, example_inputs: Sequence[Any]) -> bool:
         """Whether the graph being compiled gets the sampling pass: unless ``sample_in_eval``, only
@@ -119,6 +121,18 @@ class Backend:
     def report(self) -> Report:
         """What this backend did so far, over every graph it compiled."""
         return Report(list(self.graphs), self.sampler.auto)
+
+
+def _holding(compiled: Callable[..., Any], stream: GraphStream) -> Callable[..., Any]:
+    """``compiled``, keeping ``stream`` alive for as long as the compiled graph is (the graph names
+    it only by id; the process's registry of streams holds none)."""
+
+    @functools.wraps(compiled)
+    def run(*args: Any) -> Any:
+        return compiled(*args)
+
+    run.__ubcompile_stream__ = stream
+    return run
 
 
 def _ensure_handler() -> None:

@@ -1,84 +1,139 @@
-"""The backend's own random state.
+"""The backend's own random state: one stream per compiled graph and device.
 
-The draw ops of compiled graphs (:mod:`ubcompile.draw_ops`) draw from generators owned by the
-backend, never from torch's global generator, so sampling does not shift the user's dropout masks
-or data order.
+The draw ops of compiled graphs (:mod:`ubcompile.draw_ops`) name the stream of their graph by an
+id (:meth:`Sampler.stream`) and draw from its generators, never from torch's global generator, so
+sampling does not shift the user's dropout masks or data order. Every graph, device and rank has
+its own stream, so no two of them draw alike: the sampling noise of two graphs of a model split by
+a graph break, or of two ranks, is independent.
 """
 
 from __future__ import annotations
 
 import itertools
+import weakref
+import zlib
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from . import seeding
 from .auto import AutoController
 
 _SEED_SALT = 0x5EED_0BC0  # keeps the backend's stream apart from torch's stream for the same seed
-_RANK_STRIDE = 0x9E37_79B9_7F4A_7C15  # 2**64 / golden ratio, odd: the ranks' seeds land far apart
-_samplers: dict[int, "Sampler"] = {}
+# Odd multipliers near 2**64 / golden ratio and its square: streams of different ranks, graphs and
+# devices get seeds far apart (rank 0, stream 0 on the CPU keeps the plain salted seed).
+_RANK_STRIDE = 0x9E37_79B9_7F4A_7C15
+_STREAM_STRIDE = 0xC2B2_AE3D_27D4_EB4F
+_DEVICE_STRIDE = 0x1656_67B1_9E37_79F9
+_streams: "weakref.WeakValueDictionary[int, GraphStream]" = weakref.WeakValueDictionary()
 _ids = itertools.count()
+
+StreamKey = tuple[int, torch.device]  # (graph, device)
 
 
 class Sampler:
-    """Per-device generators seeded from ``seed``, or from ``torch.initial_seed()`` when ``None``,
-    and from the process's rank in ``torch.distributed``.
+    """The random state of one backend: a generator per (compiled graph, device), created at its
+    first draw.
 
-    The seed and the rank are read at the first draw, so ``torch.manual_seed(s)`` before training
-    reproduces the run (``torch.initial_seed`` reads the seed without drawing from it), and under
-    data parallelism every rank draws its own indices: the all-reduce then averages independent
-    estimates.
+    With a ``seed``, the stream of the backend's ``g``-th graph is seeded from ``(seed, rank, g,
+    device)``: the same seed draws the same in every process. With ``seed=None`` it is seeded from
+    ``(torch.initial_seed(), rank, number, device)``, ``number`` counting the streams of every
+    such backend in the order they first draw since torch was last seeded
+    (:func:`ubcompile.seeding.next_stream`), and every stream restarts when torch is re-seeded: so
+    ``torch.manual_seed(s)`` reproduces the draws, in a fresh process or the same one. The rank is
+    the process's in ``torch.distributed``, so every rank draws its own indices and the
+    all-reduce averages independent estimates.
     """
 
     def __init__(self, seed: Optional[int] = None, auto: Optional[AutoController] = None) -> None:
         self.seed = seed
         self.auto = auto
-        self.id = next(_ids)
-        self._generators: dict[torch.device, torch.Generator] = {}
-        self._loaded: dict[torch.device, Tensor] = {}  # restored states, used at each device's first draw
+        self._graphs = itertools.count()
+        self._generators: dict[StreamKey, torch.Generator] = {}
+        self._epoch = seeding.epoch()
+        self._loaded: dict[StreamKey, Tensor] = {}  # restored states, used at each stream's first draw
         self._loaded_rank = 0
-        _samplers[self.id] = self
 
-    def generator(self, device: torch.device) -> torch.Generator:
-        """The generator every draw on ``device`` uses."""
-        gen = self._generators.get(device)
+    def stream(self) -> GraphStream:
+        """The stream of a newly compiled graph; its ``id`` is what the graph's draw ops take."""
+        return GraphStream(self, next(self._graphs))
+
+    def generator(self, device: torch.device, graph: int = 0) -> torch.Generator:
+        """The generator every draw of ``graph`` on ``device`` uses."""
+        if self.seed is None and self._epoch != seeding.epoch():
+            self._epoch = seeding.epoch()
+            self._generators.clear()  # torch was re-seeded: start every stream again
+        key = (graph, device)
+        gen = self._generators.get(key)
         if gen is None:
-            gen = self._generators[device] = self._new_generator(device)
+            gen = self._generators[key] = self._new_generator(key)
         return gen
 
-    def _new_generator(self, device: torch.device) -> torch.Generator:
-        """A generator for ``device``: the restored state if there is one, else seeded afresh.
+    def _new_generator(self, key: StreamKey) -> torch.Generator:
+        """A generator for ``key``: the restored state if there is one, else seeded afresh.
 
         A state saved by another rank (a checkpoint written by rank 0 and loaded everywhere) is
         re-seeded from its own next draw and this rank, so ranks still draw apart.
         """
+        graph, device = key
         rank = _rank()
         gen = torch.Generator(device=device)
-        state = self._loaded.pop(device, None)
+        state = self._loaded.pop(key, None)
         if state is None:
-            base = torch.initial_seed() if self.seed is None else self.seed
-            gen.manual_seed(_mix(base ^ _SEED_SALT, rank))
+            if self.seed is None:
+                gen.manual_seed(_mix(torch.initial_seed(), rank, seeding.next_stream(), device))
+            else:
+                gen.manual_seed(_mix(self.seed, rank, graph, device))
             return gen
         gen.set_state(state)
         if rank != self._loaded_rank:
-            gen.manual_seed(_mix(int(torch.randint(2**62, (), generator=gen, device=device)), rank))
+            gen.manual_seed(_mix(int(torch.randint(2**62, (), generator=gen, device=device)), rank, 0, device))
         return gen
 
     def state_dict(self) -> dict:
-        """The seed, this process's rank and each device's generator state (``p="auto"``'s per-layer
-        choices are not included: a resumed run re-measures them in its first steps)."""
-        for device in list(self._loaded):
-            self.generator(device)
-        return {"seed": self.seed, "rank": _rank(),
-                "generators": {str(d): g.get_state() for d, g in self._generators.items()}}
+        """The seed, this process's rank and each stream's generator state, by graph and device
+        (``p="auto"``'s per-layer choices are not included: a resumed run re-measures them in its
+        first steps)."""
+        for graph, device in list(self._loaded):
+            self.generator(device, graph)
+        generators: dict[int, dict[str, Tensor]] = {}
+        for (graph, device), gen in self._generators.items():
+            generators.setdefault(graph, {})[str(device)] = gen.get_state()
+        return {"seed": self.seed, "rank": _rank(), "generators": generators}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict`; each device's state takes effect at its next draw."""
+        """Restore :meth:`state_dict`; each stream's state takes effect at its next draw. (A state
+        from before streams were per graph, ``{device: state}``, is graph 0's.)"""
         self.seed = state["seed"]
         self._loaded_rank = state.get("rank", 0)
         self._generators = {}
-        self._loaded = {torch.device(name): gen_state for name, gen_state in state["generators"].items()}
+        self._epoch = seeding.epoch()
+        self._loaded = {}
+        for graph, per_device in state["generators"].items():
+            if isinstance(per_device, Tensor):
+                graph, per_device = 0, {graph: per_device}
+            self._loaded.update({(int(graph), torch.device(name)): s for name, s in per_device.items()})
+
+
+class GraphStream:
+    """The random stream of one compiled graph: ``id`` names it in the graph's draw ops.
+
+    The process keeps it only while something refers to it (the compiled graph does, see
+    :meth:`ubcompile.backend.Backend.__call__`), so a backend dies with its graphs."""
+
+    def __init__(self, owner: Sampler, graph: int) -> None:
+        self.owner = owner
+        self.graph = graph
+        self.id = next(_ids)
+        _streams[self.id] = self
+
+    @property
+    def auto(self) -> Optional[AutoController]:
+        return self.owner.auto
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        return self.owner.generator(device, self.graph)
 
 
 def _rank() -> int:
@@ -88,21 +143,30 @@ def _rank() -> int:
     return 0
 
 
-def _mix(seed: int, rank: int) -> int:
-    """A generator seed for ``rank``: ``seed`` itself on rank 0, far apart on other ranks."""
-    return (seed + rank * _RANK_STRIDE) % (2**63)
+def _device_code(device: torch.device) -> int:
+    """0 for the CPU, a stable number for any other device (``hash`` of a str varies by process)."""
+    return 0 if device.type == "cpu" else zlib.crc32(f"{device.type}:{device.index or 0}".encode())
 
 
-def sampler(sampler_id: int) -> Sampler:
+def _mix(seed: int, rank: int, stream: int, device: torch.device) -> int:
+    """A generator seed for ``stream`` of ``rank`` on ``device``: the salted ``seed`` itself for
+    rank 0, stream 0 on the CPU, far apart otherwise."""
+    return ((seed ^ _SEED_SALT) + rank * _RANK_STRIDE + stream * _STREAM_STRIDE
+            + _device_code(device) * _DEVICE_STRIDE) % (2**63)
+
+
+def sampler(stream_id: int) -> GraphStream:
+    """The stream a compiled graph's draw ops name by ``stream_id``."""
     try:
-        return _samplers[sampler_id]
+        return _streams[stream_id]
     except KeyError:
         raise RuntimeError(
-            f"ubcompile sampler {sampler_id} does not exist in this process; a compiled graph was "
-            "replayed from a cache without its backend. Clear torch's compile caches."
+            f"ubcompile stream {stream_id} does not exist in this process: the graph that draws from it "
+            "was replayed without its backend (from a compile cache, or after torch._dynamo.reset() "
+            "while its backward was pending). Clear torch's compile caches, or compile again."
         ) from None
 
 
-def generator(sampler_id: int, device: torch.device) -> torch.Generator:
-    """The generator that draws on ``device`` for the compiled graph's ``sampler_id``."""
-    return sampler(sampler_id).generator(device)
+def generator(stream_id: int, device: torch.device) -> torch.Generator:
+    """The generator that draws on ``device`` for the compiled graph whose stream is ``stream_id``."""
+    return sampler(stream_id).generator(device)
