@@ -113,7 +113,7 @@ def test_controller_samples_noise_dominated_products_and_keeps_exact_when_the_bu
     x, y = torch.randn(64, 256, generator=gen), torch.randn(256, 32, generator=gen)  # pure noise gradient
     loose, tight = AutoController(budget=4.0, measure_every=10), AutoController(budget=1e-3, measure_every=10)
     for c in (loose, tight):
-        c.register("layer", (64, 256, 32), 1)
+        c.register("layer", (64, 256, 32))
         _call(c, x, y, gen, times=30)
     # noise-dominated: V_sketch / V_sgd is close to 1/p - 1: 3 at p = 0.25 fits budget 4, 4.6 at p = 0.18 does not
     assert loose.sites[0].p == 0.25
@@ -126,7 +126,7 @@ def test_a_gradient_spike_falls_back_towards_exact():
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(64, 256, generator=gen), torch.randn(256, 32, generator=gen)
     c = AutoController(budget=4.0, measure_every=10)
-    c.register("layer", (64, 256, 32), 1)
+    c.register("layer", (64, 256, 32))
     _call(c, x, y, gen, times=60)
     site = c.sites[0]
     before = site.current.level
@@ -199,7 +199,7 @@ def test_auto_config_errors_say_what_to_do(options, message):
 def test_propagated_gradients_are_exact_and_computed_on_the_nonzero_rows_only():
     gen = torch.Generator().manual_seed(0)
     c = AutoController(budget=0.5, measure_every=10)
-    key = c.register("layer", (40, 24, 16), 1, kind="rows")
+    key = c.register("layer", (40, 24, 16), kind="rows")
     x, y = torch.randn(40, 24, generator=gen), torch.randn(24, 16, generator=gen)
     x[::4] = 0  # a quarter of the rows carry no gradient
     assert torch.equal(c.contraction(x, y, key, gen), x @ y)

@@ -122,17 +122,27 @@ class Measurement:
         return v / v_sgd if v_sgd > 0 else (0.0 if v == 0 else math.inf)
 
 
+SiteId = tuple[int, str, str, int]
+"""What a site is, stable across recompiles: ``(domain, module path, kind, ordinal)``, the ordinal
+counting the products of that module and kind in one graph, in graph order."""
+
+
 @dataclasses.dataclass
 class AutoSite:
     """One product ``(M x n) @ (n x N)`` under control: a weight gradient whose ``n`` batch/token rows
-    are contracted (``kind="sample"``), or a propagated gradient whose ``M`` rows are ``G``'s (``"rows"``)."""
+    are contracted (``kind="sample"``), or a propagated gradient whose ``M`` rows are ``G``'s (``"rows"``).
+
+    ``shape`` and ``group`` are those of its last call (a recompiled graph may change them);
+    ``domain`` is the compiled model it belongs to: each domain has a budget of its own."""
 
     module: str
     shape: tuple[int, int, int]
-    group: int  # rows per sample (tokens per sequence); 1 for a plain batch
     kind: str = "sample"  # "rows": a propagated gradient G W, computed on G's nonzero rows
+    domain: int = 0
+    group: int = 1  # rows per sample (tokens per sequence); 1 for a plain batch
     options: tuple[Option, ...] = dataclasses.field(init=False)
     costs: tuple[float, ...] = dataclasses.field(init=False)  # GEMM FLOPs of one call with each option
+    last_seen: int = 0  # the domain's call count at this site's last call
     option: int = 0  # index into options; exact until first measured
     ceiling: int = len(LEVELS) - 1  # most aggressive level allowed
     calls: int = 0
@@ -152,6 +162,15 @@ class AutoSite:
         self.options = site_options(self.shape) if self.kind == "sample" else (Option("norm", 0),)
         self.costs = tuple(o.flops(*self.shape) for o in self.options)
         self.uses = [0] * len(self.options)
+
+    def bind(self, shape: tuple[int, int, int], samples: int) -> None:
+        """Take the shape of this call (its options stay the ones of the first) and the rows per
+        sample: ``n / samples`` when the ``n`` contracted rows split evenly into ``samples``."""
+        if shape != self.shape:
+            self.shape = shape
+            self.costs = tuple(o.flops(*shape) for o in self.options)
+        n = shape[1]
+        self.group = n // samples if 0 < samples < n and n % samples == 0 else 1
 
     @property
     def current(self) -> Option:
@@ -218,16 +237,40 @@ class AutoController:
         self.budget = budget
         self.measure_every = measure_every
         self.sites: list[AutoSite] = []
+        self._keys: dict[SiteId, int] = {}
+        self._registered: dict[tuple[int, int, str, str], int] = {}  # (domain, graph, module, kind) -> count
+        self._domain_calls: dict[int, int] = {}
 
-    def register(self, module: str, shape: tuple[int, int, int], group: int, kind: str = "sample") -> int:
-        """A new site for a compiled product; returns its key for the graph's op call."""
-        self.sites.append(AutoSite(module, shape, group, kind))
-        return len(self.sites) - 1
+    def register(self, module: str, shape: tuple[int, int, int], kind: str = "sample", domain: int = 0,
+                 graph: int = 0) -> int:
+        """The key of the site a compiled product of ``graph`` is (see :data:`SiteId`): an existing
+        site when a recompiled graph has the same product, else a new one."""
+        slot = (domain, graph, module, kind)
+        ordinal = self._registered.get(slot, 0)
+        self._registered[slot] = ordinal + 1
+        identity = (domain, module, kind, ordinal)
+        if identity not in self._keys:
+            self._keys[identity] = len(self.sites)
+            self.sites.append(AutoSite(module, shape, kind, domain))
+        return self._keys[identity]
 
-    def contraction(self, x: Tensor, y: Tensor, key: int, generator: torch.Generator) -> Tensor:
+    def live(self, site: AutoSite) -> bool:
+        """Whether ``site`` is still called: its domain made fewer than two calls per site since its
+        last one. A site of a graph no longer run (a layer removed, a branch not taken) retires
+        from the allocation until it is called again."""
+        return self._domain_calls[site.domain] - site.last_seen < 2 * len(self.sites)
+
+    def contraction(self, x: Tensor, y: Tensor, key: int, generator: torch.Generator,
+                    samples: Optional[int] = None) -> Tensor:
         """``x @ y`` for the site ``key``: sampled with its current option (``kind="sample"``: rows of
-        ``y`` = batch/token rows), or exactly on ``x``'s nonzero rows (``kind="rows"``)."""
+        ``y`` = batch/token rows, from ``samples`` samples; ``None``: one row each), or exactly on
+        ``x``'s nonzero rows (``kind="rows"``)."""
         site = self.sites[key]
+        calls = self._domain_calls[site.domain] = self._domain_calls.get(site.domain, 0) + 1
+        if site.calls and calls - site.last_seen >= 2 * len(self.sites):
+            site.due = True  # back from retirement: its last measurement is old
+        site.last_seen = calls
+        site.bind((x.shape[0], x.shape[1], y.shape[1]), x.shape[1] if samples is None else samples)
         site.calls += 1
         site.exact_flops += site.costs[0]
         if site.kind == "rows":
@@ -277,7 +320,7 @@ class AutoController:
                  split: Optional[ResidualSplit], out: Tensor, generator: torch.Generator) -> None:
         (m, n), big_n = x.shape, y.shape[1]
         a = norms[0] * norms[1]
-        group = site.group if site.group > 1 and n % site.group == 0 else 1
+        group = site.group
         sq = a.double().square() if group == 1 else sample_sq_norms(x, y, group)
         site.spent_flops += sample_norms_flops(m, n, big_n, group)
         importances = {"norm": a}
@@ -298,14 +341,15 @@ class AutoController:
         site.gap *= 2
         measurement = Measurement(site.calls - 1, v_sgd, grad_sq_norm, v_sketch, site.current.label)
         site.measurements.append(measurement)
-        self._allocate()
+        self._allocate(site.domain)
         measurement.option = site.current.label
 
-    def _allocate(self) -> None:
-        """Re-choose every measured site's option (see :func:`allocate`) from its last measurement,
-        among the options at or below its ceiling; a site without a finite SGD variance (a batch
-        of one sample) stays exact."""
-        measured = [s for s in self.sites if s.measurements and math.isfinite(s.measurements[-1].sgd_variance)]
+    def _allocate(self, domain: int) -> None:
+        """Re-choose the option of every measured live site of ``domain`` (see :func:`allocate`)
+        from its last measurement, among the options at or below its ceiling; a site without a
+        finite SGD variance (a batch of one sample) stays exact."""
+        measured = [s for s in self.sites if s.domain == domain and self.live(s) and s.measurements
+                    and math.isfinite(s.measurements[-1].sgd_variance)]
         last = [s.measurements[-1] for s in measured]
         allowance = self.budget * sum(max(0.0, m.sgd_variance) for m in last)
         allowed = [[i for i, o in enumerate(s.options) if o.level <= s.ceiling] for s in measured]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import weakref
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -43,6 +44,7 @@ class Backend:
         self.sampler = Sampler(config.seed, auto)
         self.graphs: list[GraphReport] = []
         self._warned: set[Any] = set()
+        self._domains: weakref.WeakKeyDictionary[torch.nn.Module, int] = weakref.WeakKeyDictionary()
 
     def __repr__(self) -> str:
         return f"ubcompile.Backend({self.config})"
@@ -65,7 +67,7 @@ class Backend:
                 current[-1].backward_graph = _snapshot(graph)
 
         parameters = [isinstance(t, torch.nn.Parameter) for t in example_inputs]
-        stream = self.sampler.stream()
+        stream = self.sampler.stream(self._domain())
         joint_pass = JointSamplingPass(self.config, stream.id, on_report, parameters, self._fallback)
         return _holding(compile_fn(gm, example_inputs, joint_pass, on_backward_graph), stream)
 
@@ -96,6 +98,16 @@ class Backend:
             return True
         guard_training_flags(deciding)
         return all(m.training for m in deciding.values())
+
+    def _domain(self) -> int:
+        """The number of the model the graph being compiled belongs to: of the frame's ``self``
+        (or its first module variable), 0 for a frame without one. The graphs of one model split by
+        graph breaks share it; two models compiled with this backend do not."""
+        modules = compiling_frame_modules() or {}
+        owner = modules.get("self") or next(iter(modules.values()), None)
+        if owner is None:
+            return 0
+        return self._domains.setdefault(owner, len(self._domains) + 1)
 
     def _fallback(self, node: torch.fx.Node, reason: str) -> None:
         """A rewrite failed and its gradient stays exact: warn once per node and reason."""

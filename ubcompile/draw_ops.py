@@ -72,16 +72,17 @@ def _(anchor: Tensor, n: int, k: int, kind: str, sampler_id: int, site: int) -> 
 
 
 @torch.library.custom_op("ubcompile::auto_contraction", mutates_args=())
-def auto_contraction(x: Tensor, y: Tensor, sampler_id: int, site: int) -> Tensor:
-    """``x @ y`` estimated at the keep fraction the sampler's controller chose for ``site`` (rows of ``y``)."""
+def auto_contraction(x: Tensor, y: Tensor, sampler_id: int, site: int, samples: int) -> Tensor:
+    """``x @ y`` estimated at the keep fraction the sampler's controller chose for ``site`` (rows of
+    ``y``, the rows of ``samples`` samples)."""
     owner = sampler(sampler_id)
     if owner.auto is None:
         raise RuntimeError(f"ubcompile sampler {sampler_id} has no p='auto' controller")
-    return owner.auto.contraction(x, y, site, owner.generator(x.device))
+    return owner.auto.contraction(x, y, site, owner.generator(x.device), samples)
 
 
 @auto_contraction.register_fake
-def _(x: Tensor, y: Tensor, sampler_id: int, site: int) -> Tensor:
+def _(x: Tensor, y: Tensor, sampler_id: int, site: int, samples: int) -> Tensor:
     return x.new_empty((x.shape[0], y.shape[1]))
 
 

@@ -55,9 +55,10 @@ class Sampler:
         self._loaded: dict[StreamKey, Tensor] = {}  # restored states, used at each stream's first draw
         self._loaded_rank = 0
 
-    def stream(self) -> GraphStream:
-        """The stream of a newly compiled graph; its ``id`` is what the graph's draw ops take."""
-        return GraphStream(self, next(self._graphs))
+    def stream(self, domain: int = 0) -> GraphStream:
+        """The stream of a newly compiled graph of the model ``domain`` numbers; its ``id`` is what
+        the graph's draw ops take."""
+        return GraphStream(self, next(self._graphs), domain)
 
     def generator(self, device: torch.device, graph: int = 0) -> torch.Generator:
         """The generator every draw of ``graph`` on ``device`` uses."""
@@ -122,9 +123,10 @@ class GraphStream:
     The process keeps it only while something refers to it (the compiled graph does, see
     :meth:`ubcompile.backend.Backend.__call__`), so a backend dies with its graphs."""
 
-    def __init__(self, owner: Sampler, graph: int) -> None:
+    def __init__(self, owner: Sampler, graph: int, domain: int) -> None:
         self.owner = owner
         self.graph = graph
+        self.domain = domain  # which compiled model: p="auto" gives each a budget of its own
         self.id = next(_ids)
         _streams[self.id] = self
 

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torch.fx
+from torch import Tensor
 
 from .._torch_private import size_hint
 from ..auto import LEVELS
@@ -25,6 +26,7 @@ from ..config import SamplingConfig
 from ..sampler import sampler
 from .gemm import GemmSite, gemm_dims
 from .graph import FEATURES, ROWS, Role, module_path, shape_of
+from .inline import inline_call
 from .rules import Draws, decline, excluded
 
 aten = torch.ops.aten
@@ -36,39 +38,46 @@ _RESHAPES = (aten.view.default, aten._unsafe_view.default, aten.reshape.default,
 @dataclasses.dataclass(frozen=True)
 class AdaptiveRewrite:
     """An ``mm`` handed to the controller: a weight gradient whose ``n`` contracted rows it samples
-    (``group`` rows per sample), or a propagated gradient whose ``n`` output rows it computes where
-    ``G`` is nonzero (``kind="rows"``)."""
+    (the rows of ``samples`` samples: a node whose dim 0 is the batch of a flattened
+    ``(batch, tokens, ..., features)`` activation, or ``None`` for one row per sample), or a
+    propagated gradient whose ``n`` output rows it computes where ``G`` is nonzero (``kind="rows"``)."""
 
     site: GemmSite
     n: int
-    group: int
+    samples: Optional[torch.fx.Node] = None
     kind: str = "sample"
 
     def insert(self, graph: torch.fx.Graph, sampler_id: int, draws: Draws) -> None:
-        """Register the site with the sampler's controller and replace the product by the controlled
-        op (which draws at run time: ``draws`` is not used)."""
+        """Register the site with the stream's controller and replace the product by the controlled
+        op (which draws at run time: ``draws`` is not used). The number of samples is read at run
+        time, so a dynamic sequence length groups each call's rows by its own length."""
         node = self.site.node
-        key = sampler(sampler_id).auto.register(module_path(node), gemm_dims(node), self.group, self.kind)
+        stream = sampler(sampler_id)
+        key = stream.auto.register(module_path(node), gemm_dims(node), self.kind, stream.domain, stream.graph)
+
+        def controlled(x: Tensor, y: Tensor, *samples: Tensor) -> Tensor:
+            count = samples[0].shape[0] if samples else y.shape[0]
+            return torch.ops.ubcompile.auto_contraction(x, y, sampler_id, key, count)
+
         with graph.inserting_before(node):
-            call = graph.call_function(torch.ops.ubcompile.auto_contraction.default,
-                                       (*node.args, sampler_id, key))
-        call.meta = dict(node.meta)
+            call = inline_call(graph, controlled, [*node.args, *([self.samples] if self.samples else [])],
+                               meta_from=node)
         node.replace_all_uses_with(call)
         graph.erase_node(node)
 
 
-def rows_per_sample(operand: torch.fx.Node, n: int) -> int:
-    """Rows of the product that belong to one sample: ``n / batch`` if the activation operand is a
-    flattened ``(batch, tokens, ..., features)`` tensor, else 1."""
+def sample_batch(operand: torch.fx.Node, n: int) -> Optional[torch.fx.Node]:
+    """The node whose dim 0 counts the samples of the product's ``n`` rows, if the activation
+    operand is a flattened ``(batch, tokens, ..., features)`` tensor (``None``: a row per sample)."""
     node = operand
     while isinstance(node, torch.fx.Node):
         shape = shape_of(node)
         if shape is not None and len(shape) >= 3 and math.prod(size_hint(d) for d in shape[:-1]) == n:
-            return n // size_hint(shape[0])
+            return node if size_hint(shape[0]) < n else None
         if node.op != "call_function" or node.target not in _RESHAPES:
             break
         node = node.args[0]
-    return 1
+    return None
 
 
 def plan_adaptive(site: GemmSite, config: SamplingConfig) -> Union[AdaptiveRewrite, str]:
@@ -84,7 +93,7 @@ def plan_adaptive(site: GemmSite, config: SamplingConfig) -> Union[AdaptiveRewri
     if n < 1 / LEVELS[-1]:
         return f"{n} rows are too few to sample"
     activation = site.node.args[1 - site.cotangent_arg]
-    return AdaptiveRewrite(site, n, rows_per_sample(activation, n))
+    return AdaptiveRewrite(site, n, sample_batch(activation, n))
 
 
 def _plan_rows(site: GemmSite, config: SamplingConfig) -> Union[AdaptiveRewrite, str]:
@@ -94,4 +103,4 @@ def _plan_rows(site: GemmSite, config: SamplingConfig) -> Union[AdaptiveRewrite,
         return reason
     if site.node.target is not aten.mm.default or site.cotangent_arg != 0 or site.contracted != FEATURES:
         return "p='auto' keeps propagated gradients exact, computing only G's nonzero rows of 2-D G @ W"
-    return AdaptiveRewrite(site, size_hint(site.cotangent.meta["val"].shape[-2]), 1, kind="rows")
+    return AdaptiveRewrite(site, size_hint(site.cotangent.meta["val"].shape[-2]), kind="rows")
