@@ -1,10 +1,10 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install demo test bench data experiments
+.PHONY: install demo test test-torch-2.14 bench data experiments
 
 # Torch first, and only if absent: `pip install torch==2.13.0` takes the local CPU wheel where one
-# lies on disk; any torch 2.11-2.13 already installed (e.g. a CUDA build) is kept.
+# lies on disk; any torch 2.11 or later already installed (e.g. a CUDA build) is kept.
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch==2.13.0"
 	$(PIP) install -q -e ".[test]"
@@ -14,6 +14,16 @@ demo: install
 
 test: install
 	$(PYTHON) -m pytest -q tests
+
+# The same suite on torch 2.14.1 (a CUDA build, run on the CPU) in a venv of its own, kept outside
+# the checkout so that CI's fresh clones reuse it; the project is installed without touching torch.
+VENV_214 ?= $(HOME)/.cache/ubcompile/venv-torch-2.14.1
+test-torch-2.14:
+	@test -x $(VENV_214)/bin/python || $(PYTHON) -m venv $(VENV_214)
+	@$(VENV_214)/bin/python -c "import torch, numpy" 2>/dev/null || $(VENV_214)/bin/pip install -q "torch==2.14.1" numpy
+	$(VENV_214)/bin/pip install -q -e ".[test]"
+	$(VENV_214)/bin/python -c "import torch; assert torch.__version__.startswith('2.14.1'), torch.__version__"
+	$(VENV_214)/bin/python -m pytest -q tests
 
 bench: install
 	$(PYTHON) benchmarks/bench.py

@@ -1,5 +1,7 @@
 import inspect
 import math
+import pathlib
+import warnings
 
 import pytest
 import torch
@@ -60,13 +62,26 @@ def test_axis_defaults_by_grad_mode(grad, axis):
     assert SamplingConfig(grad=grad).axis == axis
 
 
-def test_unsupported_torch_refused_with_a_message():
+def test_torch_versions_old_refused_new_warned():
     from ubcompile._torch_private import check_torch_version
 
-    check_torch_version("2.11.0+cu126")
-    check_torch_version("2.13.0+cpu")
-    with pytest.raises(ImportError, match="ubcompile supports torch 2.11 through 2.13, found 2.10.0"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for known in ("2.11.0+cu126", "2.13.0+cpu", "2.14.1", "2.15.0"):
+            check_torch_version(known)
+    with pytest.raises(ImportError, match="ubcompile needs torch 2.11 or later, found 2.10.0"):
         check_torch_version("2.10.0")
+    with pytest.warns(UserWarning, match="checked against torch up to 2.15; found 2.16.0.dev20270101"):
+        check_torch_version("2.16.0.dev20270101")
+
+
+def test_the_torch_requirement_has_no_upper_cap():
+    """A cap would make pip replace a user's (CUDA) torch by an older release."""
+    import tomllib
+
+    text = (pathlib.Path(__file__).parent.parent / "pyproject.toml").read_text()
+    (torch_req,) = [d for d in tomllib.loads(text)["project"]["dependencies"] if d.startswith("torch")]
+    assert torch_req == "torch>=2.11"
 
 
 @pytest.mark.parametrize("p", [0.25, "auto"])

@@ -2,12 +2,13 @@
 
 Each name below is an import from a private torch module whose location or signature has moved
 between releases. Keeping them here means a torch upgrade breaks one file, not the passes.
-Supported: torch 2.11 through 2.13.
+Supported: torch 2.11 and later (:func:`check_torch_version`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
@@ -29,7 +30,12 @@ try:  # Dynamo's view of the frame it compiles; callers fall back to sampling (w
 except ImportError:
     InstructionTranslator = None
 
-SUPPORTED_TORCH = ((2, 11), (2, 13))
+OLDEST_TORCH = (2, 11)
+"""The oldest release whose private APIs this module knows."""
+
+NEWEST_KNOWN_TORCH = (2, 15)
+"""The newest release whose private symbols were checked (signatures read in 2.14.1 and 2.15.0, the
+suite run on 2.13 and 2.14.1, README "Supported torch"); a newer one imports with a warning."""
 
 __all__ = [
     "CustomGraphPass",
@@ -45,14 +51,16 @@ __all__ = [
 
 
 def check_torch_version(version: str = torch.__version__) -> None:
-    """Raise ImportError unless ``version`` is within :data:`SUPPORTED_TORCH`."""
+    """Raise ImportError for a torch older than :data:`OLDEST_TORCH`; warn (once) for one newer
+    than :data:`NEWEST_KNOWN_TORCH`, whose private APIs may have moved."""
     major, minor = (int(part) for part in version.split("+")[0].split(".")[:2])
-    lo, hi = SUPPORTED_TORCH
-    if not lo <= (major, minor) <= hi:
-        raise ImportError(
-            f"ubcompile supports torch {lo[0]}.{lo[1]} through {hi[0]}.{hi[1]}, found {version}. "
-            f"Install a supported release, e.g. `pip install torch=={hi[0]}.{hi[1]}.0`."
-        )
+    if (major, minor) < OLDEST_TORCH:
+        raise ImportError(f"ubcompile needs torch {OLDEST_TORCH[0]}.{OLDEST_TORCH[1]} or later, found {version}. "
+                          "Upgrade torch (e.g. `pip install -U torch`).")
+    if (major, minor) > NEWEST_KNOWN_TORCH:
+        warnings.warn(f"ubcompile was checked against torch up to {NEWEST_KNOWN_TORCH[0]}.{NEWEST_KNOWN_TORCH[1]}; "
+                      f"found {version}. It should work; if a compile fails inside ubcompile, please report it "
+                      "with the torch version.", UserWarning, stacklevel=3)
 
 
 def size_hint(size: Any) -> int:
