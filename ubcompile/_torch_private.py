@@ -43,6 +43,7 @@ __all__ = [
     "compile_eager_with_joint_pass",
     "compile_with_joint_pass",
     "compiling_frame_modules",
+    "mode_options",
     "guard_training_flags",
     "register_manual_seed",
     "size_hint",
@@ -119,17 +120,46 @@ def _no_autograd_cache() -> Iterator[None]:
         yield
 
 
+COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
+"""The ``torch.compile(mode=...)`` values Inductor knows."""
+
+
+def mode_options(mode: Optional[str]) -> dict[str, Any]:
+    """Inductor's config options for ``torch.compile(mode=mode)`` (``None``: the default mode)."""
+    if mode is not None and mode not in COMPILE_MODES:
+        raise ValueError(f"unknown torch.compile mode {mode!r}; Inductor's are {', '.join(COMPILE_MODES)}")
+    return dict(torch._inductor.list_mode_options(mode or "default"))
+
+
+class ChainedPass(CustomGraphPass):
+    """Runs a user's own ``joint_custom_pre_pass`` (one pass or a list), then ubcompile's."""
+
+    def __init__(self, user: Any, ours: CustomGraphPass) -> None:
+        self.passes = [*(user if isinstance(user, (list, tuple)) else [user]), ours]
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        for graph_pass in self.passes:
+            graph_pass(graph)
+
+    def uuid(self) -> Optional[Any]:
+        uuids = [getattr(graph_pass, "uuid", lambda: None)() for graph_pass in self.passes]
+        return None if any(u is None for u in uuids) else tuple(uuids)  # None: Inductor skips its cache
+
+
 def compile_with_joint_pass(
     gm: torch.fx.GraphModule,
     example_inputs: Sequence[Any],
     joint_pass: CustomGraphPass | None,
     on_backward_graph: Callable[[torch.fx.GraphModule], None],
+    options: Optional[dict[str, Any]] = None,
 ) -> Any:
     """Compile ``gm`` with Inductor, running ``joint_pass`` on the AOTAutograd joint graph.
 
     ``joint_pass`` runs inside Inductor's partitioning step, after ATen canonicalisation and
-    before Inductor's own joint-graph passes; the lazily compiled backward inherits the patch.
+    before Inductor's own joint-graph passes; the lazily compiled backward inherits the patch. A
+    ``joint_custom_pre_pass`` the user set in Inductor's config runs first (:class:`ChainedPass`).
     ``on_backward_graph`` receives each partitioned backward graph before it is lowered.
+    ``options`` are further Inductor config options (those of a ``torch.compile`` mode).
     Inductor's FX-graph and AOTAutograd caches are off for these compiles: a hit would replay a
     graph without running the pass, and its report would be empty.
     """
@@ -139,9 +169,10 @@ def compile_with_joint_pass(
             on_backward_graph(graph)
         return compile_fx_inner(graph, inputs, **kwargs)
 
-    patches: dict[str, Any] = {"fx_graph_cache": False}
+    patches: dict[str, Any] = {**(options or {}), "fx_graph_cache": False}
     if joint_pass is not None:
-        patches["joint_custom_pre_pass"] = joint_pass
+        user = torch._inductor.config.joint_custom_pre_pass
+        patches["joint_custom_pre_pass"] = joint_pass if not user else ChainedPass(user, joint_pass)
     with _no_autograd_cache():
         return compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=patches)
 

@@ -7,13 +7,13 @@ import logging
 import os
 import weakref
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.fx
 
 from ._torch_private import (compile_eager_with_joint_pass, compile_with_joint_pass, compiling_frame_modules,
-                             guard_training_flags)
+                             guard_training_flags, mode_options)
 from .auto import AutoController
 from .config import SamplingConfig, make_config
 from .passes import JointSamplingPass
@@ -49,8 +49,14 @@ class Backend:
     def __repr__(self) -> str:
         return f"ubcompile.Backend({self.config})"
 
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
-        compile_fn = compile_with_joint_pass if self.config.compiler == "inductor" else compile_eager_with_joint_pass
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, mode: Optional[str] = None,
+                 options: Optional[dict[str, Any]] = None) -> Any:
+        """Compile one Dynamo graph; ``mode`` is ``torch.compile``'s (``options`` belong to the
+        string backend ``"ubcompile"``, see :func:`default_backend`)."""
+        if options:
+            raise TypeError("torch.compile(options=...) configures backend='ubcompile'; this backend object has its "
+                            f"options already ({self.config}): pass them to ubcompile.backend(...)")
+        compile_fn = self._compiler(mode)
         if not self._samples(example_inputs):
             return compile_fn(gm, example_inputs, None, lambda graph: None)
         current: list[GraphReport] = []
@@ -70,6 +76,24 @@ class Backend:
         stream = self.sampler.stream(self._domain())
         joint_pass = JointSamplingPass(self.config, stream.id, on_report, parameters, self._fallback)
         return _holding(compile_fn(gm, example_inputs, joint_pass, on_backward_graph), stream)
+
+    def _compiler(self, mode: Optional[str]) -> Callable[..., Any]:
+        """What compiles the graphs under ``torch.compile(mode=mode)``: Inductor with that mode's
+        options, or the eager runner (which has no mode)."""
+        if self.config.compiler == "eager":
+            if mode not in (None, "default"):
+                raise ValueError(f"compiler='eager' runs the graphs op by op: mode={mode!r} has nothing to tune; "
+                                 "use compiler='inductor' or leave mode unset")
+            return compile_eager_with_joint_pass
+        if mode == "reduce-overhead":
+            raise ValueError("mode='reduce-overhead' captures the step in CUDA graphs, which cannot replay ubcompile's "
+                             "draws today (they read a generator the graph does not own); use mode='default' or "
+                             "'max-autotune-no-cudagraphs'")
+        options = mode_options(mode)
+        if options.pop("triton.cudagraphs", False):
+            self._warn_once("cudagraphs", f"ubcompile: mode={mode!r} without its CUDA graphs, which cannot replay "
+                            "ubcompile's draws today; the rest of the mode (autotuning) applies")
+        return functools.partial(compile_with_joint_pass, options=options)
 
     def _samples(self, example_inputs: Sequence[Any]) -> bool:
         """Whether the graph being compiled gets the sampling pass: unless ``sample_in_eval``, only
@@ -178,6 +202,9 @@ def backend(*args: Any, **options: Any) -> Backend:
     return Backend(make_config(*args, **options))
 
 
-def default_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
-    """Entry point for ``torch.compile(backend="ubcompile")``: a fresh default backend per compile."""
-    return backend()(gm, example_inputs)
+def default_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, mode: Optional[str] = None,
+                    options: Optional[dict[str, Any]] = None) -> Any:
+    """Entry point for ``torch.compile(backend="ubcompile", mode=..., options={...})``: a fresh
+    backend per compiled graph, ``options`` being its options (:class:`~ubcompile.config.SamplingConfig`'s
+    fields). Its graphs draw independently all the same (:mod:`ubcompile.sampler`)."""
+    return backend(**(options or {}))(gm, example_inputs, mode=mode)
