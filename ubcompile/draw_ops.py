@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .sampler import generator, sampler
 from .sketches.lowrank import gaussian_sketch, orthonormal_sketch
-from .sketches.norm import output_importance, pps_sample
+from .sketches.norm import output_importance, pps_sample, probability_dtype
 from .sketches.uniform import stratified, uniform_scale, uniform_subset
 
 
@@ -43,17 +43,17 @@ def _(anchor: Tensor, n: int, k: int, sampler_id: int, site: int, strata: int = 
 @torch.library.custom_op("ubcompile::pps_indices", mutates_args=())
 def pps_indices(importance: Tensor, k: int, sampler_id: int, site: int, strata: int = 1) -> tuple[Tensor, Tensor]:
     """``k`` sorted indices drawn with probabilities ``min(1, c * importance)``, and weights ``1 / pi``
-    (``k / strata`` from each of ``strata`` equal blocks, each water-filled on its own)."""
+    (``k / strata`` from each of ``strata`` equal blocks, each water-filled on its own); the weights
+    are float32 (float64 for a float64 ``importance``, :func:`~.sketches.norm.probability_dtype`)."""
     gen = generator(sampler_id, importance.device)
     blocks = importance.reshape(strata, -1)
-    idx, weights = stratified(lambda s, k_block: pps_sample(blocks[s], k_block, gen),
-                              importance.shape[0], k, strata)
-    return idx, weights.to(importance.dtype)
+    return stratified(lambda s, k_block: pps_sample(blocks[s], k_block, gen), importance.shape[0], k, strata)
 
 
 @pps_indices.register_fake
 def _(importance: Tensor, k: int, sampler_id: int, site: int, strata: int = 1) -> tuple[Tensor, Tensor]:
-    return importance.new_empty((k,), dtype=torch.long), importance.new_empty((k,))
+    return (importance.new_empty((k,), dtype=torch.long),
+            importance.new_empty((k,), dtype=probability_dtype(importance.dtype)))
 
 
 _PROJECTIONS = {"lowrank": orthonormal_sketch, "gaussian": gaussian_sketch}
@@ -92,16 +92,17 @@ def gemm_drawing_rows(x: Tensor, y: Tensor, bias: Optional[Tensor], k: int, samp
     """A layer's forward product ``bias + x @ y``, and ``k`` of ``x``'s rows drawn for its weight gradient.
 
     Returns the product (what the replaced ``mm``/``addmm`` returned), the kept rows ``x[idx]``,
-    ``idx`` and the weights ``1 / pi``; ``pi_j = min(1, c ||x_j||)`` (:func:`pps_sample` of the row
-    norms). One op for both, so the partitioner computes the draw once, in the forward.
+    ``idx`` and the weights ``1 / pi`` (float32, or float64 for float64 ``x``);
+    ``pi_j = min(1, c ||x_j||)`` (:func:`pps_sample` of the row norms). One op for both, so the
+    partitioner computes the draw once, in the forward.
     """
     out = x @ y if bias is None else torch.addmm(bias, x, y)
     idx, weights = pps_sample(output_importance(x, 0), k, generator(sampler_id, x.device))
-    return out, x[idx], idx, weights.to(x.dtype)
+    return out, x[idx], idx, weights
 
 
 @gemm_drawing_rows.register_fake
 def _(x: Tensor, y: Tensor, bias: Optional[Tensor], k: int, sampler_id: int,
       site: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return (x.new_empty((x.shape[0], y.shape[1])), x.new_empty((k, x.shape[1])),
-            x.new_empty((k,), dtype=torch.long), x.new_empty((k,)))
+            x.new_empty((k,), dtype=torch.long), x.new_empty((k,), dtype=probability_dtype(x.dtype)))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Union
 
+import torch
 from torch import Tensor
 
 
@@ -44,10 +45,15 @@ class Diagonal:
         return t[(slice(None),) * (dim % t.dim()) + (self.idx,)]
 
     def weighted(self, t: Tensor, dim: int) -> Tensor:
-        scale = self.scale
-        if isinstance(scale, Tensor) and scale.dim() == 1:
+        """The kept entries times their weights, multiplied in the weights' precision (at least
+        ``t``'s) and returned in ``t``'s dtype: a float32 weight ``1 / pi`` beyond fp16's range
+        never becomes ``inf`` (only the weighted entries are rounded to ``t``'s dtype)."""
+        kept, scale = self.restrict(t, dim), self.scale
+        if not isinstance(scale, Tensor):
+            return kept * scale
+        if scale.dim() == 1:
             scale = scale.reshape(-1, *([1] * (t.dim() - 1 - dim % t.dim())))
-        return self.restrict(t, dim) * scale
+        return (kept.to(torch.promote_types(t.dtype, scale.dtype)) * scale).to(t.dtype)
 
     def extend(self, t: Tensor, dim: int, n: int) -> Tensor:
         return scatter_rows(t, self.idx, n, dim)

@@ -1,9 +1,12 @@
 """The data-dependent diagonal sketch of minimal variance, sampled at a fixed size.
 
 To estimate ``T = sum_j t_j`` from ``k`` of the ``n`` terms, keep term ``j`` with probability
-``pi_j`` and weight it by ``1 / pi_j`` (Horvitz-Thompson): unbiased for any ``pi_j > 0``. With
-independent (Poisson) inclusion its variance is ``sum_j (1 / pi_j - 1) ||t_j||^2``; under the
-budget ``sum_j pi_j = k``, ``0 < pi_j <= 1``, it is minimal at ``pi_j = min(1, c ||t_j||)`` with ``c``
+``pi_j`` and weight it by ``1 / pi_j`` (Horvitz-Thompson): ``sum_{j kept} t_j / pi_j`` is unbiased
+when every nonzero term has ``pi_j > 0``. A term that is exactly zero adds nothing whether it is
+kept or not, so it gets ``pi_j = 0``: it is never drawn for its own sake, and where the fixed size
+makes the sample take it anyway its weight is ``0``, never ``1 / 0``. With independent (Poisson)
+inclusion the variance is ``sum_{j: pi_j > 0} (1 / pi_j - 1) ||t_j||^2``; under the budget
+``sum_j pi_j = k``, ``0 <= pi_j <= 1``, it is minimal at ``pi_j = min(1, c ||t_j||)`` with ``c``
 set so the budget is met (the KKT conditions: the uncapped ``pi_j`` are proportional to
 ``||t_j||``, the capped ones have ``c ||t_j|| >= 1``). :func:`water_fill` computes these
 probabilities from any importances ``a_j``; for a matrix product ``x @ y`` the term norms are
@@ -16,6 +19,11 @@ of ``pi``. It is unbiased; the random order makes it simple random sampling when
 equal (so it is never worse than the uniform sketch on flat importances), and its variance is
 close to the Poisson formula :func:`poisson_variance` otherwise. :func:`bernoulli_sample` draws
 the Poisson (independent, variable-size) design itself, for analysis only.
+
+Probabilities and weights are at least float32 (float64 for float64 importances): from a
+half-precision importance a small ``pi`` has a reciprocal beyond fp16's range (``1 / 3e-7``), and
+bf16 would round each weight by up to 0.4%, a bias. The sketches apply them in that precision
+(:meth:`~.axis.Diagonal.weighted`).
 """
 
 from __future__ import annotations
@@ -25,37 +33,67 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-_FLOOR = 1e-6  # relative floor on importances: every index keeps a positive probability
+_FLOOR = 1e-6  # relative floor on positive importances: every nonzero term keeps a positive probability
+
+
+def probability_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the probabilities and weights drawn from importances of ``dtype``: at least float32."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def water_fill(importance: Tensor, k: int) -> Tensor:
-    """Inclusion probabilities ``pi_j = min(1, c * a_j)`` with ``sum pi = k`` (cap and re-spread).
+    """Inclusion probabilities ``pi_j = min(1, c * a_j)`` with ``sum pi = min(k, nnz)`` (cap and re-spread).
 
-    ``importance`` is a non-negative vector ``a`` of length ``n >= k``; entries are floored at
-    ``1e-6`` of their mean so that every index can be drawn (keeps the estimator unbiased when some
-    ``a_j = 0``). Exact, vectorised: with ``a`` sorted in decreasing order, the ``m`` largest are
-    capped where ``m`` is the first count for which ``(k - m) a_(m) <= sum_{j >= m} a_(j)``.
+    ``importance`` is a non-negative vector ``a`` of length ``n >= k``, zero only where the term is
+    zero. An entry ``a_j = 0`` gets ``pi_j = 0``; positive entries are floored at ``1e-6`` of the
+    mean, so that every nonzero term can be drawn. With fewer than ``k`` positive entries each gets
+    ``pi_j = 1`` (:func:`draw_mass` fills the sample up). Exact,
+    vectorised, on the device: with ``a`` sorted in decreasing order, the ``m`` largest are capped
+    where ``m`` is the first count for which ``(k - m) a_(m) <= sum_{j >= m} a_(j)``. Computed in
+    float64, returned in :func:`probability_dtype`.
     """
     n = importance.shape[0]
     a = importance.double()
-    a = a.clamp_min(_FLOOR * a.mean() + torch.finfo(torch.float64).tiny)
+    a = torch.where(a > 0, a.clamp_min(_FLOOR * a.mean()), 0.0)
     sorted_a, order = a.sort(descending=True)
     tail = sorted_a.flip(0).cumsum(0).flip(0)  # tail[m] = sum of sorted_a[m:]
     m = torch.arange(n, device=a.device)
     # With the m largest capped, the rest stay <= 1. m = k always fits, so argmax finds the first
-    # fit; it is computed on the device, without a host sync.
+    # fit; it is computed on the device, without a host sync. With nnz < k positive entries the
+    # first fit is m = nnz, where tail[m] = 0 and c = inf: only the zeros are left uncapped.
     fits = (k - m) * sorted_a <= tail
     capped = fits.int().argmax()
     c = (k - capped) / tail[capped]
-    pi_sorted = torch.where(m < capped, torch.ones_like(sorted_a), c * sorted_a).clamp_max(1.0)
-    return torch.empty_like(pi_sorted).scatter_(0, order, pi_sorted).to(importance.dtype)
+    uncapped = torch.where(sorted_a > 0, c * sorted_a, 0.0)
+    pi_sorted = torch.where(m < capped, 1.0, uncapped).clamp_max(1.0)
+    pi = torch.empty_like(pi_sorted).scatter_(0, order, pi_sorted)
+    return pi.to(probability_dtype(importance.dtype))
+
+
+def draw_mass(pi: Tensor, k: int) -> Tensor:
+    """How much of the fixed-size sample each index takes: ``pi``, and, when fewer than ``k``
+    entries have ``pi_j > 0``, the ``k - nnz`` left over spread evenly over the zero entries.
+
+    Sums to ``k`` and stays ``<= 1``. A zero entry gets mass only in that case: then every positive
+    entry has ``pi_j = 1``, and the zeros drawn to keep the size static carry weight 0.
+    """
+    zero = pi == 0
+    zeros = zero.sum()
+    spare = (k - (pi.shape[0] - zeros)).clamp_min(0)
+    return torch.where(zero, spare.to(pi.dtype) / zeros.clamp_min(1), pi)
+
+
+def inverse_probability_weights(pi: Tensor) -> Tensor:
+    """The Horvitz-Thompson weights ``1 / pi_j`` of kept indices, ``0`` where ``pi_j = 0`` (a zero term)."""
+    return torch.where(pi > 0, pi.reciprocal(), 0.0)
 
 
 def systematic_sample(pi: Tensor, k: int, offset: Tensor) -> Tensor:
     """The ``k`` indices hit by the points ``offset + i`` on the cumulative sum of ``pi`` (``sum pi = k``).
 
     ``offset`` is one ``U[0, 1)`` draw. Index ``j`` owns the interval ``[C_{j-1}, C_j)`` of length
-    ``pi_j <= 1``, so it is hit at most once and with probability exactly ``pi_j``. Sorted output.
+    ``pi_j <= 1``, so it is hit at most once and with probability exactly ``pi_j`` (never when
+    ``pi_j = 0``). The cumulative sum is float64. Sorted output.
     """
     cum = pi.double().cumsum(0)
     cum = cum * (k / cum[-1])  # rounding must not leave the last point past the end
@@ -64,12 +102,19 @@ def systematic_sample(pi: Tensor, k: int, offset: Tensor) -> Tensor:
 
 
 def pps_sample(importance: Tensor, k: int, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
-    """``k`` sorted distinct indices drawn with the minimal-variance probabilities, and their weights ``1 / pi``."""
+    """``k`` sorted distinct indices drawn with the minimal-variance probabilities, and their weights.
+
+    ``pi = water_fill(importance, k)``; the weights are ``1 / pi`` (``0`` for the zero terms a sample
+    with fewer than ``k`` positive importances must include, :func:`draw_mass`), in
+    :func:`probability_dtype`. ``sum_{j kept} w_j t_j`` is unbiased for ``sum_j t_j`` whenever
+    ``t_j = 0`` where ``importance_j = 0``; its variance is about
+    ``sum_{j: pi_j > 0} (1 / pi_j - 1) ||t_j||^2`` (:func:`poisson_variance`).
+    """
     pi = water_fill(importance, k)
     order = torch.randperm(pi.shape[0], generator=generator, device=pi.device)
     offset = torch.rand((), generator=generator, device=pi.device, dtype=torch.float64)
-    idx = order[systematic_sample(pi[order], k, offset)].sort().values
-    return idx, pi[idx].reciprocal()
+    idx = order[systematic_sample(draw_mass(pi, k)[order], k, offset)].sort().values
+    return idx, inverse_probability_weights(pi[idx])
 
 
 def bernoulli_sample(pi: Tensor, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
@@ -110,13 +155,16 @@ def output_importance(t: Tensor, dim: int) -> Tensor:
 def poisson_variance(terms: Tensor, pi: Tensor) -> Tensor:
     """Elementwise variance of ``sum_j 1[j kept] t_j / pi_j`` with independent inclusions.
 
-    ``terms`` has the ``n`` summands along dim 0: ``Var = sum_j (1 / pi_j - 1) t_j^2``.
+    ``terms`` has the ``n`` summands along dim 0: ``Var = sum_{j: pi_j > 0} (1 / pi_j - 1) t_j^2``
+    (a term with ``pi_j = 0`` must be zero).
     """
-    weight = (pi.reciprocal() - 1).reshape(-1, *([1] * (terms.dim() - 1)))
+    weight = torch.where(pi > 0, pi.reciprocal() - 1, 0.0).reshape(-1, *([1] * (terms.dim() - 1)))
     return (weight * terms.square()).sum(0)
 
 
 def contraction_poisson_total_variance(x: Tensor, y: Tensor, pi: Tensor) -> Tensor:
-    """``sum`` over the entries of :func:`poisson_variance` for the terms of ``x @ y``: ``sum_j (1/pi_j - 1) ||t_j||^2``."""
+    """``sum`` over the entries of :func:`poisson_variance` for the terms of ``x @ y``:
+    ``sum_{j: pi_j > 0} (1/pi_j - 1) ||t_j||^2``."""
     norms = x.double().square().sum(0) * y.double().square().sum(1)
-    return ((pi.double().reciprocal() - 1) * norms).sum()
+    pi = pi.double()
+    return (torch.where(pi > 0, pi.reciprocal() - 1, 0.0) * norms).sum()
