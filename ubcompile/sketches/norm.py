@@ -63,7 +63,7 @@ def water_fill(importance: Tensor, k: int) -> Tensor:
     # first fit is m = nnz, where tail[m] = 0 and c = inf: only the zeros are left uncapped.
     fits = (k - m) * sorted_a <= tail
     capped = fits.int().argmax()
-    c = (k - capped) / tail[capped]
+    c = (k - capped) / tail.gather(0, capped.reshape(1))  # gather, not tail[capped]: no host sync
     uncapped = torch.where(sorted_a > 0, c * sorted_a, 0.0)
     pi_sorted = torch.where(m < capped, 1.0, uncapped).clamp_max(1.0)
     pi = torch.empty_like(pi_sorted).scatter_(0, order, pi_sorted)
@@ -110,9 +110,15 @@ def pps_sample(importance: Tensor, k: int, generator: Optional[torch.Generator] 
     ``t_j = 0`` where ``importance_j = 0``; its variance is about
     ``sum_{j: pi_j > 0} (1 / pi_j - 1) ||t_j||^2`` (:func:`poisson_variance`).
     """
+    n, device = importance.shape[0], importance.device
+    order = torch.randperm(n, generator=generator, device=device)
+    return pps_draw(importance, k, order, torch.rand((), generator=generator, device=device, dtype=torch.float64))
+
+
+def pps_draw(importance: Tensor, k: int, order: Tensor, offset: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`pps_sample` with its randomness given: ``order`` a uniformly random permutation of
+    ``range(n)``, ``offset`` one ``U[0, 1)`` draw (0-d). A pure function of its inputs."""
     pi = water_fill(importance, k)
-    order = torch.randperm(pi.shape[0], generator=generator, device=pi.device)
-    offset = torch.rand((), generator=generator, device=pi.device, dtype=torch.float64)
     idx = order[systematic_sample(draw_mass(pi, k)[order], k, offset)].sort().values
     return idx, inverse_probability_weights(pi[idx])
 
