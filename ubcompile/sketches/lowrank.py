@@ -28,14 +28,23 @@ from .matmul import sketched_contraction, sketched_output
 def gaussian_sketch(n: int, k: int, generator: Optional[torch.Generator] = None,
                     device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32) -> Tensor:
     """``n x k`` matrix with i.i.d. ``N(0, 1 / k)`` entries: ``E[Omega Omega^T] = I``."""
-    g = torch.randn(n, k, generator=generator, device=device, dtype=torch.float64)
-    return (g / k**0.5).to(dtype)
+    return gaussian_projection(torch.randn(n, k, generator=generator, device=device, dtype=torch.float64), dtype)
+
+
+def gaussian_projection(g: Tensor, dtype: torch.dtype) -> Tensor:
+    """:func:`gaussian_sketch` from its standard normal ``n x k`` matrix ``g``."""
+    return (g / g.shape[1] ** 0.5).to(dtype)
 
 
 def orthonormal_sketch(n: int, k: int, generator: Optional[torch.Generator] = None,
                        device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32) -> Tensor:
     """``sqrt(n / k) Q`` with ``Q`` (``n x k``) uniformly distributed with orthonormal columns."""
-    g = torch.randn(n, k, generator=generator, device=device, dtype=torch.float64)
+    return orthonormal_projection(torch.randn(n, k, generator=generator, device=device, dtype=torch.float64), dtype)
+
+
+def orthonormal_projection(g: Tensor, dtype: torch.dtype) -> Tensor:
+    """:func:`orthonormal_sketch` from its standard normal ``n x k`` matrix ``g``."""
+    n, k = g.shape
     q, r = torch.linalg.qr(g)
     q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)  # makes Q Haar-distributed
     return (q * (n / k) ** 0.5).to(dtype).contiguous()
