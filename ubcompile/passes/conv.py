@@ -29,7 +29,7 @@ from ..sketches.axis import axis_sketch
 from ..estimator_ops import conv_importance, sketched_conv_backward
 from ..sketches.conv import BATCH, CHANNELS, SKETCHED_VJPS, ConvGeometry
 from .graph import FEATURES, ROWS, GradientFlow, Role, module_path, shape_of
-from .rules import AXIS_BY_NAME, SKETCH_TABLE, decline, sample_size
+from .rules import AXIS_BY_NAME, SKETCH_TABLE, DrawKey, decline, sample_size
 
 aten = torch.ops.aten
 
@@ -104,6 +104,11 @@ class ConvRewrite:
     @property
     def g_axis(self) -> int:
         return _AXIS_OF_G[self.axis]
+
+    @property
+    def draw_key(self) -> DrawKey:
+        """What the draw draws: ``axis`` is one of the first two dims of ``G`` (``(batch, channels, ...)``)."""
+        return DrawKey(self.site.cotangent, self.g_axis, self.n, self.strata, self.sketch)
 
     def size(self, g: Tensor, x: Tensor, w: Tensor) -> int:
         return g.shape[self.g_axis]

@@ -31,7 +31,7 @@ from ..sketches import keep_count
 from ..sketches.axis import axis_sketch
 from ..sketches.matmul import sketched_matmul
 from .graph import FEATURES, ROWS, GradientFlow, Role, Unmatched, module_path, shape_of
-from .rules import AXIS_BY_NAME, SKETCH_TABLE, decline
+from .rules import AXIS_BY_NAME, SKETCH_TABLE, DrawKey, decline
 
 aten = torch.ops.aten
 
@@ -144,6 +144,12 @@ class GemmRewrite:
     def out_dim(self) -> Optional[int]:
         """The output dim the sampled axis runs along, or ``None`` when the GEMM contracts it."""
         return None if self.axis == self.site.contracted else self.site.output_dim(self.axis)
+
+    @property
+    def draw_key(self) -> DrawKey:
+        """What the draw draws: ``axis`` is one of the last two dims of ``G`` (``(..., rows, features)``)."""
+        dim = len(shape_of(self.site.cotangent)) - 2 + self.axis
+        return DrawKey(self.site.cotangent, dim, self.n, self.strata, self.sketch)
 
     @property
     def op_dim(self) -> int:

@@ -1,8 +1,9 @@
 """The joint-graph pass: replace recognised gradient products by sampled, smaller ones.
 
-Two rewrite families share one draw per (cotangent, axis): GEMMs (:mod:`.gemm`) and
-convolutions (:mod:`.conv`). Every gradient node the pass sees is reported, sampled or with the
-reason it stayed exact.
+Two rewrite families, GEMMs (:mod:`.gemm`) and convolutions (:mod:`.conv`), share a draw where
+they draw the same thing (one :class:`~.rules.DrawKey`: the cotangent, its sampled dim, length,
+strata and sketch). Sites are rewritten in graph order, so a shared draw is inserted before all of
+its users. Every gradient node the pass sees is reported, sampled or with the reason it stayed exact.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .forward_rows import ForwardRowsRewrite, plan_forward_rows
 from .gemm import GEMMS, GemmRewrite, GemmSite, gemm_dims, gemm_flops, gemm_sites, plan_gemm
 from .graph import GradientFlow, Role, Unmatched, cotangent_dependent, fused_kernels, module_path
 from .inline import inline_call
-from .rules import AXIS_NAMES, SKETCH_TABLE, Draws
+from .rules import AXIS_NAMES, SKETCH_TABLE, Draws, Sampled
 
 Rewrite = Union[GemmRewrite, AdaptiveRewrite, ForwardRowsRewrite]
 
@@ -72,29 +73,38 @@ class JointSamplingPass(CustomGraphPass):
         dependent = cotangent_dependent(graph)
         flow = GradientFlow(graph, self.parameters)
         gemms, unmatched = gemm_sites(graph, dependent, flow)
-        convs = conv_sites(graph, dependent, flow)
+        sites = sorted([*gemms, *conv_sites(graph, dependent, flow)], key=lambda site: site.node)
         entries = [_exact_entry(u) for u in unmatched + fused_kernels(graph, dependent)]
         draws: Draws = {}
-        for site in gemms:
-            decision = self._plan(site, dependent)
-            entry = _gemm_entry(site.node, site.role, decision)
-            if not isinstance(decision, str):
-                failed = self._guarded(graph, site.node, draws,
-                                       functools.partial(self._rewrite_gemm, graph, decision, draws))
-                if failed is not None:
-                    entry = _gemm_entry(site.node, site.role, failed)
-            entries.append(entry)
-        for conv in convs:
-            rewrite, reasons = plan_conv(conv, self.config)
-            conv_entries = _conv_entries(conv, rewrite, reasons)  # before the rewrite erases nodes
-            if rewrite is not None:
-                failed = self._guarded(graph, conv.node, draws, lambda: self._rewrite_conv(graph, rewrite, draws))
-                if failed is not None:
-                    conv_entries = _conv_entries(conv, None, {output: failed for output in range(len(conv.roles))})
-            entries += conv_entries
+        for site in sites:
+            if isinstance(site, GemmSite):
+                entries += self._sample_gemm(graph, site, dependent, draws)
+            else:
+                entries += self._sample_conv(graph, site, draws)
+        # A safety net no rewrite's ordering can trip: each inserts its nodes just before the node it
+        # replaces, reading that node's operands and draws checked (in _draw, guarded) to precede it.
         graph.lint()
         self.on_report(GraphReport(entries, joint_code=graph.python_code("self").src,
                                    pass_seconds=time.perf_counter() - start))
+
+    def _sample_gemm(self, graph: torch.fx.Graph, site: GemmSite, dependent: set[torch.fx.Node],
+                     draws: Draws) -> list[GemmEntry]:
+        """Rewrite ``site`` if the config samples it; its report entry."""
+        decision = self._plan(site, dependent)
+        entry = _gemm_entry(site.node, site.role, decision)  # before the rewrite erases the node
+        if isinstance(decision, str):
+            return [entry]
+        failed = self._guarded(graph, site.node, draws, functools.partial(self._rewrite_gemm, graph, decision, draws))
+        return [entry if failed is None else _gemm_entry(site.node, site.role, failed)]
+
+    def _sample_conv(self, graph: torch.fx.Graph, site: ConvSite, draws: Draws) -> list[GemmEntry]:
+        """Rewrite the gradients of ``site`` that the config samples; their report entries."""
+        rewrite, reasons = plan_conv(site, self.config)
+        entries = _conv_entries(site, rewrite, reasons)  # before the rewrite erases nodes
+        if rewrite is None:
+            return entries
+        failed = self._guarded(graph, site.node, draws, functools.partial(self._rewrite_conv, graph, rewrite, draws))
+        return entries if failed is None else _conv_entries(site, None, dict.fromkeys(range(len(site.roles)), failed))
 
     def _plan(self, site: GemmSite, dependent: set[torch.fx.Node]) -> Union[Rewrite, str]:
         if self.config.adaptive:
@@ -126,13 +136,16 @@ class JointSamplingPass(CustomGraphPass):
             return reason
         return None
 
-    def _draw(self, graph: torch.fx.Graph, rewrite, operands: list[torch.fx.Node],
+    def _draw(self, graph: torch.fx.Graph, rewrite: Sampled, operands: list[torch.fx.Node],
               site_node: torch.fx.Node, draws: Draws) -> tuple[torch.fx.Node, ...]:
-        """The draw for ``rewrite``'s cotangent axis, inserted once and shared by the layer's gradients."""
-        key = (rewrite.site.cotangent, rewrite.axis)
-        if key not in draws:
-            draw = SKETCH_TABLE[rewrite.sketch].draw(rewrite, self.sampler_id, len(draws))
-            draws[key] = inline_call(graph, draw, operands, meta_from=site_node)
+        """The draw ``rewrite`` needs: inserted once per :class:`~.rules.DrawKey` (at its first user)
+        and shared by the rewrites with that key, such as the layer's gradients."""
+        key = rewrite.draw_key
+        if key in draws:
+            _check_defined_before(draws[key], site_node)
+            return draws[key]
+        draw = SKETCH_TABLE[rewrite.sketch].draw(rewrite, self.sampler_id, len(draws))
+        draws[key] = inline_call(graph, draw, operands, meta_from=site_node)
         return draws[key]
 
     def _rewrite_gemm(self, graph: torch.fx.Graph, rewrite: Rewrite, draws: Draws) -> None:
@@ -158,6 +171,13 @@ class JointSamplingPass(CustomGraphPass):
                 output.replace_all_uses_with(estimate)
                 graph.erase_node(output)
         narrow_exact(rewrite.site, rewrite.sampled)
+
+
+def _check_defined_before(drawn: tuple[torch.fx.Node, ...], user: torch.fx.Node) -> None:
+    """Raise unless every node of the shared draw ``drawn`` comes before ``user`` in the graph."""
+    late = [node.name for node in drawn if not node < user]
+    if late:
+        raise RuntimeError(f"the shared draw {', '.join(late)} is defined after its user {user.name}")
 
 
 def _sampling_fields(rewrite) -> dict:

@@ -5,14 +5,14 @@ along the configured axis of the layer's cotangent ``G``. :func:`decline` applie
 the policy (``filter``, ``min_dim``, ``p``) and gives the reason when a gradient stays exact.
 Each sketch family is one row of :data:`SKETCH_TABLE`: how it draws from the operands of the node
 being rewritten. What the draw is applied to is the business of each rewrite family
-(:mod:`.gemm`, :mod:`.conv`), which supplies the sampled axis's size, the importances and the
-device anchor through the :class:`Sampled` protocol.
+(:mod:`.gemm`, :mod:`.conv`), which supplies the sampled axis's size, the importances, the
+device anchor and the :class:`DrawKey` its draw is shared by through the :class:`Sampled` protocol.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional, Protocol, Sequence, Union
+from typing import Callable, NamedTuple, Optional, Protocol, Sequence, Union
 
 import torch
 import torch.fx
@@ -33,8 +33,22 @@ RULES: frozenset[tuple[str, Role]] = frozenset({
     ("both", Role.GRAD_WEIGHT),
 })
 
-Draws = dict[Union[torch.fx.Node, tuple[torch.fx.Node, int]], tuple[torch.fx.Node, ...]]
-"""The draws a pass inserted so far: per (cotangent, axis), or per activation for draws in the forward."""
+
+class DrawKey(NamedTuple):
+    """What a draw on a cotangent draws: rewrites with equal keys share one draw.
+
+    ``dim`` counts from the front: the families name ``G``'s axes differently (a GEMM's rows and
+    features are its last two dims, a convolution's batch and channels its first two)."""
+
+    cotangent: torch.fx.Node
+    dim: int
+    n: int  # the length of ``dim``, at its example value
+    strata: int
+    sketch: str
+
+
+Draws = dict[Union[torch.fx.Node, DrawKey], tuple[torch.fx.Node, ...]]
+"""The draws a pass inserted so far: per :class:`DrawKey`, or per activation for draws in the forward."""
 
 Draw = Callable[..., tuple[Tensor, ...]]
 """``(*operands) -> sketch tensors``: kept indices and their weights (0-d, or one per index) for
@@ -47,6 +61,7 @@ class Sampled(Protocol):
     p: float
     sketch: str
     strata: int  # the draw keeps the same number of indices in each of this many equal blocks
+    draw_key: DrawKey
 
     def size(self, *operands: Tensor) -> int:
         """Length ``n`` of the sampled axis."""

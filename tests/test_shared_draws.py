@@ -1,0 +1,148 @@
+"""Draws shared between rewrites of one cotangent: keyed by what they draw, defined before every user.
+
+A cotangent ``G`` of shape ``(B, C, L)`` that feeds a ``bmm`` and a ``conv1d`` is sampled along two
+different dims under one ``axis``: a GEMM's features are ``G``'s last dim (``L``), a convolution's
+its channels (``C``). Each family needs its own draw (issue 18.1).
+"""
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import ubcompile
+from ubcompile.config import SamplingConfig
+from ubcompile.passes import JointSamplingPass
+from ubcompile.passes.conv import ConvRewrite, conv_sites, plan_conv
+from ubcompile.passes.gemm import GemmRewrite, gemm_sites, plan_gemm
+from ubcompile.passes.graph import GradientFlow, cotangent_dependent
+from ubcompile.passes.inline import inline_call
+from ubcompile.passes.rules import SKETCH_TABLE
+from ubcompile.sketches import keep_count
+from ubcompile.testing import assert_unbiased_samples, gradient_draws
+
+from conftest import loss_of
+
+BATCH = 4
+P = 0.25
+DRAWS = 200
+MIN_DIM = 4  # every product of the tests' models is sampled
+ESTIMATORS = {torch.ops.ubcompile.sketched_gemm.default: ("bmm", 2),  # family, position of the indices
+              torch.ops.ubcompile.sketched_conv_backward.default: ("conv", 3)}
+
+
+class BmmPlusConv(nn.Module):
+    """``bmm(a, x) + conv1d(x)`` for ``x`` of shape ``(B, C, L)``: one cotangent for both products.
+
+    The backward runs in reverse order of the forward: ``first`` names the product whose gradients
+    come first in the joint graph, which the forward computes last."""
+
+    def __init__(self, channels: int, first: str) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(BATCH, channels, channels) / channels**0.5)
+        self.conv = nn.Conv1d(channels, channels, 3, padding=1)
+        self.first = first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.first == "bmm":
+            return self.conv(x) + torch.bmm(self.a, x)
+        return torch.bmm(self.a, x) + self.conv(x)
+
+
+def make(channels: int, length: int, first: str) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = BmmPlusConv(channels, first)
+    return model, torch.randn(BATCH, channels, length, requires_grad=True)
+
+
+def drawn_sizes(graph: torch.fx.GraphModule) -> dict[str, set[tuple[int, int]]]:
+    """``(n, k)`` of the draw each estimator op of the backward ``graph`` reads, by family."""
+    sizes: dict[str, set[tuple[int, int]]] = {"bmm": set(), "conv": set()}
+    for node in graph.graph.nodes:
+        if node.target in ESTIMATORS:
+            family, position = ESTIMATORS[node.target]
+            draw = node.args[position].args[0]  # getitem(pps_indices(importance, k, ...), 0)
+            sizes[family].add((draw.args[0].meta["val"].shape[0], draw.args[1]))
+    return sizes
+
+
+def reported_sizes(report: ubcompile.Report) -> dict[str, set[tuple[int, int]]]:
+    """``(n, k)`` of the report's sampled entries, by family."""
+    return {family: {(e.n, e.k) for e in report.sampled if e.role.startswith(family)} for family in ("bmm", "conv")}
+
+
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+@pytest.mark.parametrize("channels, length, first", [(128, 64, "bmm"), (64, 128, "bmm"), (128, 64, "conv")])
+def test_bmm_and_conv_on_one_cotangent_draw_their_own_axes(channels, length, first, compiler):
+    model, x = make(channels, length, first)
+    tensors = {**dict(model.named_parameters()), "input": x}
+    exact = torch.autograd.grad(loss_of(model(x)), list(tensors.values()))
+    backend = ubcompile.backend(p=P, grad="both", min_dim=MIN_DIM, seed=0, compiler=compiler)
+    compiled = torch.compile(model, backend=backend)
+    samples = dict(zip(tensors, gradient_draws(lambda: loss_of(compiled(x)), list(tensors.values()), DRAWS)))
+
+    report = backend.report()
+    (graph,) = report.graphs
+    assert len(report.sampled) == 4, report.table()  # both gradients of both products, none fell back
+    code = graph.joint_code
+    assert (code.index("sketched_conv_backward") < code.index("sketched_gemm")) == (first == "conv")
+    assert reported_sizes(report) == {"bmm": {(length, keep_count(length, P))},
+                                      "conv": {(channels, keep_count(channels, P))}}
+    assert drawn_sizes(graph.backward_graph) == reported_sizes(report)
+    kept_channels = samples["conv.weight"].flatten(2).ne(0).any(2).any(0)
+    assert kept_channels.all(), f"output channels never sampled: {(~kept_channels).nonzero().flatten().tolist()}"
+    for name, exact_grad in zip(tensors, exact):
+        assert_unbiased_samples(samples[name], exact_grad, name=f"gradient of {name}")
+
+
+def joint_like(a: torch.Tensor, x: torch.Tensor, w: torch.Tensor, tangents_1: torch.Tensor) -> tuple:
+    """The backward of ``bmm(a, x) + conv1d(x, w)`` given its cotangent ``tangents_1``."""
+    grads = torch.ops.aten.convolution_backward.default(tangents_1, x, w, [w.shape[0]], [1], [1], [1], False,
+                                                        [0], 1, [True, True, True])
+    return torch.bmm(tangents_1, x.transpose(1, 2)), torch.bmm(a.transpose(1, 2), tangents_1), *grads
+
+
+def planned(axis: str) -> tuple[torch.fx.Graph, list[GemmRewrite], ConvRewrite]:
+    """The joint-like graph (C=16, L=8), the rewrites of its two bmm and its convolution under ``axis``."""
+    channels, length = 16, 8
+    example = (torch.randn(BATCH, channels, channels), torch.randn(BATCH, channels, length),
+               torch.randn(channels, channels, 3), torch.randn(BATCH, channels, length))
+    graph = make_fx(joint_like, tracing_mode="fake")(*example).graph
+    dependent, flow = cotangent_dependent(graph), GradientFlow(graph)
+    config = SamplingConfig(p=P, grad="both", axis=axis, min_dim=1)
+    gemms, _ = gemm_sites(graph, dependent, flow)
+    (conv,) = conv_sites(graph, dependent, flow)
+    return graph, [plan_gemm(site, config) for site in gemms], plan_conv(conv, config)[0]
+
+
+@pytest.mark.parametrize("axis, gemm_dim, conv_dim", [("features", 2, 1), ("rows", 1, 0)])
+def test_gemm_and_conv_draw_keys_on_one_cotangent_differ(axis, gemm_dim, conv_dim):
+    _, gemms, conv = planned(axis)
+    (gemm_key,) = {rewrite.draw_key for rewrite in gemms}  # the bmm's two gradients share one draw
+    assert gemm_key.cotangent is conv.draw_key.cotangent
+    assert (gemm_key.dim, conv.draw_key.dim) == (gemm_dim, conv_dim)
+    assert gemm_key != conv.draw_key
+
+
+def test_a_shared_draw_defined_after_its_user_keeps_that_gradient_exact():
+    graph, _, conv = planned("features")
+    node = conv.site.node
+    with graph.inserting_before(graph.output_node()):  # the convolution's draw, after the convolution
+        late = inline_call(graph, SKETCH_TABLE[conv.sketch].draw(conv, 0, 0), list(node.args[:3]), meta_from=node)
+    draws = {conv.draw_key: late}
+    joint_pass = JointSamplingPass(SamplingConfig(p=P, grad="both", min_dim=1), 0, lambda report: None)
+    reason = joint_pass._guarded(graph, node, draws, lambda: joint_pass._rewrite_conv(graph, conv, draws))
+    assert reason is not None and "defined after" in reason, reason
+    graph.lint()
+    assert node in list(graph.nodes)  # the convolution backward still computes both gradients
+    assert not any(n.target is torch.ops.ubcompile.sketched_conv_backward.default for n in graph.nodes)
+
+
+def test_sites_are_rewritten_in_graph_order():
+    """The convolution backward comes first in the joint-like graph: it is rewritten (and reported) first."""
+    graph, _, _ = planned("features")
+    reports = []
+    JointSamplingPass(SamplingConfig(p=P, grad="both", min_dim=1), 0, reports.append)(graph)
+    (report,) = reports
+    assert [e.role.split()[0] for e in report.entries] == ["conv", "conv", "bmm", "bmm"]
+    assert all(e.sampled for e in report.entries)
