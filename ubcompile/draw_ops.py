@@ -3,14 +3,12 @@
 Compiled backward graphs call ``torch.ops.ubcompile.uniform_indices`` or
 ``torch.ops.ubcompile.pps_indices`` to draw the kept indices, ``projection`` for the rank-constrained
 sketches, and ``auto_contraction`` for the products whose fraction ``p="auto"`` chooses at run time;
-compiled forward graphs call ``gemm_drawing_rows`` for the activation sketch, which draws while
-computing a layer's output. Each draws from the generator its ``sampler_id`` names
-(:func:`ubcompile.sampler.generator`).
+compiled forward graphs call ``gemm_drawing_rows`` for the activation sketch, which draws a linear
+layer's kept input rows next to its forward product. Each draws from the generator its
+``sampler_id`` names (:func:`ubcompile.sampler.generator`).
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -87,22 +85,19 @@ def _(x: Tensor, y: Tensor, sampler_id: int, site: int, samples: int) -> Tensor:
 
 
 @torch.library.custom_op("ubcompile::gemm_drawing_rows", mutates_args=())
-def gemm_drawing_rows(x: Tensor, y: Tensor, bias: Optional[Tensor], k: int, sampler_id: int,
-                      site: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """A layer's forward product ``bias + x @ y``, and ``k`` of ``x``'s rows drawn for its weight gradient.
+def gemm_drawing_rows(x: Tensor, k: int, sampler_id: int, site: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``k`` rows of a linear layer's input ``x`` drawn in the forward for its weight gradient.
 
-    Returns the product (what the replaced ``mm``/``addmm`` returned), the kept rows ``x[idx]``,
-    ``idx`` and the weights ``1 / pi`` (float32, or float64 for float64 ``x``);
-    ``pi_j = min(1, c ||x_j||)`` (:func:`pps_sample` of the row norms). One op for both, so the
-    partitioner computes the draw once, in the forward.
+    Returns the kept rows ``x[idx]``, ``idx`` and the weights ``1 / pi`` (float32, or float64 for
+    float64 ``x``); ``pi_j = min(1, c ||x_j||)`` (:func:`pps_sample` of the row norms). The layer's
+    product stays a plain ``mm``/``addmm`` next to it, so a checkpoint that recomputes the product
+    does not draw again (:mod:`ubcompile.passes.forward_rows`).
     """
-    out = x @ y if bias is None else torch.addmm(bias, x, y)
     idx, weights = pps_sample(output_importance(x, 0), k, generator(sampler_id, x.device))
-    return out, x[idx], idx, weights
+    return x[idx], idx, weights
 
 
 @gemm_drawing_rows.register_fake
-def _(x: Tensor, y: Tensor, bias: Optional[Tensor], k: int, sampler_id: int,
-      site: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return (x.new_empty((x.shape[0], y.shape[1])), x.new_empty((k, x.shape[1])),
-            x.new_empty((k,), dtype=torch.long), x.new_empty((k,), dtype=probability_dtype(x.dtype)))
+def _(x: Tensor, k: int, sampler_id: int, site: int) -> tuple[Tensor, Tensor, Tensor]:
+    return (x.new_empty((k, x.shape[1])), x.new_empty((k,), dtype=torch.long),
+            x.new_empty((k,), dtype=probability_dtype(x.dtype)))
