@@ -134,3 +134,18 @@ def test_compiled_half_precision_linear_with_masked_loss_stays_finite(monkeypatc
             f"{masked_pi.double().sum():.2e}")
         assert not keep[idx][weights > 0].logical_not().any()
         assert weights.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_importances_keep_tiny_terms_and_the_residual_sketch_keeps_its_dtype(dtype):
+    """Term norms are float32: a product of two small half-precision norms must not round to zero
+    (it would get pi = 0 and never be drawn); the residual sketch's GEMM stays in the operands' dtype."""
+    from ubcompile.sketches.residual import ResidualSplit, residual_contraction
+
+    x = torch.full((4, 8), 1e-4).to(dtype)
+    assert (contraction_importance(x, x.T.contiguous()) > 0).all()
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 32, generator=gen).to(dtype), torch.randn(32, 48, generator=gen).to(dtype)
+    split = ResidualSplit.of(x, y, 4, gen)
+    idx, weights = pps_sample(torch.rand(32, generator=gen), 8, gen)
+    assert residual_contraction(x, y, split, idx, weights).dtype == dtype

@@ -17,7 +17,7 @@ from torch import Tensor
 from .sketches.axis import Diagonal
 from .sketches.conv import SKETCHED_VJPS, ConvGeometry, conv_importance as _conv_importance
 from .sketches.matmul import sketched_matmul
-from .sketches.norm import contraction_importance, output_importance
+from .sketches.norm import contraction_importance, output_importance, probability_dtype
 
 CONTRACTED = -1
 """``out_dim`` of a sketch on the axis the product sums over (``x S y``)."""
@@ -40,7 +40,7 @@ def gemm_importance(x: Tensor, y: Tensor, out_dim: int) -> Tensor:
 
 @gemm_importance.register_fake
 def _(x: Tensor, y: Tensor, out_dim: int) -> Tensor:
-    return x.new_empty((sampled_size(x, y, out_dim),))
+    return x.new_empty((sampled_size(x, y, out_dim),), dtype=probability_dtype(x.dtype))
 
 
 def sketched_product(x: Tensor, y: Tensor, idx: Tensor, scale: Tensor, out_dim: int) -> Tensor:
@@ -71,7 +71,7 @@ def conv_importance(g: Tensor, co_operand: Tensor, axis: int, co_dim: int, contr
 
 @conv_importance.register_fake
 def _(g: Tensor, co_operand: Tensor, axis: int, co_dim: int, contracted: bool) -> Tensor:
-    return g.new_empty((g.shape[axis],))
+    return g.new_empty((g.shape[axis],), dtype=probability_dtype(g.dtype))
 
 
 @torch.library.custom_op("ubcompile::sketched_conv_backward", mutates_args=())

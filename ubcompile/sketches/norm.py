@@ -135,8 +135,11 @@ def bernoulli_sample(pi: Tensor, generator: Optional[torch.Generator] = None) ->
 
 
 def factor_norms(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """``(||x[..., :, j]||, ||y[..., j, :]||)``: the norms of the two factors of each term of ``x @ y``."""
-    return torch.linalg.vector_norm(x, dim=-2), torch.linalg.vector_norm(y, dim=-1)
+    """``(||x[..., :, j]||, ||y[..., j, :]||)``: the norms of the two factors of each term of ``x @ y``,
+    in :func:`probability_dtype` (a half-precision product of two small norms would round to 0 and
+    make a nonzero term look like a zero one)."""
+    return (torch.linalg.vector_norm(x, dim=-2, dtype=probability_dtype(x.dtype)),
+            torch.linalg.vector_norm(y, dim=-1, dtype=probability_dtype(y.dtype)))
 
 
 def contraction_importance(x: Tensor, y: Tensor) -> Tensor:
@@ -154,8 +157,9 @@ def contraction_importance(x: Tensor, y: Tensor) -> Tensor:
 
 
 def output_importance(t: Tensor, dim: int) -> Tensor:
-    """``a_i = ||t.select(dim, i)||``: the norm of each slice of ``t`` along ``dim``."""
-    return torch.linalg.vector_norm(t, dim=[d for d in range(t.dim()) if d != dim % t.dim()])
+    """``a_i = ||t.select(dim, i)||``: the norm of each slice of ``t`` along ``dim``, in :func:`probability_dtype`."""
+    return torch.linalg.vector_norm(t, dim=[d for d in range(t.dim()) if d != dim % t.dim()],
+                                    dtype=probability_dtype(t.dtype))
 
 
 def poisson_variance(terms: Tensor, pi: Tensor) -> Tensor:

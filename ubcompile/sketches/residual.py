@@ -93,7 +93,7 @@ def residual_contraction(x: Tensor, y: Tensor, split: ResidualSplit, idx: Tensor
     ``x[:, idx] - u xu[:, idx]`` and rows ``y[idx] - yv[idx] v^T``.
     """
     u, v, xu, yv = split.u, split.v, split.xu, split.yv
-    x_kept = (x[:, idx] - u @ xu[:, idx]) * scale
+    x_kept = ((x[:, idx] - u @ xu[:, idx]) * scale).to(x.dtype)  # float32 weights, x's GEMM dtype
     y_kept = y[idx] - yv[idx] @ v.mT
     xyv = thin_product(x, yv)
     left = torch.cat([u, xyv - u @ (xu @ yv), x_kept], dim=1)
