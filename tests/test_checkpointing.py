@@ -3,8 +3,9 @@
 Under ``torch.utils.checkpoint`` the backward recomputes the checkpointed region's forward. The
 activation sketch's draw, fused with the layer's product, was recomputed with it: two draws per
 step (issue 18, item 7). Now the product is recomputed and the draw is made once, in the forward or,
-where the checkpoint recomputes the layer, in the backward only. Draws are counted at
-``draw_ops.pps_sample``, which the norm and activation sketches' draw ops call.
+where the checkpoint recomputes the layer, in the backward only (and a draw, a function of the
+graph's seed, would draw the same rows if recomputed). Draws are counted at ``draw_ops._pps``, which
+the norm and activation sketches' draw ops call.
 """
 
 import functools
@@ -54,14 +55,14 @@ class CheckpointedMLP(nn.Module):
 @pytest.mark.parametrize("sketch", ["activation", "norm"])
 def test_one_draw_per_sampled_layer_per_step_and_unbiased(monkeypatch, sketch, selective, compiler):
     draws_made = 0
-    pps_sample = draw_ops.pps_sample
+    pps = draw_ops._pps
 
     def counting(*args, **kwargs):
         nonlocal draws_made
         draws_made += 1
-        return pps_sample(*args, **kwargs)
+        return pps(*args, **kwargs)
 
-    monkeypatch.setattr(draw_ops, "pps_sample", counting)
+    monkeypatch.setattr(draw_ops, "_pps", counting)
     model = CheckpointedMLP(selective)
     torch.manual_seed(1)
     x = torch.randn(64, 96)

@@ -110,12 +110,14 @@ def test_compiled_half_precision_linear_with_masked_loss_stays_finite(monkeypatc
     0: the old floor gave it ``pi ~ 3e-7``, whose fp16 reciprocal is inf) and the draw's weights are float32."""
     drawn: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
-    def recording(importance, k, generator=None):
-        idx, weights = pps_sample(importance, k, generator)
+    pps = draw_ops._pps
+
+    def recording(importance, k, seed, stream):
+        idx, weights = pps(importance, k, seed, stream)
         drawn.append((importance, idx, weights))
         return idx, weights
 
-    monkeypatch.setattr(draw_ops, "pps_sample", recording)
+    monkeypatch.setattr(draw_ops, "_pps", recording)
     torch.manual_seed(0)
     model = nn.Linear(256, 256).to(dtype)
     compiled = torch.compile(model, backend=ubcompile.backend(p=0.25, seed=0, compiler=compiler))

@@ -45,6 +45,7 @@ __all__ = [
     "compiling_frame_modules",
     "mode_options",
     "guard_training_flags",
+    "mark_sourceless_input",
     "register_manual_seed",
     "size_hint",
     "trace_with_fake",
@@ -95,6 +96,12 @@ def guard_training_flags(names: Iterable[str]) -> None:
     variables ``names`` (from :func:`compiling_frame_modules`) changes, as if the frame had read it."""
     install_guard(*(AttrSource(LocalSource(name), "training").make_guard(GuardBuilder.CONSTANT_MATCH)
                     for name in names))
+
+
+def mark_sourceless_input(node: torch.fx.Node) -> None:
+    """Tell AOTAutograd that the Dynamo-graph placeholder ``node`` was added after Dynamo and comes
+    from no user variable (as the DDP optimizer's submodule inputs do): it needs no guard."""
+    node._dynamo_source = None
 
 
 def register_manual_seed(manual_seed: Callable[[int], torch.Generator]) -> None:

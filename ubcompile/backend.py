@@ -17,6 +17,7 @@ from ._torch_private import (compile_eager_with_joint_pass, compile_with_joint_p
 from .auto import AutoController
 from .config import SamplingConfig, make_config
 from .passes import JointSamplingPass
+from .passes.seed_input import calling_with_seed, graph_device, seed_example, seed_input
 from .report import GraphReport, Report
 from . import draw_ops  # noqa: F401  (registers the torch.ops.ubcompile draw ops)
 from .sampler import GraphStream, Sampler
@@ -74,8 +75,15 @@ class Backend:
 
         parameters = [isinstance(t, torch.nn.Parameter) for t in example_inputs]
         stream = self.sampler.stream(self._domain())
-        joint_pass = JointSamplingPass(self.config, stream.id, on_report, parameters, self._fallback)
-        return _holding(compile_fn(gm, example_inputs, joint_pass, on_backward_graph), stream)
+        if self.config.adaptive:  # the controller draws inside its op, from the stream's generator
+            joint_pass = JointSamplingPass(self.config, stream.id, on_report, parameters, self._fallback)
+            return _holding(compile_fn(gm, example_inputs, joint_pass, on_backward_graph), stream)
+        device = graph_device(example_inputs)
+        joint_pass = JointSamplingPass(self.config, stream.id, on_report, [*parameters, False], self._fallback,
+                                       seed_input=len(example_inputs))
+        with seed_input(gm):
+            compiled = compile_fn(gm, [*example_inputs, seed_example(device)], joint_pass, on_backward_graph)
+        return _holding(calling_with_seed(compiled, lambda: stream.next_seed(device)), stream)
 
     def _compiler(self, mode: Optional[str]) -> Callable[..., Any]:
         """What compiles the graphs under ``torch.compile(mode=mode)``: Inductor with that mode's
@@ -167,7 +175,7 @@ def _holding(compiled: Callable[..., Any], stream: GraphStream) -> Callable[...,
     def run(*args: Any) -> Any:
         return compiled(*args)
 
-    run.__ubcompile_stream__ = stream
+    run.__ubcompile_stream__ = stream  # functools.wraps copied compiled's attributes (_boxed_call)
     return run
 
 

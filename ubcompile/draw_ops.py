@@ -1,11 +1,18 @@
 """The graph ops that draw: kept indices, projections, and the controlled product of ``p="auto"``.
 
 Compiled backward graphs call ``torch.ops.ubcompile.uniform_indices`` or
-``torch.ops.ubcompile.pps_indices`` to draw the kept indices, ``projection`` for the rank-constrained
-sketches, and ``auto_contraction`` for the products whose fraction ``p="auto"`` chooses at run time;
-compiled forward graphs call ``gemm_drawing_rows`` for the activation sketch, which draws a linear
-layer's kept input rows next to its forward product. Each draws from the generator its
-``sampler_id`` names (:func:`ubcompile.sampler.generator`).
+``torch.ops.ubcompile.pps_indices`` to draw the kept indices and ``projection`` for the
+rank-constrained sketches; compiled forward graphs call ``gemm_drawing_rows`` for the activation
+sketch, which draws a linear layer's kept input rows next to its forward product. These are pure
+functions of their inputs: every random number comes from the graph's seed input (a 0-d int64
+tensor, :mod:`ubcompile.passes.seed_input`) and the draw's ``site`` through the counter-based
+generator of :mod:`ubcompile.sketches.counter_rng`, on the device, with no host sync. So a
+replayed, recomputed (activation checkpointing) or cached graph draws what its seed says, and no
+op needs a state outside the graph.
+
+``auto_contraction``, the product whose fraction ``p="auto"`` chooses at run time, keeps its
+controller's state in Python and draws from the generator its ``sampler_id`` names
+(:func:`ubcompile.sampler.sampler`).
 """
 
 from __future__ import annotations
@@ -13,59 +20,76 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .sampler import generator, sampler
-from .sketches.lowrank import gaussian_sketch, orthonormal_sketch
-from .sketches.norm import output_importance, pps_sample, probability_dtype
-from .sketches.uniform import stratified, uniform_scale, uniform_subset
+from .sampler import sampler
+from .sketches.counter_rng import normal, permutation, uniform
+from .sketches.lowrank import gaussian_projection, orthonormal_projection
+from .sketches.norm import output_importance, pps_draw, probability_dtype
+from .sketches.uniform import stratified, uniform_scale
+
+
+def _stream(site: int, part: int) -> int:
+    """The counter-generator stream of ``part`` (a block of a stratified draw, or one of its two
+    uses) of the draw ``site``: distinct for every pair below ``2**16`` each."""
+    return (site << 16) | part
+
+
+def _pps(importance: Tensor, k: int, seed: Tensor, stream: int) -> tuple[Tensor, Tensor]:
+    """:func:`~ubcompile.sketches.norm.pps_draw` with its order and offset from ``stream`` and ``stream + 1``."""
+    order = permutation(seed, stream, importance.shape[0])
+    return pps_draw(importance, k, order, uniform(seed, stream + 1, 1).reshape(()))
 
 
 @torch.library.custom_op("ubcompile::uniform_indices", mutates_args=())
-def uniform_indices(anchor: Tensor, n: int, k: int, sampler_id: int, site: int,
+def uniform_indices(anchor: Tensor, n: int, k: int, seed: Tensor, site: int,
                     strata: int = 1) -> tuple[Tensor, Tensor]:
     """``k`` sorted indices drawn uniformly from ``range(n)`` on ``anchor``'s device (``k / strata``
     from each of ``strata`` equal blocks), and their weight ``n / k`` (0-d, ``anchor``'s dtype).
 
-    ``anchor`` (the cotangent being sampled) fixes the device and orders the draw after the
-    cotangent exists; ``site`` tells the draws of different layers apart so no pass merges them.
+    ``anchor`` (the cotangent being sampled) fixes the dtype and orders the draw after the
+    cotangent exists; ``site`` tells the draws of a graph apart.
     """
-    gen = generator(sampler_id, anchor.device)
-    idx = stratified(lambda _, k_block: (uniform_subset(n // strata, k_block, gen, anchor.device),), n, k, strata)[0]
-    return idx, anchor.new_full((), uniform_scale(n, k))
+    def block_draw(block: int, k_block: int) -> tuple[Tensor]:
+        return (permutation(seed, _stream(site, block), n // strata)[:k_block].sort().values,)
+
+    return stratified(block_draw, n, k, strata)[0], anchor.new_full((), uniform_scale(n, k))
 
 
 @uniform_indices.register_fake
-def _(anchor: Tensor, n: int, k: int, sampler_id: int, site: int, strata: int = 1) -> tuple[Tensor, Tensor]:
+def _(anchor: Tensor, n: int, k: int, seed: Tensor, site: int, strata: int = 1) -> tuple[Tensor, Tensor]:
     return anchor.new_empty((k,), dtype=torch.long), anchor.new_empty(())
 
 
 @torch.library.custom_op("ubcompile::pps_indices", mutates_args=())
-def pps_indices(importance: Tensor, k: int, sampler_id: int, site: int, strata: int = 1) -> tuple[Tensor, Tensor]:
+def pps_indices(importance: Tensor, k: int, seed: Tensor, site: int, strata: int = 1) -> tuple[Tensor, Tensor]:
     """``k`` sorted indices drawn with probabilities ``min(1, c * importance)``, and weights ``1 / pi``
     (``k / strata`` from each of ``strata`` equal blocks, each water-filled on its own); the weights
     are float32 (float64 for a float64 ``importance``, :func:`~.sketches.norm.probability_dtype`)."""
-    gen = generator(sampler_id, importance.device)
     blocks = importance.reshape(strata, -1)
-    return stratified(lambda s, k_block: pps_sample(blocks[s], k_block, gen), importance.shape[0], k, strata)
+
+    def block_draw(block: int, k_block: int) -> tuple[Tensor, Tensor]:
+        return _pps(blocks[block], k_block, seed, _stream(site, 2 * block))
+
+    return stratified(block_draw, importance.shape[0], k, strata)
 
 
 @pps_indices.register_fake
-def _(importance: Tensor, k: int, sampler_id: int, site: int, strata: int = 1) -> tuple[Tensor, Tensor]:
+def _(importance: Tensor, k: int, seed: Tensor, site: int, strata: int = 1) -> tuple[Tensor, Tensor]:
     return (importance.new_empty((k,), dtype=torch.long),
             importance.new_empty((k,), dtype=probability_dtype(importance.dtype)))
 
 
-_PROJECTIONS = {"lowrank": orthonormal_sketch, "gaussian": gaussian_sketch}
+_PROJECTIONS = {"lowrank": orthonormal_projection, "gaussian": gaussian_projection}
 
 
 @torch.library.custom_op("ubcompile::projection", mutates_args=())
-def projection(anchor: Tensor, n: int, k: int, kind: str, sampler_id: int, site: int) -> Tensor:
+def projection(anchor: Tensor, n: int, k: int, kind: str, seed: Tensor, site: int) -> Tensor:
     """An ``n x k`` random projection ``Omega`` with ``E[Omega Omega^T] = I`` (``kind``: lowrank, gaussian)."""
-    gen = generator(sampler_id, anchor.device)
-    return _PROJECTIONS[kind](n, k, gen, anchor.device, anchor.dtype).contiguous()
+    g = normal(seed, _stream(site, 0), n * k).reshape(n, k)
+    return _PROJECTIONS[kind](g, anchor.dtype).contiguous()
 
 
 @projection.register_fake
-def _(anchor: Tensor, n: int, k: int, kind: str, sampler_id: int, site: int) -> Tensor:
+def _(anchor: Tensor, n: int, k: int, kind: str, seed: Tensor, site: int) -> Tensor:
     return anchor.new_empty((n, k))
 
 
@@ -85,19 +109,19 @@ def _(x: Tensor, y: Tensor, sampler_id: int, site: int, samples: int) -> Tensor:
 
 
 @torch.library.custom_op("ubcompile::gemm_drawing_rows", mutates_args=())
-def gemm_drawing_rows(x: Tensor, k: int, sampler_id: int, site: int) -> tuple[Tensor, Tensor, Tensor]:
+def gemm_drawing_rows(x: Tensor, k: int, seed: Tensor, site: int) -> tuple[Tensor, Tensor, Tensor]:
     """``k`` rows of a linear layer's input ``x`` drawn in the forward for its weight gradient.
 
     Returns the kept rows ``x[idx]``, ``idx`` and the weights ``1 / pi`` (float32, or float64 for
-    float64 ``x``); ``pi_j = min(1, c ||x_j||)`` (:func:`pps_sample` of the row norms). The layer's
-    product stays a plain ``mm``/``addmm`` next to it, so a checkpoint that recomputes the product
-    does not draw again (:mod:`ubcompile.passes.forward_rows`).
+    float64 ``x``); ``pi_j = min(1, c ||x_j||)`` (the systematic PPS sample of the row norms). The
+    layer's product stays a plain ``mm``/``addmm`` next to it (:mod:`ubcompile.passes.forward_rows`);
+    a checkpoint that recomputes the draw gets the same rows, the draw being a function of ``seed``.
     """
-    idx, weights = pps_sample(output_importance(x, 0), k, generator(sampler_id, x.device))
+    idx, weights = _pps(output_importance(x, 0), k, seed, _stream(site, 0))
     return x[idx], idx, weights
 
 
 @gemm_drawing_rows.register_fake
-def _(x: Tensor, k: int, sampler_id: int, site: int) -> tuple[Tensor, Tensor, Tensor]:
+def _(x: Tensor, k: int, seed: Tensor, site: int) -> tuple[Tensor, Tensor, Tensor]:
     return (x.new_empty((k, x.shape[1])), x.new_empty((k,), dtype=torch.long),
             x.new_empty((k,), dtype=probability_dtype(x.dtype)))

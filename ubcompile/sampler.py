@@ -137,6 +137,11 @@ class GraphStream:
     def generator(self, device: torch.device) -> torch.Generator:
         return self.owner.generator(device, self.graph)
 
+    def next_seed(self, device: torch.device) -> Tensor:
+        """The seed of one call of the graph: a 0-d int64 tensor drawn on ``device`` from the
+        stream's generator (a device op: no host sync, no copy)."""
+        return torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64, device=device, generator=self.generator(device))
+
 
 def _rank() -> int:
     """This process's rank in the default ``torch.distributed`` group, 0 outside one."""

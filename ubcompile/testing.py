@@ -144,7 +144,7 @@ def graph_text(graph: torch.fx.GraphModule) -> str:
     """A normalised, readable text of ``graph``: one line per node with its dtype and shape.
 
     What varies between runs of the same code is left out or masked: source locations, and the
-    process-local id of the backend's sampler in ``ubcompile`` ops.
+    process-local id of the backend's stream in ``ubcompile`` ops that take one (``p="auto"``'s).
     """
     lines = []
     for node in graph.graph.nodes:

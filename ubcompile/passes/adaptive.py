@@ -47,11 +47,12 @@ class AdaptiveRewrite:
     samples: Optional[torch.fx.Node] = None
     kind: str = "sample"
 
-    def insert(self, graph: torch.fx.Graph, sampler_id: int, draws: Draws) -> None:
+    def insert(self, graph: torch.fx.Graph, draws: Draws) -> None:
         """Register the site with the stream's controller and replace the product by the controlled
-        op (which draws at run time: ``draws`` is not used). The number of samples is read at run
+        op (which draws at run time from ``draws.stream_id``). The number of samples is read at run
         time, so a dynamic sequence length groups each call's rows by its own length."""
         node = self.site.node
+        sampler_id = draws.stream_id
         stream = sampler(sampler_id)
         key = stream.auto.register(module_path(node), gemm_dims(node), self.kind, stream.domain, stream.graph)
 

@@ -64,27 +64,27 @@ class ForwardRowsRewrite:
     def sampled_flops(self) -> int:
         return gemm_flops(self.site.node) * self.k // self.n
 
-    def insert(self, graph: torch.fx.Graph, sampler_id: int, draws: Draws) -> None:
+    def insert(self, graph: torch.fx.Graph, draws: Draws) -> None:
         """Draw the rows next to the host (once per activation) and replace the weight gradient by the sampled one."""
         drawn = draws.get(self.activation)
         if drawn is None:
-            drawn = draws[self.activation] = self._draw_rows(graph, sampler_id, len(draws))
+            drawn = draws[self.activation] = self._draw_rows(graph, draws.seed, len(draws))
         node = self.site.node
         with graph.inserting_before(node):
             sampled = inline_call(graph, kept_rows_contraction, [node.args[0], *drawn], meta_from=node)
         node.replace_all_uses_with(sampled)
         graph.erase_node(node)
 
-    def _draw_rows(self, graph: torch.fx.Graph, sampler_id: int, key: int) -> tuple[torch.fx.Node, ...]:
+    def _draw_rows(self, graph: torch.fx.Graph, seed: torch.fx.Node, key: int) -> tuple[torch.fx.Node, ...]:
         """``(A[idx], idx, weights)``, drawn just before the host and with its metadata (which side of
         the partition computes it: see the module docstring)."""
         p = self.p
 
-        def draw(x):
-            return torch.ops.ubcompile.gemm_drawing_rows(x, keep_count(x.shape[0], p), sampler_id, key)
+        def draw(x, seed):
+            return torch.ops.ubcompile.gemm_drawing_rows(x, keep_count(x.shape[0], p), seed, key)
 
         with graph.inserting_before(self.host):
-            return tuple(inline_call(graph, draw, [self.activation], meta_from=self.host))
+            return tuple(inline_call(graph, draw, [self.activation, seed], meta_from=self.host))
 
 
 def forward_host(activation: torch.fx.Node, dependent: set[torch.fx.Node]) -> Optional[torch.fx.Node]:

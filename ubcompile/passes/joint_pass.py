@@ -26,6 +26,7 @@ from .forward_rows import ForwardRowsRewrite, plan_forward_rows
 from .gemm import GEMMS, GemmRewrite, GemmSite, gemm_dims, gemm_flops, gemm_sites, plan_gemm
 from .graph import GradientFlow, Role, Unmatched, cotangent_dependent, fused_kernels, module_path
 from .inline import inline_call
+from .seed_input import seed_node
 from .rules import AXIS_NAMES, SKETCH_TABLE, Draws, Sampled
 
 Rewrite = Union[GemmRewrite, AdaptiveRewrite, ForwardRowsRewrite]
@@ -54,19 +55,26 @@ class JointSamplingPass(CustomGraphPass):
 
     ``parameters[i]`` says whether the graph's ``i``-th input is a parameter (see
     :class:`~.graph.GradientFlow`); ``None`` treats every input gradient as a parameter's.
+    ``seed_input`` is the position of the graph's seed input (:mod:`.seed_input`), from which
+    every draw derives; ``None`` under ``p="auto"``, whose controlled op draws from the stream
+    ``sampler_id`` names at run time.
     """
 
     def __init__(self, config: SamplingConfig, sampler_id: int, on_report: Callable[[GraphReport], None],
                  parameters: Optional[Sequence[bool]] = None,
-                 on_fallback: Optional[Callable[[torch.fx.Node, str], None]] = None) -> None:
+                 on_fallback: Optional[Callable[[torch.fx.Node, str], None]] = None,
+                 seed_input: Optional[int] = None) -> None:
         self.config = config
         self.sampler_id = sampler_id
+        self.seed_input = seed_input
         self.on_report = on_report
         self.on_fallback = on_fallback or (lambda node, reason: None)
         self.parameters = None if parameters is None else tuple(parameters)
 
     def uuid(self) -> str:
-        return f"ubcompile-{self.config!r}-sampler{self.sampler_id}-{self.parameters}-{_source_hash()}"
+        # A seeded graph is a pure function of its inputs: nothing process-local enters its key.
+        stream = "seeded" if self.seed_input is not None else f"stream{self.sampler_id}"
+        return f"ubcompile-{self.config!r}-{stream}-{self.parameters}-{_source_hash()}"
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         start = time.perf_counter()
@@ -75,7 +83,8 @@ class JointSamplingPass(CustomGraphPass):
         gemms, unmatched = gemm_sites(graph, dependent, flow)
         sites = sorted([*gemms, *conv_sites(graph, dependent, flow)], key=lambda site: site.node)
         entries = [_exact_entry(u) for u in unmatched + fused_kernels(graph, dependent)]
-        draws: Draws = {}
+        seed = None if self.seed_input is None else seed_node(graph, self.seed_input)
+        draws = Draws(seed, self.sampler_id)
         for site in sites:
             if isinstance(site, GemmSite):
                 entries += self._sample_gemm(graph, site, dependent, draws)
@@ -144,13 +153,13 @@ class JointSamplingPass(CustomGraphPass):
         if key in draws:
             _check_defined_before(draws[key], site_node)
             return draws[key]
-        draw = SKETCH_TABLE[rewrite.sketch].draw(rewrite, self.sampler_id, len(draws))
-        draws[key] = inline_call(graph, draw, operands, meta_from=site_node)
+        draw = SKETCH_TABLE[rewrite.sketch].draw(rewrite, len(draws))
+        draws[key] = inline_call(graph, draw, [*operands, draws.seed], meta_from=site_node)
         return draws[key]
 
     def _rewrite_gemm(self, graph: torch.fx.Graph, rewrite: Rewrite, draws: Draws) -> None:
         if not isinstance(rewrite, GemmRewrite):  # the families that insert themselves
-            rewrite.insert(graph, self.sampler_id, draws)
+            rewrite.insert(graph, draws)
             return
         node = rewrite.site.node
         x, y = node.args

@@ -47,12 +47,22 @@ class DrawKey(NamedTuple):
     sketch: str
 
 
-Draws = dict[Union[torch.fx.Node, DrawKey], tuple[torch.fx.Node, ...]]
-"""The draws a pass inserted so far: per :class:`DrawKey`, or per activation for draws in the forward."""
+class Draws(dict[Union[torch.fx.Node, DrawKey], tuple[torch.fx.Node, ...]]):
+    """The draws a pass inserted so far: per :class:`DrawKey`, or per activation for draws in the
+    forward, and where the graph's randomness comes from: ``seed``, its seed input, for the draw
+    ops (``None`` under ``p="auto"``), ``stream_id`` for ``p="auto"``'s controlled op, which draws
+    at run time from the backend's stream (:mod:`ubcompile.sampler`)."""
+
+    def __init__(self, seed: Optional[torch.fx.Node], stream_id: int) -> None:
+        super().__init__()
+        self.seed = seed
+        self.stream_id = stream_id
+
 
 Draw = Callable[..., tuple[Tensor, ...]]
-"""``(*operands) -> sketch tensors``: kept indices and their weights (0-d, or one per index) for
-the diagonal sketches, the ``n x k`` projection for the rank-constrained ones."""
+"""``(*operands, seed) -> sketch tensors``: kept indices and their weights (0-d, or one per index)
+for the diagonal sketches, the ``n x k`` projection for the rank-constrained ones; every random
+number comes from the 0-d ``seed`` and the draw's key (:mod:`ubcompile.draw_ops`)."""
 
 
 class Sampled(Protocol):
@@ -78,29 +88,32 @@ def sample_size(n: int, p: float, strata: int = 1) -> int:
     return strata * keep_count(n // strata, p)
 
 
-def _uniform_draw(rewrite: Sampled, sampler_id: int, key: int) -> Draw:
+def _uniform_draw(rewrite: Sampled, key: int) -> Draw:
     def draw(*operands: Tensor) -> tuple[Tensor, Tensor]:
+        *operands, seed = operands
         anchor = rewrite.anchor(*operands)
         n = rewrite.size(*operands)
         k = sample_size(n, rewrite.p, rewrite.strata)
-        return torch.ops.ubcompile.uniform_indices(anchor, n, k, sampler_id, key, rewrite.strata)
+        return torch.ops.ubcompile.uniform_indices(anchor, n, k, seed, key, rewrite.strata)
 
     return draw
 
 
-def _norm_draw(rewrite: Sampled, sampler_id: int, key: int) -> Draw:
+def _norm_draw(rewrite: Sampled, key: int) -> Draw:
     def draw(*operands: Tensor) -> tuple[Tensor, Tensor]:
+        *operands, seed = operands
         k = sample_size(rewrite.size(*operands), rewrite.p, rewrite.strata)
-        return torch.ops.ubcompile.pps_indices(rewrite.importance(*operands), k, sampler_id, key, rewrite.strata)
+        return torch.ops.ubcompile.pps_indices(rewrite.importance(*operands), k, seed, key, rewrite.strata)
 
     return draw
 
 
-def _projection_draw(rewrite: Sampled, sampler_id: int, key: int) -> Draw:
+def _projection_draw(rewrite: Sampled, key: int) -> Draw:
     def draw(*operands: Tensor) -> tuple[Tensor]:
+        *operands, seed = operands
         n = rewrite.size(*operands)
         k = keep_count(n, rewrite.p)
-        return (torch.ops.ubcompile.projection(rewrite.anchor(*operands), n, k, rewrite.sketch, sampler_id, key),)
+        return (torch.ops.ubcompile.projection(rewrite.anchor(*operands), n, k, rewrite.sketch, seed, key),)
 
     return draw
 
@@ -109,7 +122,7 @@ def _projection_draw(rewrite: Sampled, sampler_id: int, key: int) -> Draw:
 class SketchRule:
     """How one sketch family draws."""
 
-    draw: Callable[[Sampled, int, int], Draw]
+    draw: Callable[[Sampled, int], Draw]  # (rewrite, the draw's key in its graph) -> Draw
     projects: bool = False  # the draw is a dense n x k projection, not indices and weights
 
 
