@@ -21,22 +21,21 @@ import torch
 from torch import Tensor
 
 from .sampler import sampler
-from .sketches.counter_rng import normal, permutation, uniform
+from .sketches.counter_rng import normal, order_and_offset
 from .sketches.lowrank import gaussian_projection, orthonormal_projection
 from .sketches.norm import output_importance, pps_draw, probability_dtype
-from .sketches.uniform import stratified, uniform_scale
+from .sketches.uniform import stratified, systematic_positions, uniform_scale
 
 
 def _stream(site: int, part: int) -> int:
-    """The counter-generator stream of ``part`` (a block of a stratified draw, or one of its two
-    uses) of the draw ``site``: distinct for every pair below ``2**16`` each."""
+    """The counter-generator stream of ``part`` (a block of a stratified draw) of the draw ``site``:
+    distinct for every pair below ``2**16`` each."""
     return (site << 16) | part
 
 
 def _pps(importance: Tensor, k: int, seed: Tensor, stream: int) -> tuple[Tensor, Tensor]:
-    """:func:`~ubcompile.sketches.norm.pps_draw` with its order and offset from ``stream`` and ``stream + 1``."""
-    order = permutation(seed, stream, importance.shape[0])
-    return pps_draw(importance, k, order, uniform(seed, stream + 1, 1).reshape(()))
+    """:func:`~ubcompile.sketches.norm.pps_draw` with its order and offset from ``stream``."""
+    return pps_draw(importance, k, *order_and_offset(seed, stream, importance.shape[0]))
 
 
 @torch.library.custom_op("ubcompile::uniform_indices", mutates_args=())
@@ -49,7 +48,8 @@ def uniform_indices(anchor: Tensor, n: int, k: int, seed: Tensor, site: int,
     cotangent exists; ``site`` tells the draws of a graph apart.
     """
     def block_draw(block: int, k_block: int) -> tuple[Tensor]:
-        return (permutation(seed, _stream(site, block), n // strata)[:k_block].sort().values,)
+        order, offset = order_and_offset(seed, _stream(site, block), n // strata)
+        return (order[systematic_positions(n // strata, k_block, offset)].sort().values,)
 
     return stratified(block_draw, n, k, strata)[0], anchor.new_full((), uniform_scale(n, k))
 
@@ -67,7 +67,7 @@ def pps_indices(importance: Tensor, k: int, seed: Tensor, site: int, strata: int
     blocks = importance.reshape(strata, -1)
 
     def block_draw(block: int, k_block: int) -> tuple[Tensor, Tensor]:
-        return _pps(blocks[block], k_block, seed, _stream(site, 2 * block))
+        return _pps(blocks[block], k_block, seed, _stream(site, block))
 
     return stratified(block_draw, importance.shape[0], k, strata)
 

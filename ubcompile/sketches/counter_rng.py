@@ -5,17 +5,16 @@ the ``i``-th number of a stream needs no state: a compiled graph that receives t
 input tensor draws the same numbers on every replay of the same seed (from a cache, inside a CUDA
 graph), never reads a generator outside the graph, and never moves the seed to the host.
 
-The hash is Chris Wellons' ``lowbias32`` (bias 0.17, hash-prospector): the counter is hashed,
-the key (from the seed's low word and the stream) added and hashed again, the key's second word
-(from the seed's high word) mixed in and hashed a third time. Every operation stays in exact ``int64`` arithmetic:
-words are kept below ``2**32`` and each multiplier ``C > 2**31`` is applied as ``C - 2**32``,
-which has the same product modulo ``2**32`` and cannot overflow. Only elementwise integer ops,
-so Inductor fuses them into the kernel that uses the numbers.
+The hash is Chris Wellons' ``lowbias32`` (bias 0.17, hash-prospector), three rounds: of the
+counter times an odd multiplier of the stream (so that two streams are not shifted copies of one
+sequence), then with the seed's low word xor-ed in, then with its high word added. Every operation
+stays in exact ``int64`` arithmetic: words are kept below ``2**32`` and each multiplier ``C > 2**31``
+is applied as ``C - 2**32``, which has the same product modulo ``2**32`` and cannot overflow. The
+rounds run in place, ten ATen ops each: a draw costs about thirty small elementwise ops whatever
+its size, all on the device.
 """
 
 from __future__ import annotations
-
-from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -23,44 +22,57 @@ from torch import Tensor
 _MASK = 0xFFFF_FFFF
 _C1 = 0x7FEB_352D
 _C2 = 0x846C_A68B - (1 << 32)  # same low 32 bits of every product, no int64 overflow
-_TWEAK = 0x6A09_E667  # sqrt(2) bits: derives the second key apart from the first
 
 
-Word = TypeVar("Word", int, Tensor)
-
-
-def _lowbias32(x: Word) -> Word:
-    """Wellons' ``lowbias32`` on words in ``[0, 2**32)``: Python ints or int64 tensors."""
-    x = x ^ (x >> 16)
+def _mix(x: int) -> int:
+    """``lowbias32`` of a Python int in ``[0, 2**32)``."""
+    x ^= x >> 16
     x = (x * _C1) & _MASK
-    x = x ^ (x >> 15)
+    x ^= x >> 15
     x = (x * _C2) & _MASK
     return x ^ (x >> 16)
+
+
+def _mix_(x: Tensor) -> Tensor:
+    """``lowbias32`` in place on int64 words in ``[0, 2**32)``."""
+    x.bitwise_xor_(torch.bitwise_right_shift(x, 16))
+    x.mul_(_C1).bitwise_and_(_MASK)
+    x.bitwise_xor_(torch.bitwise_right_shift(x, 15))
+    x.mul_(_C2).bitwise_and_(_MASK)
+    return x.bitwise_xor_(torch.bitwise_right_shift(x, 16))
 
 
 def words(seed: Tensor, stream: int, n: int) -> Tensor:
     """``n`` pseudo-random 32-bit words (int64 in ``[0, 2**32)``) of ``stream`` under ``seed``.
 
-    ``seed`` is a 0-d int64 tensor on the device the words are wanted on; ``stream`` (an int in
-    ``[0, 2**32)``) separates the independent sequences one seed drives (one per draw of a graph). The counter is
-    hashed before the keys enter, so two streams are not shifted copies of one sequence.
+    ``seed`` is a 0-d int64 tensor on the device the words are wanted on; ``stream`` (an int)
+    separates the independent sequences one seed drives (one per draw of a graph).
     """
-    key = _lowbias32(((seed & _MASK) + _lowbias32(stream & _MASK)) & _MASK)
-    key_hi = _lowbias32(((seed >> 32) & _MASK) ^ _lowbias32(key ^ _TWEAK))  # not the counter-0 word
-    counter = torch.arange(n, device=seed.device, dtype=torch.int64)
-    return _lowbias32(_lowbias32((_lowbias32(counter) + key) & _MASK) ^ key_hi)
+    multiplier = (_mix(stream & _MASK) | 1) & 0x7FFF_FFFF  # odd, below 2**31: (i + 1) * m < 2**63
+    x = torch.arange(1, n + 1, device=seed.device, dtype=torch.int64).mul_(multiplier).bitwise_and_(_MASK)
+    _mix_(x).bitwise_xor_(seed.bitwise_and(_MASK))
+    _mix_(x).add_(torch.bitwise_right_shift(seed, 32).bitwise_and_(_MASK)).bitwise_and_(_MASK)
+    return _mix_(x)
+
+
+def unit_interval(high: Tensor, low: Tensor) -> Tensor:
+    """float64 in ``[0, 1)`` with 53 random bits from two words."""
+    return torch.bitwise_left_shift(high, 21).bitwise_or_(torch.bitwise_right_shift(low, 11)).double().mul_(2.0**-53)
 
 
 def uniform(seed: Tensor, stream: int, n: int) -> Tensor:
-    """``n`` float64 draws from ``U[0, 1)`` with 53 random bits each (two words per draw)."""
-    w = words(seed, stream, 2 * n).reshape(n, 2)
-    return ((w[:, 0] << 21) | (w[:, 1] >> 11)).double() * 2.0**-53
+    """``n`` float64 draws from ``U[0, 1)`` (two words each)."""
+    w = words(seed, stream, 2 * n)
+    return unit_interval(w[:n], w[n:])
 
 
-def permutation(seed: Tensor, stream: int, n: int) -> Tensor:
-    """A uniformly random permutation of ``range(n)`` (int64): the order of ``n`` random 53-bit keys
-    (ties, of probability below ``n**2 / 2**54``, broken by index)."""
-    return torch.sort(uniform(seed, stream, n), stable=True).indices
+def order_and_offset(seed: Tensor, stream: int, n: int) -> tuple[Tensor, Tensor]:
+    """A random order of ``range(n)`` (int64) and one ``U[0, 1)`` offset (0-d float64), from one
+    call: what a systematic sample draws. The order sorts ``n`` random 32-bit keys, ties broken by
+    index; a systematic sample's inclusion probabilities are exact for any order, so ties cost
+    nothing but a little of the order's randomness."""
+    w = words(seed, stream, n + 2)
+    return torch.sort(w[:n], stable=True).indices, unit_interval(w[n], w[n + 1])
 
 
 def normal(seed: Tensor, stream: int, n: int) -> Tensor:

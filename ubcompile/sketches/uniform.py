@@ -42,6 +42,15 @@ def uniform_subset(n: int, k: int, generator: Optional[torch.Generator] = None,
     return perm[:k].sort().values
 
 
+def systematic_positions(n: int, k: int, offset: Tensor) -> Tensor:
+    """``floor((offset + i) n / k)`` for ``i < k``: ``k`` distinct positions in ``range(n)``, each
+    taken with probability exactly ``k / n`` when ``offset`` is ``U[0, 1)`` (0-d). Applied to a random
+    order, a fixed-size equal-probability sample (systematic sampling): the uniform sketch's
+    indices, exact in their inclusion probabilities whatever the order."""
+    points = offset.double() + torch.arange(k, device=offset.device, dtype=torch.float64)
+    return points.mul_(n / k).floor_().long().clamp_max_(n - 1)
+
+
 def uniform_variance(terms: Tensor, k: int) -> Tensor:
     """Exact variance of ``(n / k) * sum_{j in idx} terms[j]`` as an estimator of ``terms.sum(0)``.
 
