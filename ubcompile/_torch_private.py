@@ -159,6 +159,7 @@ def compile_with_joint_pass(
     joint_pass: CustomGraphPass | None,
     on_backward_graph: Callable[[torch.fx.GraphModule], None],
     options: Optional[dict[str, Any]] = None,
+    fx_graph_cache: bool = False,
 ) -> Any:
     """Compile ``gm`` with Inductor, running ``joint_pass`` on the AOTAutograd joint graph.
 
@@ -167,8 +168,10 @@ def compile_with_joint_pass(
     ``joint_custom_pre_pass`` the user set in Inductor's config runs first (:class:`ChainedPass`).
     ``on_backward_graph`` receives each partitioned backward graph before it is lowered.
     ``options`` are further Inductor config options (those of a ``torch.compile`` mode).
-    Inductor's FX-graph and AOTAutograd caches are off for these compiles: a hit would replay a
-    graph without running the pass, and its report would be empty.
+    The AOTAutograd cache is off for these compiles: a hit skips the joint graph, so the pass would
+    not run and its report would be empty. Inductor's FX-graph cache is looked up after the pass
+    (on the partitioned graphs it produced), so ``fx_graph_cache=True`` keeps it as the user has it
+    (on by default): safe for a pass whose graphs are pure functions of their inputs.
     """
 
     def inner_compile(graph: torch.fx.GraphModule, inputs: Sequence[Any], **kwargs: Any) -> Any:
@@ -176,7 +179,7 @@ def compile_with_joint_pass(
             on_backward_graph(graph)
         return compile_fx_inner(graph, inputs, **kwargs)
 
-    patches: dict[str, Any] = {**(options or {}), "fx_graph_cache": False}
+    patches: dict[str, Any] = {**(options or {}), **({} if fx_graph_cache else {"fx_graph_cache": False})}
     if joint_pass is not None:
         user = torch._inductor.config.joint_custom_pre_pass
         patches["joint_custom_pre_pass"] = joint_pass if not user else ChainedPass(user, joint_pass)

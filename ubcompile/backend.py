@@ -82,7 +82,8 @@ class Backend:
         joint_pass = JointSamplingPass(self.config, stream.id, on_report, [*parameters, False], self._fallback,
                                        seed_input=len(example_inputs))
         with seed_input(gm):
-            compiled = compile_fn(gm, [*example_inputs, seed_example(device)], joint_pass, on_backward_graph)
+            compiled = compile_fn(gm, [*example_inputs, seed_example(device)], joint_pass, on_backward_graph,
+                                  **self._cache_options())
         return _holding(calling_with_seed(compiled, lambda: stream.next_seed(device)), stream)
 
     def _compiler(self, mode: Optional[str]) -> Callable[..., Any]:
@@ -102,6 +103,10 @@ class Backend:
             self._warn_once("cudagraphs", f"ubcompile: mode={mode!r} without its CUDA graphs, which cannot replay "
                             "ubcompile's draws today; the rest of the mode (autotuning) applies")
         return functools.partial(compile_with_joint_pass, options=options)
+
+    def _cache_options(self) -> dict[str, Any]:
+        """A seeded graph is pure (no process state inside): Inductor's FX-graph cache may serve it."""
+        return {"fx_graph_cache": True} if self.config.compiler == "inductor" else {}
 
     def _samples(self, example_inputs: Sequence[Any]) -> bool:
         """Whether the graph being compiled gets the sampling pass: unless ``sample_in_eval``, only

@@ -1,0 +1,53 @@
+"""Inductor's FX-graph cache serves sampled graphs (issue 20, item 2): a second process compiling
+the same model hits it, draws the same for the same seed and reports completely; another option
+misses. Each run is a fresh process sharing one cache directory."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+RUN = r"""
+import json, sys, torch, torch.nn as nn, ubcompile
+from torch._dynamo.utils import counters
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(96, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+x = torch.randn(64, 96)
+backend = ubcompile.backend(seed=0, min_dim=16, **json.loads(sys.argv[1]))
+grad = torch.autograd.grad(torch.compile(model, backend=backend)(x).square().sum(), model[0].weight)[0]
+report = backend.report()
+print(json.dumps({"hits": counters["inductor"]["fxgraph_cache_hit"], "grad": grad.flatten()[:8].tolist(),
+                  "sampled": len(report.sampled), "backward_code": bool(report.backward_code)}))
+"""
+
+
+def run(options: dict, cache_dir: str) -> dict:
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir}
+    out = subprocess.run([sys.executable, "-c", RUN, json.dumps(options)], env=env, capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("inductor_cache"))
+
+
+def test_a_second_process_hits_the_cache_with_the_same_draws_and_report(cache_dir):
+    first, second = run({}, cache_dir), run({}, cache_dir)
+    assert first["hits"] == 0 and second["hits"] > 0
+    assert second["grad"] == first["grad"] and second["sampled"] == first["sampled"] > 0
+    assert second["backward_code"]
+
+
+def test_another_option_misses(cache_dir):
+    run({}, cache_dir)
+    assert run({"grad": "both"}, cache_dir)["hits"] == 0
+
+
+def test_auto_is_compiled_afresh(cache_dir):
+    """p='auto' names its backend's stream inside the graph: it keeps the cache off."""
+    run({"p": "auto"}, cache_dir)
+    assert run({"p": "auto"}, cache_dir)["hits"] == 0
