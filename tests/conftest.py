@@ -12,6 +12,13 @@ from ubcompile.estimator_ops import sampled_size, sketched_conv_grads, sketched_
 from ubcompile.sketches.conv import ConvGeometry
 
 
+# Inductor's graph caches would serve a graph compiled by an earlier test or session, whose report
+# holds no GraphModule: the tests inspect graphs compiled here (tests/test_caches.py tests the
+# caches in processes of its own). Inductor's kernel cache stays on.
+torch._inductor.config.fx_graph_cache = False
+torch._functorch.config.enable_autograd_cache = False
+
+
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
     torch._dynamo.reset()

@@ -45,6 +45,7 @@ __all__ = [
     "compiling_frame_modules",
     "mode_options",
     "guard_training_flags",
+    "inductor_cache_dir",
     "mark_sourceless_input",
     "register_manual_seed",
     "size_hint",
@@ -127,6 +128,13 @@ def _no_autograd_cache() -> Iterator[None]:
         yield
 
 
+def inductor_cache_dir() -> str:
+    """The directory of Inductor's on-disk caches (``TORCHINDUCTOR_CACHE_DIR`` or its default)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return cache_dir()
+
+
 COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
 """The ``torch.compile(mode=...)`` values Inductor knows."""
 
@@ -159,7 +167,7 @@ def compile_with_joint_pass(
     joint_pass: CustomGraphPass | None,
     on_backward_graph: Callable[[torch.fx.GraphModule], None],
     options: Optional[dict[str, Any]] = None,
-    fx_graph_cache: bool = False,
+    caches: bool = False,
 ) -> Any:
     """Compile ``gm`` with Inductor, running ``joint_pass`` on the AOTAutograd joint graph.
 
@@ -168,10 +176,10 @@ def compile_with_joint_pass(
     ``joint_custom_pre_pass`` the user set in Inductor's config runs first (:class:`ChainedPass`).
     ``on_backward_graph`` receives each partitioned backward graph before it is lowered.
     ``options`` are further Inductor config options (those of a ``torch.compile`` mode).
-    The AOTAutograd cache is off for these compiles: a hit skips the joint graph, so the pass would
-    not run and its report would be empty. Inductor's FX-graph cache is looked up after the pass
-    (on the partitioned graphs it produced), so ``fx_graph_cache=True`` keeps it as the user has it
-    (on by default): safe for a pass whose graphs are pure functions of their inputs.
+    With ``caches=False`` Inductor's FX-graph cache and the AOTAutograd cache are off: a hit would
+    replay a graph that depends on process state. ``caches=True`` leaves both as the user has them
+    (on by default), for a pass whose graphs are pure functions of their inputs; an AOTAutograd
+    hit then skips the joint graph and the pass (:mod:`ubcompile.report_store` keeps its report).
     """
 
     def inner_compile(graph: torch.fx.GraphModule, inputs: Sequence[Any], **kwargs: Any) -> Any:
@@ -179,11 +187,11 @@ def compile_with_joint_pass(
             on_backward_graph(graph)
         return compile_fx_inner(graph, inputs, **kwargs)
 
-    patches: dict[str, Any] = {**(options or {}), **({} if fx_graph_cache else {"fx_graph_cache": False})}
+    patches: dict[str, Any] = {**(options or {}), **({} if caches else {"fx_graph_cache": False})}
     if joint_pass is not None:
         user = torch._inductor.config.joint_custom_pre_pass
         patches["joint_custom_pre_pass"] = joint_pass if not user else ChainedPass(user, joint_pass)
-    with _no_autograd_cache():
+    with contextlib.nullcontext() if caches else _no_autograd_cache():
         return compile_fx(gm, example_inputs, inner_compile=inner_compile, config_patches=patches)
 
 

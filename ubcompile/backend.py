@@ -20,6 +20,7 @@ from .passes import JointSamplingPass
 from .passes.seed_input import calling_with_seed, graph_device, seed_example, seed_input
 from .report import GraphReport, Report
 from . import draw_ops  # noqa: F401  (registers the torch.ops.ubcompile draw ops)
+from . import report_store
 from .sampler import GraphStream, Sampler
 
 log = logging.getLogger("ubcompile")
@@ -64,6 +65,8 @@ class Backend:
 
         def on_report(report: GraphReport) -> None:
             current.append(report)
+            if stored_as is not None:
+                report_store.remember(stored_as, report)
             self.graphs.append(report)
             if os.environ.get(REPORT_ENV, "0") not in ("", "0"):
                 _ensure_handler()
@@ -72,18 +75,26 @@ class Backend:
         def on_backward_graph(graph: torch.fx.GraphModule) -> None:
             if current:
                 current[-1].backward_graph = _snapshot(graph)
+                if stored_as is not None:
+                    report_store.save(stored_as, current[-1])
 
         parameters = [isinstance(t, torch.nn.Parameter) for t in example_inputs]
         stream = self.sampler.stream(self._domain())
+        stored_as: Optional[str] = None  # the key of this graph's stored report, when the caches are on
         if self.config.adaptive:  # the controller draws inside its op, from the stream's generator
             joint_pass = JointSamplingPass(self.config, stream.id, on_report, parameters, self._fallback)
             return _holding(compile_fn(gm, example_inputs, joint_pass, on_backward_graph), stream)
         device = graph_device(example_inputs)
         joint_pass = JointSamplingPass(self.config, stream.id, on_report, [*parameters, False], self._fallback,
                                        seed_input=len(example_inputs))
+        caches = self.config.compiler == "inductor"  # a seeded graph is pure: Inductor's caches may serve it
+        if caches:
+            stored_as = report_store.report_key(gm, example_inputs, joint_pass.uuid())
         with seed_input(gm):
             compiled = compile_fn(gm, [*example_inputs, seed_example(device)], joint_pass, on_backward_graph,
-                                  **self._cache_options())
+                                  **({"caches": True} if caches else {}))
+        if caches and not current:  # served by AOTAutograd's cache: the pass did not run
+            self._report_from_store(stored_as, on_report)
         return _holding(calling_with_seed(compiled, lambda: stream.next_seed(device)), stream)
 
     def _compiler(self, mode: Optional[str]) -> Callable[..., Any]:
@@ -104,9 +115,15 @@ class Backend:
                             "ubcompile's draws today; the rest of the mode (autotuning) applies")
         return functools.partial(compile_with_joint_pass, options=options)
 
-    def _cache_options(self) -> dict[str, Any]:
-        """A seeded graph is pure (no process state inside): Inductor's FX-graph cache may serve it."""
-        return {"fx_graph_cache": True} if self.config.compiler == "inductor" else {}
+    def _report_from_store(self, key: str, on_report: Callable[[GraphReport], None]) -> None:
+        """The report of a graph AOTAutograd's cache served, as the process that compiled it stored it."""
+        stored = report_store.load(key)
+        if stored is None:
+            self._warn_once(("store", key), "ubcompile: a graph came from AOTAutograd's cache without its stored "
+                            "report, so backend.report() leaves it out. Delete Inductor's cache directory "
+                            f"({report_store.inductor_cache_dir()}) to compile it afresh.")
+            return
+        on_report(stored)
 
     def _samples(self, example_inputs: Sequence[Any]) -> bool:
         """Whether the graph being compiled gets the sampling pass: unless ``sample_in_eval``, only

@@ -41,13 +41,16 @@ class GraphReport:
 
     entries: list[GemmEntry]
     joint_code: str = ""
-    backward_graph: Optional[torch.fx.GraphModule] = None
+    backward_graph: Optional[torch.fx.GraphModule] = None  # in the process that compiled it
     pass_seconds: float = 0.0  # wall time of the rewrite itself (not of the compile it feeds)
+    stored_backward: tuple[str, str] = ("", "")  # (readable code, graph text) of a stored report
 
     @property
     def backward_code(self) -> str:
         """Readable code of the partitioned backward graph, as Inductor received it."""
-        return self.backward_graph.print_readable(print_output=False) if self.backward_graph is not None else ""
+        if self.backward_graph is not None:
+            return self.backward_graph.print_readable(print_output=False)
+        return self.stored_backward[0]
 
 
 def _kept(e: GemmEntry) -> str:

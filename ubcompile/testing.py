@@ -159,8 +159,9 @@ def graph_text(graph: torch.fx.GraphModule) -> str:
 
 def backward_snapshot(backend: Any) -> str:
     """:func:`graph_text` of every backward graph ``backend`` compiled, in order."""
-    graphs = [g.backward_graph for g in backend.graphs if g.backward_graph is not None]
-    return "".join(f"# backward graph {i}\n{graph_text(g)}" for i, g in enumerate(graphs))
+    texts = [graph_text(g.backward_graph) if g.backward_graph is not None else g.stored_backward[1]
+             for g in backend.graphs]
+    return "".join(f"# backward graph {i}\n{text}" for i, text in enumerate(t for t in texts if t))
 
 
 def assert_graph_snapshot(backend: Any, path: Union[str, pathlib.Path], update: Optional[bool] = None) -> None:
