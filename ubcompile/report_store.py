@@ -11,6 +11,7 @@ that made a report, :func:`load` returns the report itself (backward graph inclu
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -36,12 +37,16 @@ def report_key(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], uuid: st
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-_made: dict[str, GraphReport] = {}  # the reports this process made, by key
+_REMEMBERED = 64  # the reports this process made that it keeps (they hold backward graphs)
+_made: collections.OrderedDict[str, GraphReport] = collections.OrderedDict()
 
 
 def remember(key: str, report: GraphReport) -> None:
-    """Keep ``report`` for a later compile of the same graph in this process."""
+    """Keep ``report`` for a later compile of the same graph in this process (the latest few)."""
     _made[key] = report
+    _made.move_to_end(key)
+    while len(_made) > _REMEMBERED:
+        _made.popitem(last=False)
 
 
 def _path(key: str) -> pathlib.Path:
