@@ -61,40 +61,31 @@ class Backend:
         compile_fn = self._compiler(mode)
         if not self._samples(example_inputs):
             return compile_fn(gm, example_inputs, None, lambda graph: None)
-        current: list[GraphReport] = []
-
-        def on_report(report: GraphReport) -> None:
-            current.append(report)
-            if stored_as is not None:
-                report_store.remember(stored_as, report)
-            self.graphs.append(report)
-            if os.environ.get(REPORT_ENV, "0") not in ("", "0"):
-                _ensure_handler()
-                log.info("ubcompile rewrote graph %d:\n%s", len(self.graphs) - 1, Report([report]).table())
-
-        def on_backward_graph(graph: torch.fx.GraphModule) -> None:
-            if current:
-                current[-1].backward_graph = _snapshot(graph)
-                if stored_as is not None:
-                    report_store.save(stored_as, current[-1])
-
         parameters = [isinstance(t, torch.nn.Parameter) for t in example_inputs]
         stream = self.sampler.stream(self._domain())
-        stored_as: Optional[str] = None  # the key of this graph's stored report, when the caches are on
         if self.config.adaptive:  # the controller draws inside its op, from the stream's generator
-            joint_pass = JointSamplingPass(self.config, stream.id, on_report, parameters, self._fallback)
-            return _holding(compile_fn(gm, example_inputs, joint_pass, on_backward_graph), stream)
+            recorder = _Recorder(self)
+            joint_pass = JointSamplingPass(self.config, stream.id, recorder.on_report, parameters, self._fallback)
+            return _holding(compile_fn(gm, example_inputs, joint_pass, recorder.on_backward_graph), stream)
+        return self._compile_seeded(gm, example_inputs, compile_fn, stream, parameters)
+
+    def _compile_seeded(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], compile_fn: Callable[..., Any],
+                        stream: GraphStream, parameters: list[bool]) -> Callable[..., Any]:
+        """Compile ``gm`` with a seed input (:mod:`.passes.seed_input`), called with a fresh seed from
+        ``stream`` each time. The graph is pure, so Inductor's caches may serve it; on an
+        AOTAutograd hit the pass does not run and the report comes from :mod:`.report_store`."""
         device = graph_device(example_inputs)
-        joint_pass = JointSamplingPass(self.config, stream.id, on_report, [*parameters, False], self._fallback,
+        recorder = _Recorder(self)
+        joint_pass = JointSamplingPass(self.config, stream.id, recorder.on_report, [*parameters, False], self._fallback,
                                        seed_input=len(example_inputs))
-        caches = self.config.compiler == "inductor"  # a seeded graph is pure: Inductor's caches may serve it
+        caches = self.config.compiler == "inductor"
         if caches:
-            stored_as = report_store.report_key(gm, example_inputs, joint_pass.uuid())
+            recorder.store_key = report_store.report_key(gm, example_inputs, joint_pass.uuid())
         with seed_input(gm):
-            compiled = compile_fn(gm, [*example_inputs, seed_example(device)], joint_pass, on_backward_graph,
+            compiled = compile_fn(gm, [*example_inputs, seed_example(device)], joint_pass, recorder.on_backward_graph,
                                   **({"caches": True} if caches else {}))
-        if caches and not current:  # served by AOTAutograd's cache: the pass did not run
-            self._report_from_store(stored_as, on_report)
+        if caches and not recorder.reports:  # served by AOTAutograd's cache: the pass did not run
+            self._report_from_store(recorder)
         return _holding(calling_with_seed(compiled, lambda: stream.next_seed(device)), stream)
 
     def _compiler(self, mode: Optional[str]) -> Callable[..., Any]:
@@ -115,15 +106,15 @@ class Backend:
                             "ubcompile's draws today; the rest of the mode (autotuning) applies")
         return functools.partial(compile_with_joint_pass, options=options)
 
-    def _report_from_store(self, key: str, on_report: Callable[[GraphReport], None]) -> None:
+    def _report_from_store(self, recorder: _Recorder) -> None:
         """The report of a graph AOTAutograd's cache served, as the process that compiled it stored it."""
-        stored = report_store.load(key)
+        stored = report_store.load(recorder.store_key)
         if stored is None:
-            self._warn_once(("store", key), "ubcompile: a graph came from AOTAutograd's cache without its stored "
-                            "report, so backend.report() leaves it out. Delete Inductor's cache directory "
+            self._warn_once(("store", recorder.store_key), "ubcompile: a graph came from AOTAutograd's cache without "
+                            "its stored report, so backend.report() leaves it out. Delete Inductor's cache directory "
                             f"({report_store.inductor_cache_dir()}) to compile it afresh.")
             return
-        on_report(stored)
+        recorder.on_report(stored)
 
     def _samples(self, example_inputs: Sequence[Any]) -> bool:
         """Whether the graph being compiled gets the sampling pass: unless ``sample_in_eval``, only
@@ -187,6 +178,32 @@ class Backend:
     def report(self) -> Report:
         """What this backend did so far, over every graph it compiled."""
         return Report(list(self.graphs), self.sampler.auto)
+
+
+class _Recorder:
+    """Where the report of one graph being compiled goes: the backend's list, the log, and (with a
+    ``store_key``) the report store, once its backward graph is known."""
+
+    def __init__(self, backend: Backend, store_key: Optional[str] = None) -> None:
+        self.backend = backend
+        self.store_key = store_key
+        self.reports: list[GraphReport] = []
+
+    def on_report(self, report: GraphReport) -> None:
+        self.reports.append(report)
+        if self.store_key is not None:
+            report_store.remember(self.store_key, report)
+        graphs = self.backend.graphs
+        graphs.append(report)
+        if os.environ.get(REPORT_ENV, "0") not in ("", "0"):
+            _ensure_handler()
+            log.info("ubcompile rewrote graph %d:\n%s", len(graphs) - 1, Report([report]).table())
+
+    def on_backward_graph(self, graph: torch.fx.GraphModule) -> None:
+        if self.reports:
+            self.reports[-1].backward_graph = _snapshot(graph)
+            if self.store_key is not None:
+                report_store.save(self.store_key, self.reports[-1])
 
 
 def _holding(compiled: Callable[..., Any], stream: GraphStream) -> Callable[..., Any]:
