@@ -1,8 +1,9 @@
 """The backend's own random state: one stream per compiled graph and device.
 
-The draw ops of compiled graphs (:mod:`ubcompile.draw_ops`) name the stream of their graph by an
-id (:meth:`Sampler.stream`) and draw from its generators, never from torch's global generator, so
-sampling does not shift the user's dropout masks or data order. Every graph, device and rank has
+Each call of a fixed-``p`` graph gets a fresh seed drawn from its stream's generator
+(:meth:`GraphStream.next_seed`, :mod:`ubcompile.passes.seed_input`); ``p="auto"``'s controlled op
+names its graph's stream by an id and draws from it directly. Nothing is drawn from torch's global
+generator, so sampling does not shift the user's dropout masks or data order. Every graph, device and rank has
 its own stream, so no two of them draw alike: the sampling noise of two graphs of a model split by
 a graph break, or of two ranks, is independent.
 """
@@ -172,8 +173,3 @@ def sampler(stream_id: int) -> GraphStream:
             "was replayed without its backend (from a compile cache, or after torch._dynamo.reset() "
             "while its backward was pending). Clear torch's compile caches, or compile again."
         ) from None
-
-
-def generator(stream_id: int, device: torch.device) -> torch.Generator:
-    """The generator that draws on ``device`` for the compiled graph whose stream is ``stream_id``."""
-    return sampler(stream_id).generator(device)
