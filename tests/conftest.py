@@ -8,6 +8,7 @@ import torch.fx
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ubcompile import kernels
 from ubcompile.estimator_ops import sampled_size, sketched_conv_grads, sketched_product
 from ubcompile.sketches.conv import ConvGeometry
 
@@ -24,6 +25,15 @@ def fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture(autouse=True)
+def op_bodies(request, monkeypatch):
+    """The op bodies run eagerly except in tests marked ``compiled_kernels``: ``fresh_dynamo``
+    drops Inductor's compiled bodies, and bringing them back in every test would cost the suite
+    about five minutes. tests/test_kernels.py checks that the two agree; the tests that count ops
+    and syncs, and some of the unbiasedness tests, run the compiled ones."""
+    monkeypatch.setattr(kernels, "EAGER", request.node.get_closest_marker("compiled_kernels") is None)
 
 
 def mlp(*widths: int, bias: bool = True, seed: int = 0) -> nn.Sequential:

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from ubcompile.sketches.counter_rng import normal, order_and_offset, uniform, words
+from ubcompile.sketches.counter_rng import normal, order_and_offset, stream_key, uniform, words
 from ubcompile.testing import critical_z
 
 N = 100_000
@@ -27,7 +27,7 @@ def correlation_z(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_uniform_draws_are_uniform():
-    u = uniform(SEED, 0, N)
+    u = uniform(SEED, stream_key(0), N)
     assert u.dtype == torch.float64 and 0 <= u.min() and u.max() < 1
     assert ks_statistic(u) < KS_CRITICAL
 
@@ -35,14 +35,14 @@ def test_uniform_draws_are_uniform():
 @pytest.mark.parametrize("other", [(SEED, 1), (SEED + 1, 0), (SEED + 2**32, 0), (SEED, 2**31)])
 def test_streams_and_seeds_are_uncorrelated(other):
     """Including a lag of one: a stream must not be a shifted copy of another."""
-    a, b = uniform(SEED, 0, N + 1), uniform(*other, N + 1)
+    a, b = uniform(SEED, stream_key(0), N + 1), uniform(other[0], stream_key(other[1]), N + 1)
     bound = critical_z(3)
     assert abs(correlation_z(a[:-1], b[:-1])) < bound
     assert abs(correlation_z(a[:-1], b[1:])) < bound and abs(correlation_z(a[1:], b[:-1])) < bound
 
 
 def test_the_same_tests_catch_a_correlated_or_skewed_sequence():
-    a = uniform(SEED, 0, N + 1)
+    a = uniform(SEED, stream_key(0), N + 1)
     shifted = a[1:] + 0.05 * torch.rand(N, generator=torch.Generator().manual_seed(0))
     assert abs(correlation_z(a[1:], shifted)) > critical_z(3)
     assert ks_statistic(a.sqrt()) > KS_CRITICAL
@@ -54,7 +54,7 @@ def test_orders_are_uniform():
     n, seeds = 8, 1600
     counts = torch.zeros(n)
     for s in range(seeds):
-        perm, offset = order_and_offset(torch.tensor(s), 0, n)
+        perm, offset = order_and_offset(torch.tensor(s), stream_key(0), n)
         assert 0 <= offset < 1
         assert sorted(perm.tolist()) == list(range(n))
         counts[int((perm == 0).nonzero())] += 1
@@ -63,11 +63,11 @@ def test_orders_are_uniform():
 
 
 def test_normal_moments():
-    z = normal(SEED, 3, N)
+    z = normal(SEED, stream_key(3), N)
     se = 1 / math.sqrt(N)
     assert abs(float(z.mean())) < 4 * se and abs(float(z.var()) - 1) < 4 * math.sqrt(2) * se
 
 
 def test_words_are_the_same_compiled():
-    compiled = torch.compile(lambda seed: words(seed, 5, 1000), backend="inductor", fullgraph=True)
-    assert torch.equal(compiled(SEED), words(SEED, 5, 1000))
+    compiled = torch.compile(lambda seed: words(seed, stream_key(5), 1000), backend="inductor", fullgraph=True)
+    assert torch.equal(compiled(SEED), words(SEED, stream_key(5), 1000))

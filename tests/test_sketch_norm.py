@@ -51,7 +51,7 @@ def test_pps_sample_has_fixed_size_and_reproduces_each_pi():
     counts = torch.zeros(20)
     for _ in range(DRAWS):
         idx, weights = pps_sample(a, k, gen)
-        assert len(idx) == k and len(idx.unique()) == k and torch.equal(idx, idx.sort().values)
+        assert len(idx) == k and len(idx.unique()) == k
         assert torch.allclose(weights, pi[idx].reciprocal())
         counts[idx] += 1
     pi = pi.double()

@@ -20,6 +20,10 @@ CASES = [(name, grad, sketch, "inductor") for name in ("mlp", "mlp_3d", "frozen_
          if (name, grad) != ("frozen_first", "input")]
 CASES += [("mlp", grad, sketch, "inductor") for grad in ubcompile.GRAD_MODES for sketch in ("lowrank", "gaussian")]
 CASES += [("mlp", grad, sketch, "eager") for grad in ubcompile.GRAD_MODES for sketch in ("uniform", "norm")]
+# The op bodies as Inductor compiles them (the other cases run them eagerly, tests/conftest.py).
+CASES += [pytest.param("mlp", grad, sketch, "inductor", marks=pytest.mark.compiled_kernels,
+                       id=f"mlp-{grad}-{sketch}-compiled-kernels")
+          for grad in ubcompile.GRAD_MODES for sketch in ("uniform", "norm")]
 
 
 @pytest.mark.parametrize("name, grad, sketch, compiler", CASES)

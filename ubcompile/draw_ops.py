@@ -17,39 +17,50 @@ controller's state in Python and draws from the generator its ``sampler_id`` nam
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
+from .kernels import kernel
 from .sampler import sampler
-from .sketches.counter_rng import normal, order_and_offset
+from .sketches.counter_rng import normal, order_and_offset, stream_key
 from .sketches.lowrank import gaussian_projection, orthonormal_projection
 from .sketches.norm import output_importance, pps_draw, probability_dtype
 from .sketches.uniform import stratified, systematic_positions, uniform_scale
 
 
-def _stream(site: int, part: int) -> int:
-    """The counter-generator stream of ``part`` (a block of a stratified draw) of the draw ``site``:
-    distinct for every pair below ``2**16`` each."""
-    return (site << 16) | part
+def _key(site: int, part: int) -> int:
+    """The counter-generator key of ``part`` (a block of a stratified draw) of the draw ``site``:
+    a distinct stream for every pair below ``2**16`` each."""
+    return stream_key((site << 16) | part)
 
 
-def _pps(importance: Tensor, k: int, seed: Tensor, stream: int) -> tuple[Tensor, Tensor]:
-    """:func:`~ubcompile.sketches.norm.pps_draw` with its order and offset from ``stream``."""
-    return pps_draw(importance, k, *order_and_offset(seed, stream, importance.shape[0]))
+@kernel
+def _pps(importance: Tensor, k: int, seed: Tensor, key: int) -> tuple[Tensor, Tensor]:
+    """:func:`~ubcompile.sketches.norm.pps_draw` with its order and offset from the stream ``key``."""
+    return pps_draw(importance, k, *order_and_offset(seed, key, importance.shape[0]))
+
+
+@kernel
+def _uniform(n: int, k: int, seed: Tensor, key: int) -> Tensor:
+    """``k`` indices of ``range(n)``: a systematic sample of a random order (on ``seed``'s device),
+    in that order (:func:`~ubcompile.sketches.norm.pps_draw` says why not sorted)."""
+    order, offset = order_and_offset(seed, key, n)
+    return order[systematic_positions(n, k, offset)]
 
 
 @torch.library.custom_op("ubcompile::uniform_indices", mutates_args=())
 def uniform_indices(anchor: Tensor, n: int, k: int, seed: Tensor, site: int,
                     strata: int = 1) -> tuple[Tensor, Tensor]:
-    """``k`` sorted indices drawn uniformly from ``range(n)`` on ``anchor``'s device (``k / strata``
+    """``k`` distinct indices drawn uniformly from ``range(n)`` on ``anchor``'s device (``k / strata``
     from each of ``strata`` equal blocks), and their weight ``n / k`` (0-d, ``anchor``'s dtype).
 
     ``anchor`` (the cotangent being sampled) fixes the dtype and orders the draw after the
     cotangent exists; ``site`` tells the draws of a graph apart.
     """
     def block_draw(block: int, k_block: int) -> tuple[Tensor]:
-        order, offset = order_and_offset(seed, _stream(site, block), n // strata)
-        return (order[systematic_positions(n // strata, k_block, offset)].sort().values,)
+        return (_uniform(n // strata, k_block, seed, _key(site, block)),)
 
     return stratified(block_draw, n, k, strata)[0], anchor.new_full((), uniform_scale(n, k))
 
@@ -61,13 +72,13 @@ def _(anchor: Tensor, n: int, k: int, seed: Tensor, site: int, strata: int = 1) 
 
 @torch.library.custom_op("ubcompile::pps_indices", mutates_args=())
 def pps_indices(importance: Tensor, k: int, seed: Tensor, site: int, strata: int = 1) -> tuple[Tensor, Tensor]:
-    """``k`` sorted indices drawn with probabilities ``min(1, c * importance)``, and weights ``1 / pi``
+    """``k`` distinct indices drawn with probabilities ``min(1, c * importance)``, and weights ``1 / pi``
     (``k / strata`` from each of ``strata`` equal blocks, each water-filled on its own); the weights
     are float32 (float64 for a float64 ``importance``, :func:`~.sketches.norm.probability_dtype`)."""
     blocks = importance.reshape(strata, -1)
 
     def block_draw(block: int, k_block: int) -> tuple[Tensor, Tensor]:
-        return _pps(blocks[block], k_block, seed, _stream(site, block))
+        return _pps(importance if strata == 1 else blocks[block], k_block, seed, _key(site, block))
 
     return stratified(block_draw, importance.shape[0], k, strata)
 
@@ -78,14 +89,22 @@ def _(importance: Tensor, k: int, seed: Tensor, site: int, strata: int = 1) -> t
             importance.new_empty((k,), dtype=probability_dtype(importance.dtype)))
 
 
-_PROJECTIONS = {"lowrank": orthonormal_projection, "gaussian": gaussian_projection}
+def _projection_kernel(make: Callable[[Tensor, torch.dtype], Tensor]) -> Callable[..., Tensor]:
+    @kernel
+    def project(anchor: Tensor, n: int, k: int, seed: Tensor, key: int) -> Tensor:
+        return make(normal(seed, key, n * k).reshape(n, k), anchor.dtype).contiguous()
+
+    return project
+
+
+_PROJECTIONS = {"lowrank": _projection_kernel(orthonormal_projection),
+                "gaussian": _projection_kernel(gaussian_projection)}
 
 
 @torch.library.custom_op("ubcompile::projection", mutates_args=())
 def projection(anchor: Tensor, n: int, k: int, kind: str, seed: Tensor, site: int) -> Tensor:
     """An ``n x k`` random projection ``Omega`` with ``E[Omega Omega^T] = I`` (``kind``: lowrank, gaussian)."""
-    g = normal(seed, _stream(site, 0), n * k).reshape(n, k)
-    return _PROJECTIONS[kind](g, anchor.dtype).contiguous()
+    return _PROJECTIONS[kind](anchor, n, k, seed, _key(site, 0))
 
 
 @projection.register_fake
@@ -117,7 +136,12 @@ def gemm_drawing_rows(x: Tensor, k: int, seed: Tensor, site: int) -> tuple[Tenso
     layer's product stays a plain ``mm``/``addmm`` next to it (:mod:`ubcompile.passes.forward_rows`);
     a checkpoint that recomputes the draw gets the same rows, the draw being a function of ``seed``.
     """
-    idx, weights = _pps(output_importance(x, 0), k, seed, _stream(site, 0))
+    return _rows(x, k, seed, _key(site, 0))
+
+
+@kernel
+def _rows(x: Tensor, k: int, seed: Tensor, key: int) -> tuple[Tensor, Tensor, Tensor]:
+    idx, weights = _pps.eager(output_importance(x, 0), k, seed, key)
     return x[idx], idx, weights
 
 

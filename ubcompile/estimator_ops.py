@@ -3,10 +3,10 @@
 The pass inserts ``ubcompile::gemm_importance`` / ``conv_importance`` and ``ubcompile::sketched_gemm``
 / ``sketched_conv_backward`` where a sampled gradient's importances and product are computed.
 Inductor calls them like it calls ``mm`` (an extern kernel on the tensors as they are, views
-included) and compiles no kernels of its own for the gathers, scales and scatters inside: traced as
-ATen nodes, they fused into different C++ kernels in every layer, which on CPU made the first
-step's compile 1.3-1.8x exact's (benchmarks/RESULTS.md, "Compile time"). Each runs the pure
-functions of :mod:`ubcompile.sketches` eagerly.
+included): traced as ATen nodes, their gathers, scales and scatters fused into different C++
+kernels in every layer, which on CPU made the first step's compile 1.3-1.8x exact's
+(benchmarks/RESULTS.md, "Compile time"). Each runs the pure functions of :mod:`ubcompile.sketches`,
+the GEMM ones compiled once for all sizes (:func:`ubcompile.kernels.kernel`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .kernels import kernel
 from .sketches.axis import Diagonal
 from .sketches.conv import SKETCHED_VJPS, ConvGeometry, conv_importance as _conv_importance
 from .sketches.matmul import sketched_matmul
@@ -28,14 +29,19 @@ def sampled_size(x: Tensor, y: Tensor, out_dim: int) -> int:
     return {CONTRACTED: x.shape[-1], 0: x.shape[-2], 1: y.shape[-1]}[out_dim]
 
 
+@kernel
+def _gemm_importance(x: Tensor, y: Tensor, out_dim: int) -> Tensor:
+    if out_dim == CONTRACTED:
+        return contraction_importance(x, y)
+    return output_importance(x, -2) if out_dim == 0 else output_importance(y, -1)
+
+
 @torch.library.custom_op("ubcompile::gemm_importance", mutates_args=())
 def gemm_importance(x: Tensor, y: Tensor, out_dim: int) -> Tensor:
     """Norm of the part of ``x @ y`` each index of the sampled axis carries: the term norms
     ``||x[:, j]|| ||y[j, :]||`` of a contracted axis, the output row (column) norms of ``x`` (``y``)
     along output dim ``out_dim``."""
-    if out_dim == CONTRACTED:
-        return contraction_importance(x, y)
-    return output_importance(x, -2) if out_dim == 0 else output_importance(y, -1)
+    return _gemm_importance(x, y, out_dim)
 
 
 @gemm_importance.register_fake
@@ -52,10 +58,13 @@ def sketched_product(x: Tensor, y: Tensor, idx: Tensor, scale: Tensor, out_dim: 
     return out.contiguous()  # the strides the fake promises (a copy only for broadcast batch dims)
 
 
+_sketched_product = kernel(sketched_product)
+
+
 @torch.library.custom_op("ubcompile::sketched_gemm", mutates_args=())
 def sketched_gemm(x: Tensor, y: Tensor, idx: Tensor, scale: Tensor, out_dim: int) -> Tensor:
     """:func:`sketched_product` as one graph op."""
-    return sketched_product(x, y, idx, scale, out_dim)
+    return _sketched_product(x, y, idx, scale, out_dim)
 
 
 @sketched_gemm.register_fake

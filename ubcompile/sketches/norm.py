@@ -102,7 +102,7 @@ def systematic_sample(pi: Tensor, k: int, offset: Tensor) -> Tensor:
 
 
 def pps_sample(importance: Tensor, k: int, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
-    """``k`` sorted distinct indices drawn with the minimal-variance probabilities, and their weights.
+    """``k`` distinct indices drawn with the minimal-variance probabilities, and their weights.
 
     ``pi = water_fill(importance, k)``; the weights are ``1 / pi`` (``0`` for the zero terms a sample
     with fewer than ``k`` positive importances must include, :func:`draw_mass`), in
@@ -117,9 +117,13 @@ def pps_sample(importance: Tensor, k: int, generator: Optional[torch.Generator] 
 
 def pps_draw(importance: Tensor, k: int, order: Tensor, offset: Tensor) -> tuple[Tensor, Tensor]:
     """:func:`pps_sample` with its randomness given: ``order`` a uniformly random permutation of
-    ``range(n)``, ``offset`` one ``U[0, 1)`` draw (0-d). A pure function of its inputs."""
+    ``range(n)``, ``offset`` one ``U[0, 1)`` draw (0-d). A pure function of its inputs.
+
+    The indices come in the random order, not sorted: a sort would be the draw's fourth (after
+    the order's, the water-filling's and the two scans), and the gathers that use them take rows
+    or columns whole, in any order."""
     pi = water_fill(importance, k)
-    idx = order[systematic_sample(draw_mass(pi, k)[order], k, offset)].sort().values
+    idx = order[systematic_sample(draw_mass(pi, k)[order], k, offset)]
     return idx, inverse_probability_weights(pi[idx])
 
 

@@ -90,6 +90,8 @@ def stratified(draw: Callable[[int, int], tuple[Tensor, ...]], n: int, k: int, s
     """
     if n % strata or k % strata:
         raise ValueError(f"n={n} and k={k} must be multiples of strata={strata}")
+    if strata == 1:
+        return draw(0, k)
     block = n // strata
     parts = [draw(s, k // strata) for s in range(strata)]
     idx = torch.cat([part[0] + s * block for s, part in enumerate(parts)])
