@@ -1,23 +1,59 @@
-"""ATen ops and host reads per training step (issue 19): one warm forward and backward of a 4-layer
-MLP (256-512-512-512-10, batch 256), counted with ``torch.profiler`` (CPU activity: every ATen op
-a compiled step dispatches, extern kernels and the ops inside ubcompile's opaque ops included).
+"""ATen ops, host reads and GPU kernels per training step (issue 19): one warm forward and backward
+of a 4-layer MLP (256-512-512-512-10, batch 256), counted with ``torch.profiler`` (every ATen op a
+compiled step dispatches, extern kernels and the ops inside ubcompile's opaque ops included).
 
-    python benchmarks/step_ops.py '{}'            # ubcompile.backend() options, as a Python dict
-    python benchmarks/step_ops.py '"exact"'       # exact torch.compile
-    python benchmarks/step_ops.py '{}' v          # and the 25 most frequent ops
+    python benchmarks/step_ops.py '{}'                # ubcompile.backend() options, a Python dict
+    python benchmarks/step_ops.py exact               # exact torch.compile
+    python benchmarks/step_ops.py '{}' --top 25       # and the 25 most frequent ops
+    python benchmarks/step_ops.py '{}' --device cuda --dtype bfloat16 --sync-debug
+        # on a GPU: also CUDA kernels per step, and the warm step run under
+        # torch.cuda.set_sync_debug_mode("error") (any synchronizing call raises)
 """
 
-import torch, torch.nn as nn, ubcompile, sys, collections
-from torch.profiler import profile, ProfilerActivity
+import argparse
+import ast
+import collections
+
+import torch
+import torch.nn as nn
+from torch.profiler import ProfilerActivity, profile
+
+import ubcompile
+
+parser = argparse.ArgumentParser()
+parser.add_argument("options", help="'exact', or ubcompile.backend options as a Python dict")
+parser.add_argument("--device", default="cpu")
+parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+parser.add_argument("--mode", help="torch.compile mode (e.g. reduce-overhead)")
+parser.add_argument("--sync-debug", action="store_true", help="raise on any synchronizing CUDA call")
+parser.add_argument("--top", type=int, default=0)
+args = parser.parse_args()
+
 torch.manual_seed(0)
-model = nn.Sequential(nn.Linear(256,512), nn.ReLU(), nn.Linear(512,512), nn.ReLU(), nn.Linear(512,512), nn.ReLU(), nn.Linear(512,10))
-x = torch.randn(256, 256)
-opts = eval(sys.argv[1]) if len(sys.argv) > 1 else {}
-be = "inductor" if opts == "exact" else ubcompile.backend(**opts)
-c = torch.compile(model, backend=be)
-for _ in range(3): c(x).square().mean().backward()
-with profile(activities=[ProfilerActivity.CPU]) as prof:
-    c(x).square().mean().backward()
-names = [e.name for e in prof.events() if e.name.startswith("aten::")]
-print("aten ops", len(names), "local_scalar_dense", names.count("aten::_local_scalar_dense"), "nonzero", names.count("aten::nonzero"))
-if len(sys.argv) > 2: print(collections.Counter(names).most_common(25))
+dtype = getattr(torch, args.dtype)
+model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512),
+                      nn.ReLU(), nn.Linear(512, 10)).to(args.device, dtype)
+x = torch.randn(256, 256, device=args.device, dtype=dtype)
+backend = "inductor" if args.options == "exact" else ubcompile.backend(**ast.literal_eval(args.options))
+compiled = torch.compile(model, backend=backend, mode=args.mode)
+for _ in range(3):
+    compiled(x).float().square().mean().backward()
+cuda = args.device.startswith("cuda")
+activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+if args.sync_debug:
+    torch.cuda.set_sync_debug_mode("error")
+with profile(activities=activities) as prof:
+    compiled(x).float().square().mean().backward()
+if args.sync_debug:
+    torch.cuda.set_sync_debug_mode(0)
+events = prof.events()
+names = [e.name for e in events if e.name.startswith("aten::")]
+counts = [f"aten ops {len(names)}", f"local_scalar_dense {names.count('aten::_local_scalar_dense')}",
+          f"nonzero {names.count('aten::nonzero')}"]
+if cuda:
+    counts.append(f"cuda kernels {sum(e.device_type == torch.autograd.DeviceType.CUDA for e in events)}")
+if args.sync_debug:
+    counts.append("no synchronizing call (sync debug mode 'error')")
+print(f"{args.options} {args.device} {args.dtype} mode={args.mode}: " + ", ".join(counts))
+if args.top:
+    print(collections.Counter(names).most_common(args.top))

@@ -168,7 +168,7 @@ def auto_record(backend: Any) -> Optional[dict[str, Any]]:
             "flop_ratio": auto.spent_flops / auto.exact_flops if auto.exact_flops else 1.0,
             "sites": [{"module": s.module, "shape": list(s.shape), "group": s.group, "kind": s.kind, "calls": s.calls,
                        "options": [o.label for o in s.options], "uses": s.uses, "spikes": s.spikes,
-                       "timeline": s.timeline, "rows_kept": s.rows_kept,
+                       "timeline": s.timeline,
                        "measurements": [dataclasses.asdict(m) for m in s.measurements]} for s in auto.sites]}
 
 

@@ -1,6 +1,8 @@
 """Inductor's caches serve sampled graphs (issue 20, item 2): a second process compiling the same
 model hits AOTAutograd's cache, draws the same for the same seed and reports completely (from the
-stored report); another option misses. Each run is a fresh process sharing one cache directory."""
+stored report); another option misses. Each run is a fresh process sharing one cache directory,
+with ubcompile's op bodies eager: their compiled kernels (ubcompile.kernels) hit the same caches
+and would count among the hits of the model's graphs."""
 
 import json
 import os
@@ -25,7 +27,7 @@ print(json.dumps({"hits": counters["aot_autograd"]["autograd_cache_hit"] + count
 
 
 def run(options: dict, cache_dir: str) -> dict:
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir}
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir, "UBCOMPILE_EAGER_KERNELS": "1"}
     out = subprocess.run([sys.executable, "-c", RUN, json.dumps(options)], env=env, capture_output=True, text=True,
                          check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -32,11 +32,8 @@ def test_pps_draws_are_the_eager_ones(n, k):
     torch.testing.assert_close(weights, eager_weights)  # float32 rounding may differ
 
 
-def test_forward_row_draws_are_the_eager_ones():
-    x = torch.randn(128, 48)
-    compiled, eager = both(draw_ops._rows, x, 32, SEED, 5)
-    assert torch.equal(compiled[1], eager[1]) and torch.equal(compiled[0], eager[0])
-    torch.testing.assert_close(compiled[2], eager[2])
+def test_forward_row_norms_are_the_eager_ones():
+    torch.testing.assert_close(*both(draw_ops._row_norms, torch.randn(128, 48)))
 
 
 @pytest.mark.parametrize("kind", ["lowrank", "gaussian"])

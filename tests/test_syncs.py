@@ -41,7 +41,6 @@ def test_a_sampled_training_step_makes_no_host_sync(options):
     assert backend.report().sampled
 
 
-@pytest.mark.xfail(strict=True, reason="p='auto' still reads its controller's statistics on the host (issue 19)")
 def test_auto_makes_no_host_sync():
     assert syncs_per_step(ubcompile.backend(p="auto", min_dim=16, seed=0)) == []
 

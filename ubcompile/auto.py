@@ -23,13 +23,18 @@ costlier per kept row, much less noisy where the batch's rows lie near a low-dim
   same ``k`` the norm sketch's variance is never above it.
 * **sample** (other calls): the chosen option, dense GEMMs of inner size ``k`` (``2 r + k``).
 * **propagated gradients** ``G W`` (``kind="rows"``) are never sampled (their noise would reach
-  every earlier layer): each call computes them exactly on the rows where ``G`` is nonzero, a
-  smaller dense GEMM where a model reads out only some tokens (a class token) and its last
-  layers' cotangents are zero elsewhere.
+  every earlier layer): they are computed exactly. (Computing them on ``G``'s nonzero rows only,
+  where a class-token readout leaves the others zero, took a ``nonzero()`` per call: a host sync.)
 * **guard**: every call knows ``sum_j a_j^2`` (the squared norms of the product's terms) for free.
-  A call where it jumps above :data:`SPIKE` times its running mean (a loss spike) is computed
-  exactly and measured, and the site's most aggressive allowed fraction moves one level towards
-  exact; each clean measurement later gives one level back.
+  When it jumps above :data:`SPIKE` times its running mean (a loss spike), the site's next calls
+  are computed exactly and it is measured again, and its most aggressive allowed fraction moves
+  one level towards exact; each clean measurement later gives one level back.
+
+**No host sync.** The statistics stay on the device; the controller reads them back asynchronously
+(:class:`~ubcompile.readback.Readback`) and acts on them at a later call: a measurement's
+allocation, and a spike's fallback, apply from the next call on (the spiking call itself is
+sampled as chosen before it). Each call's option still depends only on earlier calls, so every
+gradient stays unbiased.
 
 The product's output shape never changes, so the compiled graphs stay static: the option is
 chosen inside one opaque op, among the few :data:`LEVELS` of each sketch, with no recompilation.
@@ -46,7 +51,8 @@ from tabulate import tabulate
 from torch import Tensor
 
 from .sketches import keep_count, sampled_contraction
-from .sketches.control import sample_norms_flops, sample_sq_norms, sgd_variance, sketch_variances
+from .readback import Readback
+from .sketches.control import sample_norms_flops, sample_sq_norms, sgd_variance_of_sum, sketch_variance_vector
 from .sketches.norm import factor_norms, pps_sample
 from .sketches.residual import ResidualSplit, residual_contraction, residual_flops, split_flops
 
@@ -137,7 +143,7 @@ class AutoSite:
 
     module: str
     shape: tuple[int, int, int]
-    kind: str = "sample"  # "rows": a propagated gradient G W, computed on G's nonzero rows
+    kind: str = "sample"  # "rows": a propagated gradient G W, computed exactly
     domain: int = 0
     group: int = 1  # rows per sample (tokens per sequence); 1 for a plain batch
     options: tuple[Option, ...] = dataclasses.field(init=False)
@@ -156,7 +162,6 @@ class AutoSite:
     timeline: list[tuple[int, float, str]] = dataclasses.field(default_factory=list)  # (call, p, sketch) at each change
     exact_flops: float = 0.0
     spent_flops: float = 0.0
-    rows_kept: float = 0.0  # kind "rows": the fractions of nonzero rows, summed over calls
 
     def __post_init__(self) -> None:
         self.options = site_options(self.shape) if self.kind == "sample" else (Option("norm", 0),)
@@ -240,6 +245,7 @@ class AutoController:
         self._keys: dict[SiteId, int] = {}
         self._registered: dict[tuple[int, int, str, str], int] = {}  # (domain, graph, module, kind) -> count
         self._domain_calls: dict[int, int] = {}
+        self.readback = Readback()  # the device statistics on their way to the host
 
     def register(self, module: str, shape: tuple[int, int, int], kind: str = "sample", domain: int = 0,
                  graph: int = 0) -> int:
@@ -263,8 +269,9 @@ class AutoController:
     def contraction(self, x: Tensor, y: Tensor, key: int, generator: torch.Generator,
                     samples: Optional[int] = None) -> Tensor:
         """``x @ y`` for the site ``key``: sampled with its current option (``kind="sample"``: rows of
-        ``y`` = batch/token rows, from ``samples`` samples; ``None``: one row each), or exactly on
-        ``x``'s nonzero rows (``kind="rows"``)."""
+        ``y`` = batch/token rows, from ``samples`` samples; ``None``: one row each), or exactly
+        (``kind="rows"``)."""
+        self.collect()
         site = self.sites[key]
         calls = self._domain_calls[site.domain] = self._domain_calls.get(site.domain, 0) + 1
         if site.calls and calls - site.last_seen >= 2 * len(self.sites):
@@ -274,15 +281,12 @@ class AutoController:
         site.calls += 1
         site.exact_flops += site.costs[0]
         if site.kind == "rows":
-            return self._nonzero_rows(site, x, y)
+            site.uses[0] += 1
+            site.spent_flops += site.costs[0]
+            return x @ y
         norms = factor_norms(x, y)
         a = norms[0] * norms[1]  # the terms' norms (contraction_importance)
-        if self._spiked(site, float(a.double().square().sum())):
-            site.spikes.append(site.calls - 1)
-            site.ceiling = max(0, site.current.level - 1)
-            site.set_option(0)
-            site.due = True
-            site.gap = _FIRST_GAP  # re-measure soon after
+        self.readback.post(a.double().square().sum(), ("guard", key, site.calls - 1))
         site.uses[site.option] += 1
         site.spent_flops += site.costs[site.option]
         k = min(x.shape[1], keep_count(x.shape[1], site.p))
@@ -294,30 +298,36 @@ class AutoController:
         else:
             out = residual_contraction(x, y, split, *pps_sample(split.importance(*norms), k, generator))
         if site.due or site.calls - 1 >= site.next_measure:
-            self._measure(site, x, y, norms, split, out, generator)
+            self._measure(key, x, y, norms, split, out, generator)
         return out
 
-    def _nonzero_rows(self, site: AutoSite, x: Tensor, y: Tensor) -> Tensor:
-        """``x @ y`` computed on the rows of ``x`` that are not zero (the others give zero rows):
-        exact, with a GEMM of ``nnz`` instead of ``n`` rows when some are zero."""
-        rows = torch.linalg.vector_norm(x, dim=1).nonzero().squeeze(1)
-        kept = rows.shape[0]
-        site.uses[0] += 1
-        site.spent_flops += 2.0 * kept * x.shape[1] * y.shape[1]
-        site.rows_kept += kept / x.shape[0]
-        if kept == x.shape[0]:
-            return x @ y
-        out = x.new_zeros(x.shape[0], y.shape[1])
-        out[rows] = x[rows] @ y
-        return out
+    def collect(self, wait: bool = False) -> None:
+        """Act on the statistics read back since the last call (spike checks, measurements); with
+        ``wait``, on all of them, waiting for their copies (for a report)."""
+        for (what, key, call, *rest), values in (self.readback.drain() if wait else self.readback.collect()):
+            site = self.sites[key]
+            if what == "guard":
+                self._guard(site, call, float(values[0]))
+            else:
+                self._record(site, call, values, *rest)
 
-    def _spiked(self, site: AutoSite, sq_norm: float) -> bool:
-        spiked = site.running is not None and site.calls > _WARMUP and sq_norm > SPIKE * site.running
+    def _guard(self, site: AutoSite, call: int, sq_norm: float) -> None:
+        """The spike guard on call ``call``'s ``sum_j a_j^2``: a spike sends the site to exact, due
+        for a measurement, one level further from its most aggressive fraction."""
+        spiked = site.running is not None and call >= _WARMUP and sq_norm > SPIKE * site.running
         site.running = sq_norm if site.running is None else _SMOOTHING * site.running + (1 - _SMOOTHING) * sq_norm
-        return spiked
+        if spiked:
+            site.spikes.append(call)
+            site.ceiling = max(0, site.current.level - 1)
+            site.set_option(0)
+            site.due = True
+            site.gap = _FIRST_GAP  # re-measure soon after
 
-    def _measure(self, site: AutoSite, x: Tensor, y: Tensor, norms: tuple[Tensor, Tensor],
+    def _measure(self, key: int, x: Tensor, y: Tensor, norms: tuple[Tensor, Tensor],
                  split: Optional[ResidualSplit], out: Tensor, generator: torch.Generator) -> None:
+        """Post this call's statistics (``sum_i ||s_i||^2``, ``||T_hat||^2``, each option's
+        ``V_sketch``) for :meth:`_record`, and schedule the next measurement."""
+        site = self.sites[key]
         (m, n), big_n = x.shape, y.shape[1]
         a = norms[0] * norms[1]
         group = site.group
@@ -329,17 +339,24 @@ class AutoController:
                 split = ResidualSplit.of(x, y, RESIDUAL_RANK, generator)
                 site.spent_flops += split_flops(m, n, big_n, RESIDUAL_RANK)
             importances["residual"] = split.importance(*norms)
-        per_level = {sketch: sketch_variances(importance, [keep_count(n, p) for p in LEVELS])
+        per_level = {sketch: sketch_variance_vector(importance, [keep_count(n, p) for p in LEVELS])
                      for sketch, importance in importances.items()}
-        v_sketch = tuple(per_level[o.sketch][o.level] for o in site.options)
-        grad_sq_norm = max(0.0, float(out.double().square().sum()) - v_sketch[site.option])
-        v_sgd = sgd_variance(sq, grad_sq_norm)
+        v_sketch = torch.stack([per_level[o.sketch][o.level] for o in site.options])
+        stats = torch.cat([sq.sum().reshape(1), out.double().square().sum().reshape(1), v_sketch])
+        self.readback.post(stats, ("measure", key, site.calls - 1, sq.shape[0], site.option))
         if not site.due:
             site.ceiling = min(len(LEVELS) - 1, site.ceiling + 1)
         site.due = False
         site.next_measure = site.calls - 1 + min(site.gap, self.measure_every)
         site.gap *= 2
-        measurement = Measurement(site.calls - 1, v_sgd, grad_sq_norm, v_sketch, site.current.label)
+
+    def _record(self, site: AutoSite, call: int, values, samples: int, option: int) -> None:
+        """A measurement read back: ``||T||^2`` estimated without bias by ``||T_hat||^2 - V_sketch``
+        of the option ``call`` ran at, the SGD variance of its ``samples`` samples; then allocate."""
+        sq_sum, out_sq, *variances = (float(v) for v in values)
+        grad_sq_norm = max(0.0, out_sq - variances[option])
+        v_sgd = sgd_variance_of_sum(sq_sum, samples, grad_sq_norm)
+        measurement = Measurement(call, v_sgd, grad_sq_norm, tuple(variances), site.current.label)
         site.measurements.append(measurement)
         self._allocate(site.domain)
         measurement.option = site.current.label
@@ -368,12 +385,13 @@ class AutoController:
         return sum(s.spent_flops for s in self.sites)
 
     def table(self) -> str:
+        self.collect(wait=True)
         rows = []
         for s in self.sites:
             calls = max(1, sum(s.uses))
             use = ", ".join(f"{o.label}: {100 * u / calls:.0f}%" for o, u in zip(s.options, s.uses) if u)
             if s.kind == "rows":
-                use = f"exact on G's nonzero rows ({s.rows_kept / calls:.2f} of them on average)"
+                use = "exact (a propagated gradient)"
             last = s.measurements[-1].ratio(s.option) if s.measurements else math.nan
             rows.append([s.module, "x".join(map(str, s.shape)), s.calls, len(s.measurements), use, s.current.label,
                          f"{last:.3g}", len(s.spikes),

@@ -127,6 +127,11 @@ def _(x: Tensor, y: Tensor, sampler_id: int, site: int, samples: int) -> Tensor:
     return x.new_empty((x.shape[0], y.shape[1]))
 
 
+@kernel
+def _row_norms(x: Tensor) -> Tensor:
+    return output_importance(x, 0)
+
+
 @torch.library.custom_op("ubcompile::gemm_drawing_rows", mutates_args=())
 def gemm_drawing_rows(x: Tensor, k: int, seed: Tensor, site: int) -> tuple[Tensor, Tensor, Tensor]:
     """``k`` rows of a linear layer's input ``x`` drawn in the forward for its weight gradient.
@@ -136,12 +141,7 @@ def gemm_drawing_rows(x: Tensor, k: int, seed: Tensor, site: int) -> tuple[Tenso
     layer's product stays a plain ``mm``/``addmm`` next to it (:mod:`ubcompile.passes.forward_rows`);
     a checkpoint that recomputes the draw gets the same rows, the draw being a function of ``seed``.
     """
-    return _rows(x, k, seed, _key(site, 0))
-
-
-@kernel
-def _rows(x: Tensor, k: int, seed: Tensor, key: int) -> tuple[Tensor, Tensor, Tensor]:
-    idx, weights = _pps.eager(output_importance(x, 0), k, seed, key)
+    idx, weights = _pps(_row_norms(x), k, seed, _key(site, 0))
     return x[idx], idx, weights
 
 

@@ -1,10 +1,8 @@
 """The ``p="auto"`` family: backward GEMMs handed to the run-time controller.
 
 A weight gradient ``G^T A`` of a linear layer contracts the cotangent's batch/token rows: the
-controller samples them (``kind="sample"``). A propagated gradient ``G W`` has one output row per
-row of ``G``: the controller computes only the rows where ``G`` is nonzero (``kind="rows"``),
-exactly; a model that reads out some tokens only (a class token, the last token) leaves the
-other rows of its last layers' cotangents zero. Under ``p="auto"`` the pass replaces either
+controller samples them (``kind="sample"``). A propagated gradient ``G W`` it computes exactly
+(``kind="rows"``), counted in its FLOPs. Under ``p="auto"`` the pass replaces either
 product by one call of ``torch.ops.ubcompile.auto_contraction``, whose output has the exact
 product's shape, so the graph stays static while the controller (:mod:`ubcompile.auto`) decides
 at every call.
@@ -40,7 +38,7 @@ class AdaptiveRewrite:
     """An ``mm`` handed to the controller: a weight gradient whose ``n`` contracted rows it samples
     (the rows of ``samples`` samples: a node whose dim 0 is the batch of a flattened
     ``(batch, tokens, ..., features)`` activation, or ``None`` for one row per sample), or a
-    propagated gradient whose ``n`` output rows it computes where ``G`` is nonzero (``kind="rows"``)."""
+    propagated gradient of ``n`` output rows it computes exactly (``kind="rows"``)."""
 
     site: GemmSite
     n: int
@@ -98,10 +96,10 @@ def plan_adaptive(site: GemmSite, config: SamplingConfig) -> Union[AdaptiveRewri
 
 
 def _plan_rows(site: GemmSite, config: SamplingConfig) -> Union[AdaptiveRewrite, str]:
-    """A propagated gradient ``G W`` (``G`` the left operand): computed on ``G``'s nonzero rows only."""
+    """A propagated gradient ``G W`` (``G`` the left operand): computed exactly by the controller."""
     reason = excluded(config, module_path(site.node), gemm_dims(site.node))
     if reason is not None:
         return reason
     if site.node.target is not aten.mm.default or site.cotangent_arg != 0 or site.contracted != FEATURES:
-        return "p='auto' keeps propagated gradients exact, computing only G's nonzero rows of 2-D G @ W"
+        return "p='auto' keeps propagated gradients exact (it accounts for those of 2-D G @ W)"
     return AdaptiveRewrite(site, size_hint(site.cotangent.meta["val"].shape[-2]), kind="rows")

@@ -28,10 +28,16 @@ from .norm import contraction_importance, poisson_variance, water_fill
 _CHUNK_ELEMENTS = 1 << 24  # bound on the per-sample products held at once
 
 
-def sketch_variances(importance: Tensor, ks: Sequence[int]) -> list[float]:
-    """``V_sketch(k) = sum_j (1 / pi_j(k) - 1) a_j^2`` for each ``k`` (``0`` for ``k >= n``)."""
+def sketch_variance_vector(importance: Tensor, ks: Sequence[int]) -> Tensor:
+    """``V_sketch(k) = sum_j (1 / pi_j(k) - 1) a_j^2`` for each ``k`` (``0`` for ``k >= n``), as one
+    float64 tensor on ``importance``'s device (no host read)."""
     a = importance.double()
-    return [0.0 if k >= a.shape[0] else float(poisson_variance(a, water_fill(a, k))) for k in ks]
+    return torch.stack([a.new_zeros(()) if k >= a.shape[0] else poisson_variance(a, water_fill(a, k)) for k in ks])
+
+
+def sketch_variances(importance: Tensor, ks: Sequence[int]) -> list[float]:
+    """:func:`sketch_variance_vector` as Python floats."""
+    return sketch_variance_vector(importance, ks).tolist()
 
 
 def sample_norms_flops(m: int, n: int, big_n: int, group: int) -> int:
@@ -64,7 +70,11 @@ def sample_sq_norms(x: Tensor, y: Tensor, group: int) -> Tensor:
 
 def sgd_variance(sq_norms: Tensor, total_sq_norm: float) -> float:
     """``V_sgd = b / (b - 1) (sum_i ||s_i||^2 - ||T||^2 / b)`` from the ``b`` samples' ``||s_i||^2``."""
-    b = sq_norms.shape[0]
+    return sgd_variance_of_sum(float(sq_norms.sum()), sq_norms.shape[0], total_sq_norm)
+
+
+def sgd_variance_of_sum(sq_sum: float, b: int, total_sq_norm: float) -> float:
+    """:func:`sgd_variance` from ``sum_i ||s_i||^2`` and ``b`` (NaN for a batch of one sample)."""
     if b < 2:
         return float("nan")
-    return b / (b - 1) * (float(sq_norms.sum()) - total_sq_norm / b)
+    return b / (b - 1) * (sq_sum - total_sq_norm / b)

@@ -1,0 +1,61 @@
+"""Device statistics read on the host later, without a sync: what ``p="auto"`` decides from.
+
+``float(t)`` of a CUDA tensor waits for the stream to reach ``t``: a stall in every call that reads
+one. :class:`Readback` instead copies each posted tensor into host memory asynchronously (pinned
+memory and an event on CUDA) and hands it back from the first :meth:`~Readback.collect` after the
+copy has finished. A controller that collects at the start of each call and posts during it acts
+on a call's statistics from a later call; on the CPU, where the copy is done when posted, always
+from the next one. The host reads the copies through NumPy, which dispatches no ATen op.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+@dataclasses.dataclass
+class _Pending:
+    host: Tensor
+    event: Optional[torch.cuda.Event]
+    tag: Any
+
+
+class Readback:
+    """A queue of device tensors on their way to the host, each with a ``tag`` for its consumer."""
+
+    def __init__(self) -> None:
+        self._pending: list[_Pending] = []
+
+    def post(self, values: Tensor, tag: Any) -> None:
+        """Start copying ``values`` (any shape; read back as float64) to the host."""
+        values = values.detach().reshape(-1).double()
+        on_cuda = values.device.type == "cuda"
+        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=on_cuda)
+        host.copy_(values, non_blocking=on_cuda)
+        event = None
+        if on_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self._pending.append(_Pending(host, event, tag))
+
+    def collect(self) -> Iterator[tuple[Any, np.ndarray]]:
+        """``(tag, values)`` of every posted tensor whose copy has finished, in the order posted."""
+        ready, waiting = [], []
+        for item in self._pending:
+            (ready if item.event is None or item.event.query() else waiting).append(item)
+        self._pending = waiting
+        for item in ready:
+            yield item.tag, item.host.numpy()
+
+    def drain(self) -> Iterator[tuple[Any, np.ndarray]]:
+        """Every posted tensor, waiting for the copies (for reports at the end of training)."""
+        pending, self._pending = self._pending, []
+        for item in pending:
+            if item.event is not None:
+                item.event.synchronize()
+            yield item.tag, item.host.numpy()
