@@ -4,7 +4,7 @@ Under ``torch.utils.checkpoint`` the backward recomputes the checkpointed region
 activation sketch's draw, fused with the layer's product, was recomputed with it: two draws per
 step (issue 18, item 7). Now the product is recomputed and the draw is made once, in the forward or,
 where the checkpoint recomputes the layer, in the backward only (and a draw, a function of the
-graph's seed, would draw the same rows if recomputed). Draws are counted at ``draw_ops._pps``, which
+graph's seed, would draw the same rows if recomputed). Draws are counted at ``draw_kernels.pps``, which
 the norm and activation sketches' draw ops call.
 """
 
@@ -16,7 +16,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 import ubcompile
-from ubcompile import draw_ops
+from ubcompile import draw_kernels
 from ubcompile.testing import assert_unbiased
 
 from conftest import loss_of
@@ -55,14 +55,14 @@ class CheckpointedMLP(nn.Module):
 @pytest.mark.parametrize("sketch", ["activation", "norm"])
 def test_one_draw_per_sampled_layer_per_step_and_unbiased(monkeypatch, sketch, selective, compiler):
     draws_made = 0
-    pps = draw_ops._pps
+    pps = draw_kernels.pps
 
     def counting(*args, **kwargs):
         nonlocal draws_made
         draws_made += 1
         return pps(*args, **kwargs)
 
-    monkeypatch.setattr(draw_ops, "_pps", counting)
+    monkeypatch.setattr(draw_kernels, "pps", counting)
     model = CheckpointedMLP(selective)
     torch.manual_seed(1)
     x = torch.randn(64, 96)

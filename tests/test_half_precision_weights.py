@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import ubcompile
-from ubcompile import draw_ops
+from ubcompile import draw_kernels
 from ubcompile.sketches import sampled_contraction
 from ubcompile.sketches.norm import contraction_importance, pps_sample, water_fill
 from ubcompile.testing import z_scores
@@ -110,14 +110,14 @@ def test_compiled_half_precision_linear_with_masked_loss_stays_finite(monkeypatc
     0: the old floor gave it ``pi ~ 3e-7``, whose fp16 reciprocal is inf) and the draw's weights are float32."""
     drawn: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
-    pps = draw_ops._pps
+    pps = draw_kernels.pps
 
     def recording(importance, k, seed, stream):
         idx, weights = pps(importance, k, seed, stream)
         drawn.append((importance, idx, weights))
         return idx, weights
 
-    monkeypatch.setattr(draw_ops, "_pps", recording)
+    monkeypatch.setattr(draw_kernels, "pps", recording)
     torch.manual_seed(0)
     model = nn.Linear(256, 256).to(dtype)
     compiled = torch.compile(model, backend=ubcompile.backend(p=0.25, seed=0, compiler=compiler))

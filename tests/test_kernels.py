@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from ubcompile import draw_ops, estimator_ops
+from ubcompile import draw_kernels, estimator_ops
 from ubcompile.estimator_ops import CONTRACTED
 
 pytestmark = pytest.mark.compiled_kernels
@@ -20,26 +20,26 @@ def both(kernel, *args):
 
 @pytest.mark.parametrize("n, k", [(256, 64), (100, 7), (33, 33)])
 def test_uniform_draws_are_the_eager_ones(n, k):
-    compiled, eager = both(draw_ops._uniform, n, k, SEED, 12345)
+    compiled, eager = both(draw_kernels.uniform, n, k, SEED, 12345)
     assert torch.equal(compiled, eager) and len(compiled.unique()) == k
 
 
 @pytest.mark.parametrize("n, k", [(256, 64), (100, 7)])
 def test_pps_draws_are_the_eager_ones(n, k):
     importance = torch.rand(n, generator=torch.Generator().manual_seed(n)).square()
-    (idx, weights), (eager_idx, eager_weights) = both(draw_ops._pps, importance, k, SEED, 777)
+    (idx, weights), (eager_idx, eager_weights) = both(draw_kernels.pps, importance, k, SEED, 777)
     assert torch.equal(idx, eager_idx)
     torch.testing.assert_close(weights, eager_weights)  # float32 rounding may differ
 
 
 def test_forward_row_norms_are_the_eager_ones():
-    torch.testing.assert_close(*both(draw_ops._row_norms, torch.randn(128, 48)))
+    torch.testing.assert_close(*both(draw_kernels.row_norms, torch.randn(128, 48)))
 
 
 @pytest.mark.parametrize("kind", ["lowrank", "gaussian"])
 def test_projections_are_the_eager_ones(kind):
     anchor = torch.empty(0)
-    compiled, eager = both(draw_ops._PROJECTIONS[kind], anchor, 64, 16, SEED, 9)
+    compiled, eager = both(draw_kernels.PROJECTIONS[kind], anchor, 64, 16, SEED, 9)
     torch.testing.assert_close(compiled, eager)
 
 
@@ -48,14 +48,14 @@ def test_projections_are_the_eager_ones(kind):
 def test_importances_and_products_are_the_eager_ones(out_dim, dtype):
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(40, 24, generator=gen).to(dtype), torch.randn(24, 32, generator=gen).to(dtype).T.contiguous().T
-    torch.testing.assert_close(*both(estimator_ops._gemm_importance, x, y, out_dim))
+    torch.testing.assert_close(*both(estimator_ops.gemm_importance_kernel, x, y, out_dim))
     n = estimator_ops.sampled_size(x, y, out_dim)
-    idx, weights = draw_ops._pps(estimator_ops._gemm_importance(x, y, out_dim), n // 4, SEED, 3)
-    torch.testing.assert_close(*both(estimator_ops._sketched_product, x, y, idx, weights, out_dim))
+    idx, weights = draw_kernels.pps(estimator_ops.gemm_importance_kernel(x, y, out_dim), n // 4, SEED, 3)
+    torch.testing.assert_close(*both(estimator_ops.sketched_product_kernel, x, y, idx, weights, out_dim))
 
 
 def test_one_compilation_serves_every_size():
     counters.clear()
     for n, k in [(64, 16), (200, 50), (1000, 13), (4096, 1024)]:
-        draw_ops._pps(torch.rand(n), k, SEED, n)
+        draw_kernels.pps(torch.rand(n), k, SEED, n)
     assert counters["stats"]["unique_graphs"] == 1

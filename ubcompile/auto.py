@@ -50,10 +50,14 @@ import torch
 from tabulate import tabulate
 from torch import Tensor
 
-from .sketches import keep_count, sampled_contraction
+from . import draw_kernels
+from .estimator_ops import CONTRACTED, sketched_product_kernel
+from .kernels import kernel
 from .readback import Readback
+from .sketches import keep_count
 from .sketches.control import sample_norms_flops, sample_sq_norms, sgd_variance_of_sum, sketch_variance_vector
-from .sketches.norm import factor_norms, pps_sample
+from .sketches.counter_rng import normal
+from .sketches.norm import factor_norms
 from .sketches.residual import ResidualSplit, residual_contraction, residual_flops, split_flops
 
 LEVELS = (1.0, 0.5, 0.35, 0.25, 0.18, 0.12, 0.08, 0.05)
@@ -68,6 +72,32 @@ SPIKE = 4.0
 _SMOOTHING = 0.9  # running mean of sum_j a_j^2: mean <- s * mean + (1 - s) * value
 _WARMUP = 50  # calls before the spike guard is armed
 _FIRST_GAP = 5  # calls between the first two measurements; the gap then doubles up to measure_every
+
+
+@kernel
+def term_norms(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``||x[:, j]||``, ``||y[j, :]||``, the terms' norms ``a_j`` (their products) and ``sum_j a_j^2``
+    (float64): what every call of a site needs, in one compiled kernel."""
+    x_norms, y_norms = factor_norms(x, y)
+    a = x_norms * y_norms
+    return x_norms, y_norms, a, a.double().square().sum()
+
+
+@kernel
+def residual_split(x: Tensor, y: Tensor, x_norms: Tensor, y_norms: Tensor, seed: Tensor,
+                   key: int) -> tuple[Tensor, ...]:
+    """The tensors of the rank-:data:`RESIDUAL_RANK` :class:`~.sketches.residual.ResidualSplit`
+    of ``x @ y``, from Gaussian probes of the counter generator, and its residual terms' norms."""
+    probes = normal(seed, key, 2 * x.shape[1] * RESIDUAL_RANK).reshape(2, x.shape[1], RESIDUAL_RANK)
+    split = ResidualSplit.from_probes(x, y, probes[0], probes[1])
+    return split.u, split.v, split.xu, split.yv, split.importance(x_norms, y_norms)
+
+
+@kernel
+def residual_product(x: Tensor, y: Tensor, u: Tensor, v: Tensor, xu: Tensor, yv: Tensor, idx: Tensor,
+                     weights: Tensor) -> Tensor:
+    """:func:`~.sketches.residual.residual_contraction` on the split's tensors, compiled."""
+    return residual_contraction(x, y, ResidualSplit(u, v, xu, yv), idx, weights)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,21 +314,23 @@ class AutoController:
             site.uses[0] += 1
             site.spent_flops += site.costs[0]
             return x @ y
-        norms = factor_norms(x, y)
-        a = norms[0] * norms[1]  # the terms' norms (contraction_importance)
-        self.readback.post(a.double().square().sum(), ("guard", key, site.calls - 1))
+        *norms, a, sq_norm = term_norms(x, y)
+        self.readback.post(sq_norm, ("guard", key, site.calls - 1))
         site.uses[site.option] += 1
         site.spent_flops += site.costs[site.option]
         k = min(x.shape[1], keep_count(x.shape[1], site.p))
-        split = ResidualSplit.of(x, y, RESIDUAL_RANK, generator) if site.current.sketch == "residual" else None
+        seed = torch.randint(0, 2**62, (), generator=generator, device=x.device)
+        split = residual_split(x, y, *norms, seed, draw_kernels.stream_of(key, 1)) if site.current.sketch == "residual" else None
         if k == x.shape[1]:
             out = x @ y
-        elif split is None:
-            out = sampled_contraction(x, y, *pps_sample(a, k, generator))
         else:
-            out = residual_contraction(x, y, split, *pps_sample(split.importance(*norms), k, generator))
+            idx, weights = draw_kernels.pps(a if split is None else split[-1], k, seed, draw_kernels.stream_of(key, 0))
+            if split is None:
+                out = sketched_product_kernel(x, y, idx, weights, CONTRACTED)
+            else:
+                out = residual_product(x, y, *split[:-1], idx, weights)
         if site.due or site.calls - 1 >= site.next_measure:
-            self._measure(key, x, y, norms, split, out, generator)
+            self._measure(key, x, y, norms, split, out, seed)
         return out
 
     def collect(self, wait: bool = False) -> None:
@@ -324,7 +356,7 @@ class AutoController:
             site.gap = _FIRST_GAP  # re-measure soon after
 
     def _measure(self, key: int, x: Tensor, y: Tensor, norms: tuple[Tensor, Tensor],
-                 split: Optional[ResidualSplit], out: Tensor, generator: torch.Generator) -> None:
+                 split: Optional[tuple[Tensor, ...]], out: Tensor, seed: Tensor) -> None:
         """Post this call's statistics (``sum_i ||s_i||^2``, ``||T_hat||^2``, each option's
         ``V_sketch``) for :meth:`_record`, and schedule the next measurement."""
         site = self.sites[key]
@@ -336,9 +368,9 @@ class AutoController:
         importances = {"norm": a}
         if any(o.sketch == "residual" for o in site.options):
             if split is None:
-                split = ResidualSplit.of(x, y, RESIDUAL_RANK, generator)
+                split = residual_split(x, y, *norms, seed, draw_kernels.stream_of(key, 1))
                 site.spent_flops += split_flops(m, n, big_n, RESIDUAL_RANK)
-            importances["residual"] = split.importance(*norms)
+            importances["residual"] = split[-1]
         per_level = {sketch: sketch_variance_vector(importance, [keep_count(n, p) for p in LEVELS])
                      for sketch, importance in importances.items()}
         v_sketch = torch.stack([per_level[o.sketch][o.level] for o in site.options])

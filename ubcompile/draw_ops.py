@@ -17,37 +17,14 @@ controller's state in Python and draws from the generator its ``sampler_id`` nam
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import Tensor
 
-from .kernels import kernel
+from . import draw_kernels
+from .draw_kernels import stream_of
 from .sampler import sampler
-from .sketches.counter_rng import normal, order_and_offset, stream_key
-from .sketches.lowrank import gaussian_projection, orthonormal_projection
-from .sketches.norm import output_importance, pps_draw, probability_dtype
-from .sketches.uniform import stratified, systematic_positions, uniform_scale
-
-
-def _key(site: int, part: int) -> int:
-    """The counter-generator key of ``part`` (a block of a stratified draw) of the draw ``site``:
-    a distinct stream for every pair below ``2**16`` each."""
-    return stream_key((site << 16) | part)
-
-
-@kernel
-def _pps(importance: Tensor, k: int, seed: Tensor, key: int) -> tuple[Tensor, Tensor]:
-    """:func:`~ubcompile.sketches.norm.pps_draw` with its order and offset from the stream ``key``."""
-    return pps_draw(importance, k, *order_and_offset(seed, key, importance.shape[0]))
-
-
-@kernel
-def _uniform(n: int, k: int, seed: Tensor, key: int) -> Tensor:
-    """``k`` indices of ``range(n)``: a systematic sample of a random order (on ``seed``'s device),
-    in that order (:func:`~ubcompile.sketches.norm.pps_draw` says why not sorted)."""
-    order, offset = order_and_offset(seed, key, n)
-    return order[systematic_positions(n, k, offset)]
+from .sketches.norm import probability_dtype
+from .sketches.uniform import stratified, uniform_scale
 
 
 @torch.library.custom_op("ubcompile::uniform_indices", mutates_args=())
@@ -60,7 +37,7 @@ def uniform_indices(anchor: Tensor, n: int, k: int, seed: Tensor, site: int,
     cotangent exists; ``site`` tells the draws of a graph apart.
     """
     def block_draw(block: int, k_block: int) -> tuple[Tensor]:
-        return (_uniform(n // strata, k_block, seed, _key(site, block)),)
+        return (draw_kernels.uniform(n // strata, k_block, seed, stream_of(site, block)),)
 
     return stratified(block_draw, n, k, strata)[0], anchor.new_full((), uniform_scale(n, k))
 
@@ -78,7 +55,7 @@ def pps_indices(importance: Tensor, k: int, seed: Tensor, site: int, strata: int
     blocks = importance.reshape(strata, -1)
 
     def block_draw(block: int, k_block: int) -> tuple[Tensor, Tensor]:
-        return _pps(importance if strata == 1 else blocks[block], k_block, seed, _key(site, block))
+        return draw_kernels.pps(importance if strata == 1 else blocks[block], k_block, seed, stream_of(site, block))
 
     return stratified(block_draw, importance.shape[0], k, strata)
 
@@ -89,22 +66,10 @@ def _(importance: Tensor, k: int, seed: Tensor, site: int, strata: int = 1) -> t
             importance.new_empty((k,), dtype=probability_dtype(importance.dtype)))
 
 
-def _projection_kernel(make: Callable[[Tensor, torch.dtype], Tensor]) -> Callable[..., Tensor]:
-    @kernel
-    def project(anchor: Tensor, n: int, k: int, seed: Tensor, key: int) -> Tensor:
-        return make(normal(seed, key, n * k).reshape(n, k), anchor.dtype).contiguous()
-
-    return project
-
-
-_PROJECTIONS = {"lowrank": _projection_kernel(orthonormal_projection),
-                "gaussian": _projection_kernel(gaussian_projection)}
-
-
 @torch.library.custom_op("ubcompile::projection", mutates_args=())
 def projection(anchor: Tensor, n: int, k: int, kind: str, seed: Tensor, site: int) -> Tensor:
     """An ``n x k`` random projection ``Omega`` with ``E[Omega Omega^T] = I`` (``kind``: lowrank, gaussian)."""
-    return _PROJECTIONS[kind](anchor, n, k, seed, _key(site, 0))
+    return draw_kernels.PROJECTIONS[kind](anchor, n, k, seed, stream_of(site, 0))
 
 
 @projection.register_fake
@@ -127,11 +92,6 @@ def _(x: Tensor, y: Tensor, sampler_id: int, site: int, samples: int) -> Tensor:
     return x.new_empty((x.shape[0], y.shape[1]))
 
 
-@kernel
-def _row_norms(x: Tensor) -> Tensor:
-    return output_importance(x, 0)
-
-
 @torch.library.custom_op("ubcompile::gemm_drawing_rows", mutates_args=())
 def gemm_drawing_rows(x: Tensor, k: int, seed: Tensor, site: int) -> tuple[Tensor, Tensor, Tensor]:
     """``k`` rows of a linear layer's input ``x`` drawn in the forward for its weight gradient.
@@ -141,7 +101,7 @@ def gemm_drawing_rows(x: Tensor, k: int, seed: Tensor, site: int) -> tuple[Tenso
     layer's product stays a plain ``mm``/``addmm`` next to it (:mod:`ubcompile.passes.forward_rows`);
     a checkpoint that recomputes the draw gets the same rows, the draw being a function of ``seed``.
     """
-    idx, weights = _pps(_row_norms(x), k, seed, _key(site, 0))
+    idx, weights = draw_kernels.pps(draw_kernels.row_norms(x), k, seed, stream_of(site, 0))
     return x[idx], idx, weights
 
 

@@ -30,7 +30,8 @@ def sampled_size(x: Tensor, y: Tensor, out_dim: int) -> int:
 
 
 @kernel
-def _gemm_importance(x: Tensor, y: Tensor, out_dim: int) -> Tensor:
+def gemm_importance_kernel(x: Tensor, y: Tensor, out_dim: int) -> Tensor:
+    """The body of :func:`gemm_importance`, compiled."""
     if out_dim == CONTRACTED:
         return contraction_importance(x, y)
     return output_importance(x, -2) if out_dim == 0 else output_importance(y, -1)
@@ -41,7 +42,7 @@ def gemm_importance(x: Tensor, y: Tensor, out_dim: int) -> Tensor:
     """Norm of the part of ``x @ y`` each index of the sampled axis carries: the term norms
     ``||x[:, j]|| ||y[j, :]||`` of a contracted axis, the output row (column) norms of ``x`` (``y``)
     along output dim ``out_dim``."""
-    return _gemm_importance(x, y, out_dim)
+    return gemm_importance_kernel(x, y, out_dim)
 
 
 @gemm_importance.register_fake
@@ -58,13 +59,14 @@ def sketched_product(x: Tensor, y: Tensor, idx: Tensor, scale: Tensor, out_dim: 
     return out.contiguous()  # the strides the fake promises (a copy only for broadcast batch dims)
 
 
-_sketched_product = kernel(sketched_product)
+sketched_product_kernel = kernel(sketched_product)
+""":func:`sketched_product` compiled: the body of :func:`sketched_gemm`."""
 
 
 @torch.library.custom_op("ubcompile::sketched_gemm", mutates_args=())
 def sketched_gemm(x: Tensor, y: Tensor, idx: Tensor, scale: Tensor, out_dim: int) -> Tensor:
     """:func:`sketched_product` as one graph op."""
-    return _sketched_product(x, y, idx, scale, out_dim)
+    return sketched_product_kernel(x, y, idx, scale, out_dim)
 
 
 @sketched_gemm.register_fake

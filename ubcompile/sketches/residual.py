@@ -43,15 +43,15 @@ def thin_product(a: Tensor, b: Tensor) -> Tensor:
     return (b.mT @ a.mT).mT
 
 
-def range_basis(x: Tensor, r: int, generator: Optional[torch.Generator] = None, power: int = 1) -> Tensor:
+def range_basis(x: Tensor, omega: Tensor, power: int = 1) -> Tensor:
     """An orthonormal ``(M, r)`` basis close to the span of the top ``r`` left singular vectors of ``x: (M, n)``.
 
-    ``orth(x Omega)`` for a Gaussian ``Omega`` (``n x r``), then ``power`` times ``orth(x x^T U)``;
-    in float32 for half-precision ``x`` (QR has no half kernels), returned in ``x``'s dtype.
+    ``orth(x Omega)`` for the Gaussian probes ``omega`` (``n x r``), then ``power`` times
+    ``orth(x x^T U)``; in float32 for half-precision ``x`` (QR has no half kernels), returned in
+    ``x``'s dtype.
     """
     work = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    omega = torch.randn(x.shape[1], r, generator=generator, device=x.device, dtype=torch.float64).to(work.dtype)
-    u = torch.linalg.qr(thin_product(work, omega)).Q
+    u = torch.linalg.qr(thin_product(work, omega.to(work.dtype))).Q
     for _ in range(power):
         u = torch.linalg.qr(thin_product(work, (u.mT @ work).mT)).Q
     return u.to(x.dtype)
@@ -73,8 +73,16 @@ class ResidualSplit:
     @classmethod
     def of(cls, x: Tensor, y: Tensor, r: int, generator: Optional[torch.Generator] = None,
            power: int = 1) -> ResidualSplit:
-        u = range_basis(x, r, generator, power)
-        v = range_basis(y.mT, r, generator, power)
+        """The split with rank-``r`` bases from Gaussian probes drawn from ``generator``."""
+        probes = [torch.randn(x.shape[1], r, generator=generator, device=x.device, dtype=torch.float64)
+                  for _ in range(2)]
+        return cls.from_probes(x, y, *probes, power=power)
+
+    @classmethod
+    def from_probes(cls, x: Tensor, y: Tensor, x_probes: Tensor, y_probes: Tensor, power: int = 1) -> ResidualSplit:
+        """The split with the bases :func:`range_basis` finds from the probes (each ``n x r``)."""
+        u = range_basis(x, x_probes, power)
+        v = range_basis(y.mT, y_probes, power)
         return cls(u, v, u.mT @ x, thin_product(y, v))
 
     def importance(self, x_norms: Tensor, y_norms: Tensor) -> Tensor:
