@@ -3,8 +3,8 @@
     python examples/step_time.py [--models mlp bagnet vit gpt] [--p 0.25] [--rounds 5] [--steps 20]
 
 The sweep (``examples/sweep.py``) times every run while another run occupies the second core, so
-its step times carry that load's noise. This script compiles, per model, exact and the four
-``grad`` x ``sketch`` configurations of the sweep at one ``p``, each on its own copy of the same
+its step times carry that load's noise. This script compiles, per model, exact, the four
+``grad`` x ``sketch`` configurations of the sweep at one ``p`` and ``p="auto"``, each on its own copy of the same
 initial weights, then runs ``--rounds`` rounds; in each round every configuration does ``--steps``
 training steps (forward, backward, optimizer) on the same batch, and its median step time over
 exact's in the same round is one sample of the ratio. One thread, as each sweep run has. The table
@@ -54,6 +54,7 @@ def measure(model_name: str, p: float, rounds: int, steps: int) -> dict[str, Any
     lr = sweep.importlib.import_module(sweep.MODELS[model_name][0]).LR
     configs = {"exact": {"exact": True}} | {f"{g}:{s} p={p:g}": {"grad": g, "sketch": s, "p": p}
                                            for g in sweep.GRADS for s in sweep.SKETCHES}
+    configs["p=auto"] = {"p": "auto", "budget": sweep.SamplingConfig.budget}
     torch._dynamo.reset()
     fns = {name: make_step(model_name, {"lr": lr, "seed": 0, **c}) for name, c in configs.items()}
     medians: dict[str, list[float]] = {name: [] for name in fns}

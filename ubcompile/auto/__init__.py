@@ -1,0 +1,51 @@
+"""``p="auto"``: per-layer sketches and keep fractions chosen, during training, from measured variance.
+
+Every weight-gradient product ``T = x @ y`` the pass hands to the controller (batch/token rows
+contracted, one :class:`AutoSite` per product) runs through :meth:`AutoController.contraction`,
+with one of the site's :class:`Option` s: exact, the norm sketch keeping a fraction ``p`` of the
+rows (:mod:`ubcompile.sketches.norm`), or the residual sketch, which computes a rank-``2 r`` part
+of ``T`` exactly and applies the norm sketch to the rest (:mod:`ubcompile.sketches.residual`;
+costlier per kept row, much less noisy where the batch's rows lie near a low-dimensional subspace).
+
+* **measure** (the site's first call, then after 5, 10, 20, ... calls, the gap doubling up to
+  ``measure_every``, and after a spike): besides the product, the sketch variance of every option
+  and the minibatch-SGD variance are estimated (:mod:`ubcompile.sketches.control`). They need the
+  terms' norms ``a_j`` (computed anyway), the residual terms' norms (from the residual sketch's
+  bases: a few thin GEMMs when the site is not using it already), each sample's squared norm
+  (free for a plain batch, a small Gram product per sequence with tokens), and ``||T||^2``,
+  estimated without bias by ``||T_hat||^2 - V_sketch`` from the sampled product itself.
+* **allocate** (after every measurement): the options of all measured sites are chosen together
+  (:func:`allocate`) so that their added variances sum to at most ``budget`` times the sum of their
+  SGD variances, with the most FLOPs saved (each option's FLOPs counted in full, bases included):
+  noise goes where it buys the most FLOPs, and a layer whose sampling is noisy for little saving
+  stays exact. (The paper's trade-off is in the total variance: SGD needs about
+  ``1 + sum V_sketch / sum V_sgd`` times the steps.) The uniform sketch is never an option: at the
+  same ``k`` the norm sketch's variance is never above it.
+* **sample** (other calls): the chosen option, dense GEMMs of inner size ``k`` (``2 r + k``).
+* **propagated gradients** ``G W`` (``kind="rows"``) are never sampled (their noise would reach
+  every earlier layer): they are computed exactly. (Computing them on ``G``'s nonzero rows only,
+  where a class-token readout leaves the others zero, took a ``nonzero()`` per call: a host sync.)
+* **guard**: every call knows ``sum_j a_j^2`` (the squared norms of the product's terms) for free.
+  When it jumps above :data:`SPIKE` times its running mean (a loss spike), the site's next calls
+  are computed exactly and it is measured again, and its most aggressive allowed fraction moves
+  one level towards exact; each clean measurement later gives one level back.
+
+**No host sync.** The statistics stay on the device; the controller reads them back asynchronously
+(:class:`~ubcompile.readback.Readback`) and acts on them at a later call: a measurement's
+allocation, and a spike's fallback, apply from the next call on (the spiking call itself is
+sampled as chosen before it). Each call's option still depends only on earlier calls, so every
+gradient stays unbiased.
+
+The product's output shape never changes, so the compiled graphs stay static: the option is
+chosen inside one opaque op, among the few :data:`LEVELS` of each sketch, with no recompilation.
+
+The package: :mod:`.policy` (a site's options and their allocation under the budget),
+:mod:`.execution` (the tensor code of one call, compiled), :mod:`.controller` (the sites' state,
+measurements and spike guard, fed by :mod:`ubcompile.readback`) and :mod:`.table` (the report's table).
+"""
+
+from .controller import AutoController, AutoSite, Measurement, SiteId
+from .policy import LEVELS, RESIDUAL_RANK, Option, allocate, lower_hull, site_options
+
+__all__ = ["AutoController", "AutoSite", "LEVELS", "Measurement", "Option", "RESIDUAL_RANK", "SiteId", "allocate",
+           "lower_hull", "site_options"]

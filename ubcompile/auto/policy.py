@@ -1,0 +1,102 @@
+"""What a ``p="auto"`` site may run and how the budget is spread: the options (exact, the norm
+sketch at each of :data:`LEVELS`, the residual sketch where it can pay) and :func:`allocate`."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from ..sketches import keep_count
+from ..sketches.residual import residual_flops
+
+LEVELS = (1.0, 0.5, 0.35, 0.25, 0.18, 0.12, 0.08, 0.05)
+"""The keep fractions a site can use, from exact to the most aggressive."""
+
+RESIDUAL_RANK = 8
+"""Rank ``r`` of each basis of the residual sketch (:mod:`ubcompile.sketches.residual`)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One way to compute a site's product: exact (``level == 0``) or ``sketch`` keeping ``LEVELS[level]``."""
+
+    sketch: str  # "norm" or "residual"
+    level: int
+
+    @property
+    def p(self) -> float:
+        return LEVELS[self.level]
+
+    @property
+    def label(self) -> str:
+        if self.level == 0:
+            return "exact"
+        return f"{self.p:g}" if self.sketch == "norm" else f"{self.p:g}+r{RESIDUAL_RANK}"
+
+    def flops(self, m: int, n: int, big_n: int) -> float:
+        """GEMM FLOPs of one call on ``(m x n) @ (n x N)``."""
+        k = min(n, keep_count(n, self.p))
+        if k == n:
+            return 2.0 * m * n * big_n
+        if self.sketch == "norm":
+            return 2.0 * m * k * big_n
+        return float(residual_flops(m, n, big_n, RESIDUAL_RANK, k))
+
+
+def site_options(shape: tuple[int, int, int]) -> tuple[Option, ...]:
+    """Exact, the norm sketch at every level, and the residual sketch at the levels where it costs
+    less than exact, if its cheapest level costs less than the mildest norm sketch (half the rows):
+    elsewhere (few features against many rows) its bases cost about what they could save, and
+    measuring it would cost more than it ever returns."""
+    m, n, big_n = shape
+    options = [Option("norm", level) for level in range(len(LEVELS))]
+    if 2 * RESIDUAL_RANK >= min(m, big_n):
+        return tuple(options)
+    residual = [Option("residual", level) for level in range(1, len(LEVELS))]
+    if residual[-1].flops(*shape) >= options[1].flops(*shape):
+        return tuple(options)
+    return tuple(options + [o for o in residual if o.flops(*shape) < options[0].flops(*shape)])
+
+
+def lower_hull(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the lower convex hull of ``(saved, variance)`` points, from ``points[0] = (0, 0)``
+    (exact) to the most saving: the options worth using, in order of increasing saving."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    hull: list[int] = []
+    for i in order:
+        if hull and points[i][0] == points[hull[-1]][0]:
+            continue  # the same saving at a higher variance
+        while len(hull) >= 2:
+            (x0, y0), (x1, y1), (x2, y2) = points[hull[-2]], points[hull[-1]], points[i]
+            if (x1 - x0) * (y2 - y0) - (x2 - x0) * (y1 - y0) > 0:  # hull[-1] lies below the chord: keep it
+                break
+            hull.pop()
+        hull.append(i)
+    return hull
+
+
+def allocate(options: list[list[tuple[float, float]]], allowance: float) -> list[int]:
+    """The option of each site that saves the most FLOPs with the sum of their variances at most ``allowance``.
+
+    ``options[s]`` lists site ``s``'s options as ``(FLOPs saved per call, V_sketch)``, exact first at
+    ``(0, 0)``. Greedy on the exchange rate along each site's lower convex hull
+    (:func:`lower_hull`): repeatedly take the hull step, among those that still fit, that saves
+    the most FLOPs per unit of added variance. This is the Lagrangian optimum when the hull steps
+    fit exactly, and within one hull step of it otherwise.
+    """
+    hulls = [lower_hull(points) for points in options]
+    position = [0] * len(options)
+    used = 0.0
+    while True:
+        moves = []
+        for s, hull in enumerate(hulls):
+            if position[s] + 1 < len(hull):
+                (saved0, var0), (saved1, var1) = options[s][hull[position[s]]], options[s][hull[position[s] + 1]]
+                added = var1 - var0
+                if used + added <= allowance:
+                    moves.append(((saved1 - saved0) / added if added > 0 else math.inf, s, added))
+        if not moves:
+            return [hull[i] for hull, i in zip(hulls, position)]
+        _, s, added = max(moves)
+        position[s] += 1
+        used += added
