@@ -76,8 +76,10 @@ def test_profile_runs_on_a_small_vit():
         assert layers[name].cost_ratio < 1 and layers[name].verdict.startswith("sampling")
     assert layers["embed"].sketch_variance > 0 and layers["encoder.layers.0.linear1"].sketch_variance > 0
     # Only the class token's rows reach the head, so the last block's cotangent has 64 non-zero
-    # rows of 320: the norm sketch keeps all of them (k = 160) and adds no variance at all.
-    assert layers["encoder.layers.1.linear2"].sketch_variance == 0
+    # rows of 320: the norm sketch keeps all of them (k = 160) and adds no variance at all, only
+    # float32 rounding (the kept rows come in the draw's random order, so the sums' order varies).
+    last = layers["encoder.layers.1.linear2"]
+    assert last.sketch_variance < 1e-9 * last.grad_sq_norm < layers["embed"].sketch_variance
     # out_proj's GEMMs run inside nn.MultiheadAttention's functional call: sampled, but reported
     # under the attention module, so the profile cannot price them.
     out_proj = layers["encoder.layers.0.self_attn.out_proj"]
