@@ -149,7 +149,7 @@ class Backend:
         (or its first module variable), 0 for a frame without one. The graphs of one model split by
         graph breaks share it; two models compiled with this backend do not."""
         modules = compiling_frame_modules() or {}
-        owner = modules.get("self") or next(iter(modules.values()), None)
+        owner = modules.get(("self",)) or next(iter(modules.values()), None)
         if owner is None:
             return 0
         return self._domains.setdefault(owner, len(self._domains) + 1)

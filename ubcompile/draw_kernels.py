@@ -52,3 +52,9 @@ PROJECTIONS = {"lowrank": _projection(orthonormal_projection), "gaussian": _proj
 def row_norms(x: Tensor) -> Tensor:
     """The norm of each row of ``x``: the importances of the activation sketch's rows."""
     return output_importance(x, 0)
+
+
+@kernel
+def gather_rows(x: Tensor, idx: Tensor) -> Tensor:
+    """``x[idx]``: the kept rows, gathered by a compiled kernel."""
+    return x[idx]

@@ -102,7 +102,7 @@ def gemm_drawing_rows(x: Tensor, k: int, seed: Tensor, site: int) -> tuple[Tenso
     a checkpoint that recomputes the draw gets the same rows, the draw being a function of ``seed``.
     """
     idx, weights = draw_kernels.pps(draw_kernels.row_norms(x), k, seed, stream_of(site, 0))
-    return x[idx], idx, weights
+    return draw_kernels.gather_rows(x, idx), idx, weights
 
 
 @gemm_drawing_rows.register_fake

@@ -62,7 +62,7 @@ def _kept(e: GemmEntry) -> str:
     return f"{rank}{e.k}/{e.n} {e.axis}"
 
 
-def _fmt_flops(flops: int) -> str:
+def _fmt_flops(flops: float) -> str:
     return f"{flops / 1e9:.3f}"
 
 
@@ -90,8 +90,14 @@ class Report:
         return sum(e.exact_flops for e in self.entries)
 
     @property
-    def sampled_flops(self) -> int:
-        return sum(e.sampled_flops for e in self.entries)
+    def sampled_flops(self) -> float:
+        """Backward GEMM FLOPs after rewriting; under ``p="auto"`` the controlled products count
+        at the share of their exact FLOPs the controller spent over its calls so far."""
+        fixed = sum(e.sampled_flops for e in self.entries if not e.adaptive)
+        controlled = sum(e.exact_flops for e in self.entries if e.adaptive)
+        if controlled and self.auto is not None and self.auto.exact_flops:
+            controlled *= self.auto.spent_flops / self.auto.exact_flops
+        return fixed + controlled
 
     @property
     def flop_ratio(self) -> float:
@@ -112,7 +118,7 @@ class Report:
         headers = ["module", "gradient", "M x K x N", "kept", "GFLOP exact", "GFLOP sampled", "declined because"]
         summary = (f"backward GEMM FLOPs: {_fmt_flops(self.sampled_flops)} / {_fmt_flops(self.exact_flops)} "
                    f"GFLOP = {self.flop_ratio:.3f} of exact; {len(self.sampled)} sampled, "
-                   f"{len(self.declined)} exact" + ("; p='auto' products counted exact, their use below"
+                   f"{len(self.declined)} exact" + ("; p='auto' products at their average so far, per site below"
                                                     if self.auto is not None else ""))
         table = tabulate(rows, headers=headers, disable_numparse=True) + "\n" + summary
         return table + "\n\n" + self.auto.table() if self.auto is not None else table
