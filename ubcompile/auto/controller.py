@@ -162,7 +162,7 @@ class AutoController:
         seed = torch.randint(0, 2**62, (), generator=generator, device=x.device)
         out, split = controlled_product(x, y, site.current.sketch, k, norms, a, seed, key)
         if site.due or site.calls - 1 >= site.next_measure:
-            self._measure(key, x, y, norms, split, out, seed)
+            self._measure(key, x, y, norms, a, sq_norm, split, out, seed)
         return out
 
     def collect(self, wait: bool = False) -> None:
@@ -187,15 +187,15 @@ class AutoController:
             site.due = True
             site.gap = _FIRST_GAP  # re-measure soon after
 
-    def _measure(self, key: int, x: Tensor, y: Tensor, norms: tuple[Tensor, Tensor],
+    def _measure(self, key: int, x: Tensor, y: Tensor, norms: list[Tensor], a: Tensor, sq_norm: Tensor,
                  split: Optional[tuple[Tensor, ...]], out: Tensor, seed: Tensor) -> None:
         """Post this call's statistics (``sum_i ||s_i||^2``, ``||T_hat||^2``, each option's
-        ``V_sketch``) for :meth:`_record`, and schedule the next measurement."""
+        ``V_sketch``) for :meth:`_record`, and schedule the next measurement. With one row per
+        sample, ``sum_i ||s_i||^2`` is the call's ``sum_j a_j^2`` (``sq_norm``), computed already."""
         site = self.sites[key]
         (m, n), big_n = x.shape, y.shape[1]
-        a = norms[0] * norms[1]
         group = site.group
-        sq = a.double().square() if group == 1 else sample_sq_norms(x, y, group)
+        sq_sum = sq_norm if group == 1 else sample_sq_norms(x, y, group).sum()
         site.spent_flops += sample_norms_flops(m, n, big_n, group)
         importances = {"norm": a}
         if any(o.sketch == "residual" for o in site.options):
@@ -206,8 +206,8 @@ class AutoController:
         per_level = {sketch: sketch_variance_vector(importance, [keep_count(n, p) for p in LEVELS])
                      for sketch, importance in importances.items()}
         v_sketch = torch.stack([per_level[o.sketch][o.level] for o in site.options])
-        stats = torch.cat([sq.sum().reshape(1), out.double().square().sum().reshape(1), v_sketch])
-        self.readback.post(stats, ("measure", key, site.calls - 1, sq.shape[0], site.option))
+        stats = torch.cat([sq_sum.reshape(1), out.double().square().sum().reshape(1), v_sketch])
+        self.readback.post(stats, ("measure", key, site.calls - 1, n // group, site.option))
         if not site.due:
             site.ceiling = min(len(LEVELS) - 1, site.ceiling + 1)
         site.due = False
