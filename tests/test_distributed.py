@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import faulthandler
-import pathlib
-import traceback
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 
 import ubcompile
 from ubcompile import sampler as sampler_module
 
 from conftest import loss_of
+from ranks import run_ranks
 
 WORLD = 2
 LOCAL_STEPS = 4  # no_sync steps: each rank's own gradient, before any all-reduce
-TIMEOUT_S = 120
 SAMPLED = ("layers.0.weight", "layers.2.weight")  # the 8-way head is below min_dim; biases stay exact
 
 
@@ -38,77 +32,38 @@ def _named_grads(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-def _train(rank: int, store: str) -> dict:
+def _train(rank: int, world: int) -> dict:
     """One rank's run: identical weights and inputs on every rank, ``LOCAL_STEPS`` unsynchronised
     backward passes, then two synchronised SGD steps."""
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
-    try:
-        torch.manual_seed(0)
-        model = MLP()
-        x = torch.randn(64, 64)
-        ddp = nn.parallel.DistributedDataParallel(model)
-        backend = ubcompile.backend(p=0.25, seed=0, compiler="eager")
-        compiled = torch.compile(ddp, backend=backend)
-        loss_of(model(x)).backward()
-        result: dict = {"exact": _named_grads(model), "local": []}
-        for _ in range(LOCAL_STEPS):
-            model.zero_grad(set_to_none=True)
-            with ddp.no_sync():
-                loss_of(compiled(x)).backward()
-            result["local"].append(_named_grads(model))
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-        for _ in range(2):
-            optimizer.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    model = MLP()
+    x = torch.randn(64, 64)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    backend = ubcompile.backend(p=0.25, seed=0, compiler="eager")
+    compiled = torch.compile(ddp, backend=backend)
+    loss_of(model(x)).backward()
+    result: dict = {"exact": _named_grads(model), "local": []}
+    for _ in range(LOCAL_STEPS):
+        model.zero_grad(set_to_none=True)
+        with ddp.no_sync():
             loss_of(compiled(x)).backward()
-            result["synced"] = _named_grads(model)
-            optimizer.step()
-        result["params"] = {name: p.detach().clone() for name, p in model.named_parameters()}
-        result["sampled"] = len(backend.report().sampled)
-        result["state_rank"] = backend.state_dict()["rank"]
-        return result
-    finally:
-        dist.destroy_process_group()
-
-
-def _worker(rank: int, directory: str) -> None:
-    """Run :func:`_train` in a child process and save its result. Its traceback, or every thread's
-    stack if it hangs, goes to ``rank<rank>.err``."""
-    out = pathlib.Path(directory)
-    torch.set_num_threads(1)
-    with open(out / f"rank{rank}.err", "w") as err:
-        faulthandler.dump_traceback_later(TIMEOUT_S - 10, exit=True, file=err)
-        try:
-            torch.save(_train(rank, str(out / "store")), out / f"rank{rank}.pt")
-        except BaseException:
-            err.write(traceback.format_exc())
-            raise
-        finally:
-            faulthandler.cancel_dump_traceback_later()
+        result["local"].append(_named_grads(model))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(2):
+        optimizer.zero_grad(set_to_none=True)
+        loss_of(compiled(x)).backward()
+        result["synced"] = _named_grads(model)
+        optimizer.step()
+    result["params"] = {name: p.detach().clone() for name, p in model.named_parameters()}
+    result["sampled"] = len(backend.report().sampled)
+    result["state_rank"] = backend.state_dict()["rank"]
+    return result
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+def ranks() -> list[dict]:
     """The results of both ranks of one DDP run (started once for the module's tests)."""
-    if not (dist.is_available() and dist.is_gloo_available()):
-        pytest.skip("torch.distributed with the gloo backend is not available in this build")
-    directory = tmp_path_factory.mktemp("ddp")
-    # A fork of the test process can deadlock on a lock held by another of its threads; a fork server
-    # starts clean, imports once, then forks both ranks.
-    context = mp.get_context("forkserver")
-    context.set_forkserver_preload(["ubcompile", __name__])
-    processes = [context.Process(target=_worker, args=(rank, str(directory))) for rank in range(WORLD)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(TIMEOUT_S)
-    for process in processes:
-        if process.is_alive():
-            process.kill()
-    if any(p.exitcode != 0 for p in processes):
-        errors = "\n".join(f"{p.name}:\n{p.read_text()}" for p in sorted(directory.glob("rank*.err")))
-        pytest.fail(f"DDP workers failed (exit codes {[p.exitcode for p in processes]}; None: killed after "
-                    f"{TIMEOUT_S} s):\n{errors}")
-    return [torch.load(directory / f"rank{rank}.pt") for rank in range(WORLD)]
+    return run_ranks(_train, WORLD, __name__)
 
 
 def test_ddp_trains_and_ranks_end_with_identical_parameters(ranks):

@@ -2,6 +2,8 @@
 
 import gzip
 import json
+import math
+import os
 import pathlib
 import runpy
 import struct
@@ -175,3 +177,15 @@ def test_residual_check_writes_its_table(fashion_dir, tmp_path, monkeypatch):
     runpy.run_path(str(script), run_name="__main__")
     rows = [line for line in out.read_text().splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
     assert len(rows) == 2 * 3  # two steps, three hidden layers
+
+
+def test_the_scale_recipe_trains_on_two_ranks_with_torchrun(tmp_path):
+    script = ROOT / "examples" / "train_at_scale.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+               "--steps", "3", "--width", "64", "--depth", "2", "--batch", "64", "--compiler", "eager"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "UBCOMPILE_EAGER_KERNELS": "1"}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    losses = [float(line.split()[-1]) for line in done.stdout.splitlines() if line.startswith("step")]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    assert "16/64 rows" in done.stdout and "2 sampled" in done.stdout  # up's and down's weight gradients

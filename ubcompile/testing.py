@@ -136,7 +136,7 @@ def assert_unbiased(model: torch.nn.Module, loss_fn: Callable[[Any], Tensor], *i
     params = [p for _, p in named]
     exact = torch.autograd.grad(loss_fn(model(*inputs)), params)
     compiled = torch.compile(model, backend=backend)
-    accumulators = [ZAccumulator(e, floor_scale=s) for e, s in zip(exact, _fair_shares(exact))]
+    accumulators = gradient_accumulators(exact)
     for _ in range(draws):
         for accumulator, grad in zip(accumulators, torch.autograd.grad(loss_fn(compiled(*inputs)), params)):
             accumulator.add(grad)
@@ -145,6 +145,13 @@ def assert_unbiased(model: torch.nn.Module, loss_fn: Callable[[Any], Tensor], *i
     if biased:
         raise AssertionError("\n".join(biased))
     return results
+
+
+def gradient_accumulators(exact: list[Tensor]) -> list[ZAccumulator]:
+    """A :class:`ZAccumulator` for each of a model's exact gradients, each judging rounding against
+    at least its fair share of the model's gradient norm (:func:`_fair_shares`), as
+    :func:`assert_unbiased` does: for a test that draws the gradients itself (a sharded model's)."""
+    return [ZAccumulator(e, floor_scale=s) for e, s in zip(exact, _fair_shares(exact))]
 
 
 def _fair_shares(grads: list[Tensor]) -> list[float]:
