@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from typing import Iterator
+from unittest import mock
+
 import pytest
 import torch
 import torch.fx
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from ubcompile import kernels
+from ubcompile import draw_kernels, kernels
 from ubcompile.estimator_ops import sampled_size, sketched_conv_grads, sketched_product
 from ubcompile.sketches.conv import ConvGeometry
 
@@ -34,6 +40,29 @@ def op_bodies(request, monkeypatch):
     about five minutes. tests/test_kernels.py checks that the two agree; the tests that count ops
     and syncs, and some of the unbiasedness tests, run the compiled ones."""
     monkeypatch.setattr(kernels, "EAGER", request.node.get_closest_marker("compiled_kernels") is None)
+
+
+@contextlib.contextmanager
+def counting_draws() -> Iterator[list[int]]:
+    """Counts, in ``count[0]``, the systematic-PPS draws made under it (``draw_kernels.pps``, which
+    the norm and activation sketches' draw ops call)."""
+    count, pps = [0], draw_kernels.pps
+
+    def counting(*args, **kwargs):
+        count[0] += 1
+        return pps(*args, **kwargs)
+
+    with mock.patch.object(draw_kernels, "pps", counting):
+        yield count
+
+
+def _save_products(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    saved = op in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+    return CheckpointPolicy.MUST_SAVE if saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+SAVE_PRODUCTS = functools.partial(create_selective_checkpoint_contexts, _save_products)
+"""A selective-checkpoint ``context_fn``: keep the GEMMs' outputs, recompute the rest."""
 
 
 def mlp(*widths: int, bias: bool = True, seed: int = 0) -> nn.Sequential:

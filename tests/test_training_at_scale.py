@@ -26,14 +26,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import checkpoint
 
 import ubcompile
-from ubcompile import draw_kernels
 from ubcompile import sampler as sampler_module
 from ubcompile.testing import critical_z, gradient_accumulators
 
-from conftest import loss_of
+from conftest import SAVE_PRODUCTS, counting_draws, loss_of
 from ranks import run_ranks
 
 try:
@@ -42,7 +41,6 @@ try:
 except ImportError:  # torch built without distributed
     fully_shard = DTensor = None
 
-aten = torch.ops.aten
 WIDTH, BLOCKS, BATCH = 64, 3, 96
 DRAWS = 40
 SAMPLED = {f"blocks.{i}.{layer}.weight" for i in range(BLOCKS) for layer in ("up", "down")}  # the 8-way head is
@@ -78,12 +76,6 @@ class Model(nn.Module):
         return self.head(x)
 
 
-def _save_products(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    """A selective-checkpoint policy: keep the GEMMs' outputs, recompute the rest."""
-    saved = op in (aten.mm.default, aten.addmm.default)
-    return CheckpointPolicy.MUST_SAVE if saved else CheckpointPolicy.PREFER_RECOMPUTE
-
-
 class Checkpointed(nn.Module):
     """``block`` under non-reentrant ``torch.utils.checkpoint``, optionally with a selective policy.
     Its state-dict keys are the block's (``blocks.0.up.weight``), as with torchtitan's wrapper."""
@@ -91,8 +83,7 @@ class Checkpointed(nn.Module):
     def __init__(self, block: nn.Module, selective: bool) -> None:
         super().__init__()
         self.block = block
-        self.options = {"context_fn": functools.partial(create_selective_checkpoint_contexts, _save_products)
-                        } if selective else {}
+        self.options = {"context_fn": SAVE_PRODUCTS} if selective else {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return checkpoint(self.block, x, use_reentrant=False, **self.options)
@@ -173,7 +164,7 @@ def _run(recipe: str, x: torch.Tensor, draws: int) -> dict:
     names = list(exact)
     accumulators = dict(zip(names, gradient_accumulators([exact[n] for n in names])))
     squared_errors, first = [], None
-    with _counting_draws() as count:
+    with counting_draws() as count:
         for _ in range(draws):
             model.zero_grad(set_to_none=True)
             loss_of(step(x)).backward()
@@ -197,24 +188,6 @@ def _run(recipe: str, x: torch.Tensor, draws: int) -> dict:
             "streams": len(backend.state_dict()["generators"]), "in_sync": _in_sync(model),
             "finite": all(math.isfinite(v) for v in losses),
             "saved_bytes": (exact_bytes, _saved_bytes(step, x))}
-
-
-class _counting_draws:
-    """Counts the systematic-PPS draws (``draw_kernels.pps``, which every norm-sketch draw calls)."""
-
-    def __enter__(self) -> list[int]:
-        self.count = [0]
-        self.pps = draw_kernels.pps
-
-        def counting(*args, **kwargs):
-            self.count[0] += 1
-            return self.pps(*args, **kwargs)
-
-        draw_kernels.pps = counting
-        return self.count
-
-    def __exit__(self, *exc) -> None:
-        draw_kernels.pps = self.pps
 
 
 def _recipes(rank: int, world: int, recipes: tuple[str, ...], draws: int, correlated: bool = False) -> Optional[dict]:
