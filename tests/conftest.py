@@ -138,8 +138,25 @@ def _run_sketched_conv(node: torch.fx.Node) -> None:
     sketched_conv_grads(g, x, w, _kept(g.shape[axis], idx.shape[0]), scale, geometry, axis, tuple(mask))
 
 
+def _run_sampled_conv(node: torch.fx.Node) -> None:
+    g, x, w = (_random_like(a) for a in node.args[:3])
+    axis, mask, _, k = node.args[9:13]
+    geometry = ConvGeometry(*(tuple(a) if isinstance(a, (list, tuple)) else a for a in node.args[3:9]))
+    n = g.shape[axis]
+    sketched_conv_grads(g, x, w, _kept(n, k), torch.full((k,), n / k), geometry, axis, tuple(mask))
+
+
+def _run_sampled_gemm(node: torch.fx.Node) -> None:
+    x, y = (_random_like(a) for a in node.args[:2])
+    out_dim, _, k = node.args[2:5]
+    n = sampled_size(x, y, out_dim)
+    sketched_product(x, y, _kept(n, k), torch.full((k,), n / k), out_dim)
+
+
 _ESTIMATOR_OPS = {torch.ops.ubcompile.sketched_gemm.default: _run_sketched_gemm,
-                  torch.ops.ubcompile.sketched_conv_backward.default: _run_sketched_conv}
+                  torch.ops.ubcompile.sampled_gemm.default: _run_sampled_gemm,
+                  torch.ops.ubcompile.sketched_conv_backward.default: _run_sketched_conv,
+                  torch.ops.ubcompile.sampled_conv_backward.default: _run_sampled_conv}
 
 
 def inner_calls(graph: torch.fx.GraphModule, targets) -> list[tuple]:

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 import ubcompile
-from ubcompile import draw_ops
+from ubcompile import draw_kernels
+from ubcompile.sketches import keep_count
 from ubcompile.testing import assert_unbiased
 
-from conftest import inner_calls
+from conftest import inner_calls, loss_of
 from zoo import DRAWS, make_zoo, zoo_loss
 
 CONV_GRADS = ("conv grad_input", "conv grad_weight")
@@ -88,8 +89,22 @@ def test_conv_gradients_are_unbiased(grad, axis, sketch):
 
 
 def test_a_biased_conv_rewrite_fails_the_same_test(monkeypatch):
-    monkeypatch.setattr(draw_ops, "uniform_scale", lambda n, k: 1.25 * n / k)
+    monkeypatch.setattr(draw_kernels, "uniform_scale", lambda n, k: 1.25 * n / k)
     model, x = make_zoo("bagnet")
     backend = ubcompile.backend(p=0.25, grad="weight", axis="rows", sketch="uniform", min_dim=8, seed=0)
     with pytest.raises(AssertionError, match="looks biased"):
         assert_unbiased(model, zoo_loss, x, draws=DRAWS, backend=backend)
+
+
+def test_a_dynamic_batch_keeps_its_own_fraction_of_samples():
+    """Batch sampling under a dynamic batch: each size keeps ceil(p * batch) samples of the input
+    gradient (the draw's k follows the symbolic batch, not the size the graph was compiled at)."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 16, 3)
+    backend = ubcompile.backend(p=0.25, grad="both", axis="rows", min_dim=1, seed=0)
+    compiled = torch.compile(conv, backend=backend)
+    for batch in (8, 12, 16, 20):
+        x = torch.randn(batch, 8, 10, 10, requires_grad=True)
+        loss_of(compiled(x)).backward()
+        assert int(x.grad.flatten(1).ne(0).any(1).sum()) == keep_count(batch, 0.25), batch
+    assert any("Sym(" in graph.backward_code for graph in backend.report().graphs)  # a dynamic graph served sizes

@@ -5,8 +5,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from ubcompile import draw_kernels, estimator_ops
-from ubcompile.estimator_ops import CONTRACTED
+from ubcompile import draw_kernels
 
 pytestmark = pytest.mark.compiled_kernels
 
@@ -41,17 +40,6 @@ def test_projections_are_the_eager_ones(kind):
     anchor = torch.empty(0)
     compiled, eager = both(draw_kernels.PROJECTIONS[kind], anchor, 64, 16, SEED, 9)
     torch.testing.assert_close(compiled, eager)
-
-
-@pytest.mark.parametrize("out_dim", [CONTRACTED, 0, 1])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_importances_and_products_are_the_eager_ones(out_dim, dtype):
-    gen = torch.Generator().manual_seed(0)
-    x, y = torch.randn(40, 24, generator=gen).to(dtype), torch.randn(24, 32, generator=gen).to(dtype).T.contiguous().T
-    torch.testing.assert_close(*both(estimator_ops.gemm_importance_kernel, x, y, out_dim))
-    n = estimator_ops.sampled_size(x, y, out_dim)
-    idx, weights = draw_kernels.pps(estimator_ops.gemm_importance_kernel(x, y, out_dim), n // 4, SEED, 3)
-    torch.testing.assert_close(*both(estimator_ops.sketched_product_kernel, x, y, idx, weights, out_dim))
 
 
 def test_one_compilation_serves_every_size():

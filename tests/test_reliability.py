@@ -18,14 +18,20 @@ def _grads(model, backend, x):
     return torch.autograd.grad(compiled(x).square().mean(), list(model.parameters()))
 
 
-def _broken_estimator(self):
+def _broken_estimator(self, *site):
     def estimator(*args):
         raise RuntimeError("estimator exploded")
     return estimator
 
 
+def _break_estimators(monkeypatch):
+    """Make both ways a GEMM rewrite estimates (drawing, or reusing a draw) raise."""
+    for name in ("estimator", "drawing_estimator"):
+        monkeypatch.setattr(GemmRewrite, name, _broken_estimator)
+
+
 def test_a_failing_rewrite_falls_back_to_exact_with_one_warning(monkeypatch):
-    monkeypatch.setattr(GemmRewrite, "estimator", _broken_estimator)
+    _break_estimators(monkeypatch)
     model, x = mlp(32, 128, 128, 4), torch.randn(96, 32)
     backend = ubcompile.backend(p=0.25, min_dim=16, compiler="eager")
     with pytest.warns(RuntimeWarning, match="estimator exploded") as caught:
@@ -40,7 +46,7 @@ def test_a_failing_rewrite_falls_back_to_exact_with_one_warning(monkeypatch):
 
 
 def test_strict_raises_instead(monkeypatch):
-    monkeypatch.setattr(GemmRewrite, "estimator", _broken_estimator)
+    _break_estimators(monkeypatch)
     backend = ubcompile.backend(p=0.25, min_dim=16, compiler="eager", strict=True)
     with pytest.raises(Exception, match="could not rewrite.*estimator exploded"):
         _grads(mlp(32, 128, 128, 4), backend, torch.randn(96, 32))
@@ -97,7 +103,7 @@ def test_graph_snapshot_round_trip_and_diff(tmp_path, monkeypatch):
     first = compiled_backend(0.25)
     assert_graph_snapshot(first, path)  # written
     text = path.read_text()
-    assert "ubcompile.pps_indices.default" in text and "float32[96, 128]" in text
+    assert "ubcompile.sampled_gemm.default" in text and "float32[96, 128]" in text
     assert "<sampler>" not in text  # a seeded graph names no process-local stream
     assert_graph_snapshot(compiled_backend(0.25), path)  # a new backend: same text
     with pytest.raises(AssertionError, match="differs from the snapshot"):

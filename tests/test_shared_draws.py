@@ -12,12 +12,13 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import ubcompile
 from ubcompile.config import SamplingConfig
+from ubcompile.estimator_ops import sampled_size
 from ubcompile.passes import JointSamplingPass
 from ubcompile.passes.conv import ConvRewrite, conv_sites, plan_conv
 from ubcompile.passes.gemm import GemmRewrite, gemm_sites, plan_gemm
 from ubcompile.passes.graph import GradientFlow, cotangent_dependent
 from ubcompile.passes.inline import inline_call
-from ubcompile.passes.rules import SKETCH_TABLE, Draws
+from ubcompile.passes.rules import Draws
 from ubcompile.passes.seed_input import seed_node
 from ubcompile.sketches import keep_count
 from ubcompile.testing import assert_unbiased_samples, gradient_draws
@@ -28,6 +29,8 @@ BATCH = 4
 P = 0.25
 DRAWS = 1000  # grad="both" estimates are heavy-tailed: at 200 draws the mean is not yet normal enough for the z-test (one case reached max |z| 4.36 at 200 draws, 1.35 at 1000, same seed)
 MIN_DIM = 4  # every product of the tests' models is sampled
+SAMPLED_GEMM = torch.ops.ubcompile.sampled_gemm.default
+DRAWING = {SAMPLED_GEMM: "bmm", torch.ops.ubcompile.sampled_conv_backward.default: "conv"}  # op -> family
 ESTIMATORS = {torch.ops.ubcompile.sketched_gemm.default: ("bmm", 2),  # family, position of the indices
               torch.ops.ubcompile.sketched_conv_backward.default: ("conv", 3)}
 
@@ -56,14 +59,24 @@ def make(channels: int, length: int, first: str) -> tuple[nn.Module, torch.Tenso
     return model, torch.randn(BATCH, channels, length, requires_grad=True)
 
 
+def draw_size(draw: torch.fx.Node) -> tuple[int, int]:
+    """``(n, k)`` of a drawing op: ``sampled_gemm(x, y, out_dim, sketch, k, ...)`` or
+    ``sampled_conv_backward(g, x, w, <6 geometry args>, axis, mask, sketch, k, ...)``."""
+    if draw.target is SAMPLED_GEMM:
+        x, y = (a.meta["val"] for a in draw.args[:2])
+        return sampled_size(x, y, draw.args[2]), draw.args[4]
+    return draw.args[0].meta["val"].shape[draw.args[9]], draw.args[12]
+
+
 def drawn_sizes(graph: torch.fx.GraphModule) -> dict[str, set[tuple[int, int]]]:
-    """``(n, k)`` of the draw each estimator op of the backward ``graph`` reads, by family."""
+    """``(n, k)`` of the draw each estimator op of the backward ``graph`` makes or reads, by family."""
     sizes: dict[str, set[tuple[int, int]]] = {"bmm": set(), "conv": set()}
     for node in graph.graph.nodes:
-        if node.target in ESTIMATORS:
+        if node.target in DRAWING:  # draws for itself
+            sizes[DRAWING[node.target]].add(draw_size(node))
+        elif node.target in ESTIMATORS:
             family, position = ESTIMATORS[node.target]
-            draw = node.args[position].args[0]  # getitem(pps_indices(importance, k, ...), 0)
-            sizes[family].add((draw.args[0].meta["val"].shape[0], draw.args[1]))
+            sizes[family].add(draw_size(node.args[position].args[0]))  # getitem(drawing op, index)
     return sizes
 
 
@@ -86,7 +99,8 @@ def test_bmm_and_conv_on_one_cotangent_draw_their_own_axes(channels, length, fir
     (graph,) = report.graphs
     assert len(report.sampled) == 4, report.table()  # both gradients of both products, none fell back
     code = graph.joint_code
-    assert (code.index("sketched_conv_backward") < code.index("sketched_gemm")) == (first == "conv")
+    first_gemm = min(code.find(op) for op in ("sampled_gemm", "sketched_gemm") if op in code)
+    assert (code.index("_conv_backward") < first_gemm) == (first == "conv")
     assert reported_sizes(report) == {"bmm": {(length, keep_count(length, P))},
                                       "conv": {(channels, keep_count(channels, P))}}
     assert drawn_sizes(graph.backward_graph) == reported_sizes(report)
@@ -133,7 +147,7 @@ def test_a_shared_draw_defined_after_its_user_keeps_that_gradient_exact():
     node = conv.site.node
     seed = seed_node(graph, SEED_INPUT)
     with graph.inserting_before(graph.output_node()):  # the convolution's draw, after the convolution
-        late = inline_call(graph, SKETCH_TABLE[conv.sketch].draw(conv, 0), [*node.args[:3], seed], meta_from=node)
+        _, late = inline_call(graph, conv.drawing_estimator(0), [*node.args[:3], seed], meta_from=node)
     draws = Draws(seed, 0)
     draws[conv.draw_key] = late
     joint_pass = JointSamplingPass(SamplingConfig(p=P, grad="both", min_dim=1), 0, lambda report: None,

@@ -124,3 +124,25 @@ def test_poisson_variance_closed_form():
     kurtosis = centred.pow(4).mean(0) / centred.pow(2).mean(0).pow(2)
     z = (measured / predicted - 1) / ((kurtosis - 1) / DRAWS).sqrt()
     assert z.abs().max() < critical_z(z.numel()), z
+
+
+def _water_fill_by_sorting(a: torch.Tensor, k: int) -> torch.Tensor:
+    """The probabilities from all ``n`` sorted (a plain loop over the capped count): the reference."""
+    a = torch.where(a > 0, a.clamp_min(1e-6 * a.mean()), 0.0).double()
+    ordered, order = a.sort(descending=True)
+    for m in range(k + 1):
+        tail = ordered[m:].sum()
+        if (k - m) * ordered[m] <= tail if m < len(a) else True:
+            break
+    pi_sorted = torch.cat([torch.ones(m, dtype=a.dtype), (ordered[m:] * (k - m) / tail).nan_to_num(0.0).clamp_max(1)])
+    return torch.empty_like(a).scatter_(0, order, pi_sorted)
+
+
+@pytest.mark.parametrize("case", ["skewed", "ties", "zeros", "all zero", "few positive", "one huge"])
+@pytest.mark.parametrize("k", [1, 7, 30, 64])
+def test_water_fill_of_the_k_largest_is_the_full_sorts(case, k):
+    gen = torch.Generator().manual_seed(k)
+    a = torch.rand(64, generator=gen, dtype=torch.float64).pow(6)
+    a = {"skewed": a, "ties": (a * 4).round(), "zeros": torch.where(a < 0.05, 0.0, a), "all zero": a * 0,
+         "few positive": torch.where(a > a.quantile(0.9), a, 0.0), "one huge": a.index_fill(0, torch.tensor([3]), 1e9)}[case]
+    torch.testing.assert_close(water_fill(a, k), _water_fill_by_sorting(a, k), rtol=1e-12, atol=1e-12)

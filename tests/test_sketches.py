@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from ubcompile.sketches import keep_count, sampled_contraction, sampled_output, uniform_subset, uniform_variance
+from ubcompile.sketches.axis import gather
 from ubcompile.testing import assert_unbiased_samples, critical_z, z_scores
 
 DRAWS = 2000
@@ -105,3 +106,12 @@ def test_full_keep_is_exact():
     n = x.shape[1]
     assert torch.allclose(sampled_contraction(x, y, torch.arange(n), 1.0), x @ y, atol=1e-5)
     assert torch.allclose(uniform_variance(torch.randn(n, 3), n), torch.zeros(3))
+
+
+@pytest.mark.parametrize("shape, perm, dim", [((30, 12), (1, 0), 1), ((30, 12), (1, 0), 0), ((30, 12), (0, 1), 1),
+                                              ((4, 30, 12), (0, 2, 1), 2), ((4, 30, 12), (2, 1, 0), 2),
+                                              ((4, 30, 12), (1, 0, 2), 1)])
+def test_gather_in_memory_order_is_plain_indexing(shape, perm, dim):
+    t = torch.randn(shape).permute(perm)  # a view: G^T of a weight gradient, a batched transpose...
+    idx = torch.randperm(t.shape[dim])[:5]
+    assert torch.equal(gather(t, idx, dim), t.index_select(dim, idx))

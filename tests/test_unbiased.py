@@ -7,7 +7,7 @@ Tolerances come from the measured standard error of the mean over the draws (see
 import pytest
 
 import ubcompile
-from ubcompile import draw_ops
+from ubcompile import draw_kernels
 from ubcompile.testing import assert_unbiased
 
 from conftest import loss_of, make
@@ -39,7 +39,7 @@ def test_gradients_are_unbiased(name, grad, sketch, compiler):
 @pytest.mark.parametrize("grad", ubcompile.GRAD_MODES)
 @pytest.mark.parametrize("factor", [0.25, 1.25])  # "forgot the scale n/k", "scale 25% too large"
 def test_a_biased_rewrite_fails_the_same_test(monkeypatch, grad, factor):
-    monkeypatch.setattr(draw_ops, "uniform_scale", lambda n, k: factor * n / k)
+    monkeypatch.setattr(draw_kernels, "uniform_scale", lambda n, k: factor * n / k)
     model, x = make("mlp")
     with pytest.raises(AssertionError, match="looks biased"):
         backend = ubcompile.backend(p=0.25, grad=grad, sketch="uniform", seed=0)

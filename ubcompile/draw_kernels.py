@@ -1,6 +1,7 @@
 """The draws' bodies, compiled once for all sizes (:func:`ubcompile.kernels.kernel`): pure
 functions of a seed tensor and a stream key (:mod:`ubcompile.sketches.counter_rng`), called by
-the graph ops of :mod:`ubcompile.draw_ops` and by the ``p="auto"`` controller."""
+the graph ops of :mod:`ubcompile.draw_ops`, by ``sampled_gemm`` (:mod:`ubcompile.estimator_ops`,
+which traces them into its own compiled body) and by the ``p="auto"`` controller."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from torch import Tensor
 from .kernels import kernel
 from .sketches.counter_rng import normal, order_and_offset, stream_key
 from .sketches.lowrank import gaussian_projection, orthonormal_projection
-from .sketches.norm import output_importance, pps_draw
-from .sketches.uniform import systematic_positions
+from .sketches.norm import output_importance, pps_draw, probability_dtype
+from .sketches.uniform import stratified, systematic_positions, uniform_scale
 
 
 def stream_of(site: int, part: int) -> int:
@@ -58,3 +59,34 @@ def row_norms(x: Tensor) -> Tensor:
 def gather_rows(x: Tensor, idx: Tensor) -> Tensor:
     """``x[idx]``: the kept rows, gathered by a compiled kernel."""
     return x[idx]
+
+
+def uniform_indices(anchor: Tensor, n: int, k: int, seed: Tensor, site: int, strata: int = 1) -> tuple[Tensor, Tensor]:
+    """``k`` distinct indices drawn uniformly from ``range(n)`` on ``anchor``'s device (``k / strata``
+    from each of ``strata`` equal blocks), and their weight ``n / k`` (0-d, at least float32:
+    :func:`~.sketches.norm.probability_dtype`; ``100 / 7`` in bf16 would be 0.2% too large).
+
+    ``anchor`` (the cotangent being sampled) fixes the device and dtype; ``site`` tells the draws
+    of a graph apart.
+    """
+    def block_draw(block: int, k_block: int) -> tuple[Tensor]:
+        return (uniform(n // strata, k_block, seed, stream_of(site, block)),)
+
+    return stratified(block_draw, n, k, strata)[0], uniform_weight(anchor, n, k)
+
+
+def uniform_weight(anchor: Tensor, n: int, k: int) -> Tensor:
+    """The uniform sketch's weight ``n / k``, 0-d, in :func:`~.sketches.norm.probability_dtype` of ``anchor``."""
+    return anchor.new_full((), uniform_scale(n, k), dtype=probability_dtype(anchor.dtype))
+
+
+def pps_indices(importance: Tensor, k: int, seed: Tensor, site: int, strata: int = 1) -> tuple[Tensor, Tensor]:
+    """``k`` distinct indices drawn with probabilities ``min(1, c * importance)``, and weights ``1 / pi``
+    (``k / strata`` from each of ``strata`` equal blocks, each water-filled on its own); the weights
+    are float32 (float64 for a float64 ``importance``, :func:`~.sketches.norm.probability_dtype`)."""
+    blocks = importance.reshape(strata, -1)
+
+    def block_draw(block: int, k_block: int) -> tuple[Tensor, Tensor]:
+        return pps(importance if strata == 1 else blocks[block], k_block, seed, stream_of(site, block))
+
+    return stratified(block_draw, importance.shape[0], k, strata)

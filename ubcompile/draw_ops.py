@@ -1,9 +1,10 @@
-"""The graph ops that draw: kept indices, projections, and the controlled product of ``p="auto"``.
+"""The graph ops that draw on their own: projections, the activation sketch's forward rows, and the
+controlled product of ``p="auto"``.
 
-Compiled backward graphs call ``torch.ops.ubcompile.uniform_indices`` or
-``torch.ops.ubcompile.pps_indices`` to draw the kept indices and ``projection`` for the
-rank-constrained sketches; compiled forward graphs call ``gemm_drawing_rows`` for the activation
-sketch, which draws a linear layer's kept input rows next to its forward product. These are pure
+Compiled backward graphs call ``torch.ops.ubcompile.projection`` for the rank-constrained sketches
+(the diagonal sketches draw inside their product's op, :mod:`ubcompile.estimator_ops`); compiled
+forward graphs call ``gemm_drawing_rows`` for the activation sketch, which draws a linear layer's
+kept input rows next to its forward product. These are pure
 functions of their inputs: every random number comes from the graph's seed input (a 0-d int64
 tensor, :mod:`ubcompile.passes.seed_input`) and the draw's ``site`` through the counter-based
 generator of :mod:`ubcompile.sketches.counter_rng`, on the device, with no host sync. So a
@@ -24,46 +25,6 @@ from . import draw_kernels
 from .draw_kernels import stream_of
 from .sampler import sampler
 from .sketches.norm import probability_dtype
-from .sketches.uniform import stratified, uniform_scale
-
-
-@torch.library.custom_op("ubcompile::uniform_indices", mutates_args=())
-def uniform_indices(anchor: Tensor, n: int, k: int, seed: Tensor, site: int,
-                    strata: int = 1) -> tuple[Tensor, Tensor]:
-    """``k`` distinct indices drawn uniformly from ``range(n)`` on ``anchor``'s device (``k / strata``
-    from each of ``strata`` equal blocks), and their weight ``n / k`` (0-d, ``anchor``'s dtype).
-
-    ``anchor`` (the cotangent being sampled) fixes the dtype and orders the draw after the
-    cotangent exists; ``site`` tells the draws of a graph apart.
-    """
-    def block_draw(block: int, k_block: int) -> tuple[Tensor]:
-        return (draw_kernels.uniform(n // strata, k_block, seed, stream_of(site, block)),)
-
-    return stratified(block_draw, n, k, strata)[0], anchor.new_full((), uniform_scale(n, k))
-
-
-@uniform_indices.register_fake
-def _(anchor: Tensor, n: int, k: int, seed: Tensor, site: int, strata: int = 1) -> tuple[Tensor, Tensor]:
-    return anchor.new_empty((k,), dtype=torch.long), anchor.new_empty(())
-
-
-@torch.library.custom_op("ubcompile::pps_indices", mutates_args=())
-def pps_indices(importance: Tensor, k: int, seed: Tensor, site: int, strata: int = 1) -> tuple[Tensor, Tensor]:
-    """``k`` distinct indices drawn with probabilities ``min(1, c * importance)``, and weights ``1 / pi``
-    (``k / strata`` from each of ``strata`` equal blocks, each water-filled on its own); the weights
-    are float32 (float64 for a float64 ``importance``, :func:`~.sketches.norm.probability_dtype`)."""
-    blocks = importance.reshape(strata, -1)
-
-    def block_draw(block: int, k_block: int) -> tuple[Tensor, Tensor]:
-        return draw_kernels.pps(importance if strata == 1 else blocks[block], k_block, seed, stream_of(site, block))
-
-    return stratified(block_draw, importance.shape[0], k, strata)
-
-
-@pps_indices.register_fake
-def _(importance: Tensor, k: int, seed: Tensor, site: int, strata: int = 1) -> tuple[Tensor, Tensor]:
-    return (importance.new_empty((k,), dtype=torch.long),
-            importance.new_empty((k,), dtype=probability_dtype(importance.dtype)))
 
 
 @torch.library.custom_op("ubcompile::projection", mutates_args=())

@@ -1,12 +1,16 @@
 """The diagonal-sketch estimators of GEMMs and convolutions as opaque graph ops.
 
-The pass inserts ``ubcompile::gemm_importance`` / ``conv_importance`` and ``ubcompile::sketched_gemm``
-/ ``sketched_conv_backward`` where a sampled gradient's importances and product are computed.
+The pass inserts one op per sampled product, which computes the importances, draws from the
+graph's seed and computes the estimate: ``ubcompile::sampled_gemm`` for a GEMM,
+``sampled_conv_backward`` for a convolution. A product that reuses another's draw (a layer's second
+gradient under ``grad="both"``, or a projection's) calls ``sketched_gemm`` or
+``sketched_conv_backward`` on it.
 Inductor calls them like it calls ``mm`` (an extern kernel on the tensors as they are, views
 included): traced as ATen nodes, their gathers, scales and scatters fused into different C++
 kernels in every layer, which on CPU made the first step's compile 1.3-1.8x exact's
-(benchmarks/RESULTS.md, "Compile time"). Each runs the pure functions of :mod:`ubcompile.sketches`,
-the GEMM ones compiled once for all sizes (:func:`ubcompile.kernels.kernel`).
+(benchmarks/RESULTS.md, "Compile time"). Each runs the pure functions of :mod:`ubcompile.sketches`
+eagerly: a few norms, gathers, a scale and a GEMM, which ATen runs as fast as a compiled body
+(faster, for the gathers of a transposed operand) and without its Dynamo wrappers (25-60 us a call).
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import draw_kernels
 from .kernels import kernel
 from .sketches.axis import Diagonal
-from .sketches.conv import SKETCHED_VJPS, ConvGeometry, conv_importance as _conv_importance
+from .sketches.conv import SKETCHED_VJPS, ConvGeometry, co_operand, conv_importance
 from .sketches.matmul import sketched_matmul
 from .sketches.norm import contraction_importance, output_importance, probability_dtype
 
@@ -29,25 +34,14 @@ def sampled_size(x: Tensor, y: Tensor, out_dim: int) -> int:
     return {CONTRACTED: x.shape[-1], 0: x.shape[-2], 1: y.shape[-1]}[out_dim]
 
 
-@kernel
-def gemm_importance_kernel(x: Tensor, y: Tensor, out_dim: int) -> Tensor:
-    """The body of :func:`gemm_importance`, compiled."""
+def gemm_importances(x: Tensor, y: Tensor, out_dim: int) -> Tensor:
+    """Norm of the part of ``x @ y`` each index of the sampled axis carries: the term norms
+    ``||x[:, j]|| ||y[j, :]||`` of a contracted axis, the output row (column) norms of ``x`` (``y``)
+    along output dim ``out_dim``. One or two norm reductions, run eagerly (ATen's take 80 us on a
+    2176 x 192 and a 2176 x 64 operand on CPU, a compiled body 145 us)."""
     if out_dim == CONTRACTED:
         return contraction_importance(x, y)
     return output_importance(x, -2) if out_dim == 0 else output_importance(y, -1)
-
-
-@torch.library.custom_op("ubcompile::gemm_importance", mutates_args=())
-def gemm_importance(x: Tensor, y: Tensor, out_dim: int) -> Tensor:
-    """Norm of the part of ``x @ y`` each index of the sampled axis carries: the term norms
-    ``||x[:, j]|| ||y[j, :]||`` of a contracted axis, the output row (column) norms of ``x`` (``y``)
-    along output dim ``out_dim``."""
-    return gemm_importance_kernel(x, y, out_dim)
-
-
-@gemm_importance.register_fake
-def _(x: Tensor, y: Tensor, out_dim: int) -> Tensor:
-    return x.new_empty((sampled_size(x, y, out_dim),), dtype=probability_dtype(x.dtype))
 
 
 def sketched_product(x: Tensor, y: Tensor, idx: Tensor, scale: Tensor, out_dim: int) -> Tensor:
@@ -59,30 +53,63 @@ def sketched_product(x: Tensor, y: Tensor, idx: Tensor, scale: Tensor, out_dim: 
     return out.contiguous()  # the strides the fake promises (a copy only for broadcast batch dims)
 
 
-sketched_product_kernel = kernel(sketched_product)
-""":func:`sketched_product` compiled: the body of :func:`sketched_gemm`."""
-
-
 @torch.library.custom_op("ubcompile::sketched_gemm", mutates_args=())
 def sketched_gemm(x: Tensor, y: Tensor, idx: Tensor, scale: Tensor, out_dim: int) -> Tensor:
-    """:func:`sketched_product` as one graph op."""
-    return sketched_product_kernel(x, y, idx, scale, out_dim)
+    """:func:`sketched_product` as one graph op, run eagerly: two gathers, a scale and a GEMM (the
+    compiled body was 1.5x as slow, its gather transposing the kept rows of ``G^T`` element by
+    element for the GEMM's layout)."""
+    return sketched_product(x, y, idx, scale, out_dim)
+
+
+def _product_like(x: Tensor, y: Tensor) -> Tensor:
+    return x.new_empty((*torch.broadcast_shapes(x.shape[:-2], y.shape[:-2]), x.shape[-2], y.shape[-1]))
 
 
 @sketched_gemm.register_fake
 def _(x: Tensor, y: Tensor, idx: Tensor, scale: Tensor, out_dim: int) -> Tensor:
-    return x.new_empty((*torch.broadcast_shapes(x.shape[:-2], y.shape[:-2]), x.shape[-2], y.shape[-1]))
+    return _product_like(x, y)
 
 
-@torch.library.custom_op("ubcompile::conv_importance", mutates_args=())
-def conv_importance(g: Tensor, co_operand: Tensor, axis: int, co_dim: int, contracted: bool) -> Tensor:
-    """:func:`ubcompile.sketches.conv.conv_importance` as one graph op."""
-    return _conv_importance(g, co_operand, axis, co_dim, contracted)
+def gemm_draw(x: Tensor, y: Tensor, out_dim: int, sketch: str, k: int, seed: Tensor, key: int) -> tuple[Tensor, Tensor]:
+    """``k`` indices of the axis of ``x @ y`` that ``out_dim`` names and their weights, drawn from
+    ``seed`` and the stream ``key``: ``"uniform"``, equal probabilities ``k / n`` (weight ``n / k``,
+    0-d); ``"norm"``, the minimal-variance probabilities of :func:`gemm_importances` (weights
+    ``1 / pi``, one per index). Weights in :func:`~.sketches.norm.probability_dtype`: ``100 / 7`` in
+    bf16 would be 0.2% too large."""
+    if sketch == "norm":
+        return draw_kernels.pps(gemm_importances(x, y, out_dim), k, seed, key)
+    n = sampled_size(x, y, out_dim)
+    return draw_kernels.uniform(n, k, seed, key), draw_kernels.uniform_weight(x, n, k)
 
 
-@conv_importance.register_fake
-def _(g: Tensor, co_operand: Tensor, axis: int, co_dim: int, contracted: bool) -> Tensor:
-    return g.new_empty((g.shape[axis],), dtype=probability_dtype(g.dtype))
+@kernel
+def drawn_product(x: Tensor, y: Tensor, out_dim: int, sketch: str, k: int, seed: Tensor,
+                  key: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The body of :func:`sampled_gemm`, compiled whole (one call, 22 ATen ops on CPU where the
+    draw compiled alone and the rest eager took 40, and 10-15% less time)."""
+    idx, scale = gemm_draw(x, y, out_dim, sketch, k, seed, key)
+    return sketched_product(x, y, idx, scale, out_dim), idx, scale
+
+
+@torch.library.custom_op("ubcompile::sampled_gemm", mutates_args=())
+def sampled_gemm(x: Tensor, y: Tensor, out_dim: int, sketch: str, k: int, seed: Tensor,
+                 site: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``x @ y`` estimated from ``k`` indices of one axis drawn by ``sketch`` (:func:`gemm_draw`):
+    the sampled GEMM as one graph op, its randomness the graph's ``seed`` input and its ``site``.
+
+    Returns the estimate (:func:`sketched_product`, unbiased: each index is kept with probability
+    ``pi_j`` and weighted by ``1 / pi_j``; variance about ``sum_j (1 / pi_j - 1) ||t_j||^2`` for the
+    ``n`` parts ``t_j`` of ``x @ y`` along the axis), the kept indices and their weights, which the
+    products sharing the draw (the layer's other gradient under ``grad="both"``) read.
+    """
+    return drawn_product(x, y, out_dim, sketch, k, seed, draw_kernels.stream_of(site, 0))
+
+
+@sampled_gemm.register_fake
+def _(x: Tensor, y: Tensor, out_dim: int, sketch: str, k: int, seed: Tensor,
+      site: int) -> tuple[Tensor, Tensor, Tensor]:
+    scale = x.new_empty((k,) if sketch == "norm" else (), dtype=probability_dtype(x.dtype))
+    return _product_like(x, y), x.new_empty((k,), dtype=torch.long), scale
 
 
 @torch.library.custom_op("ubcompile::sketched_conv_backward", mutates_args=())
@@ -108,3 +135,36 @@ def _(g: Tensor, x: Tensor, w: Tensor, idx: Tensor, scale: Tensor, stride: list[
       dilation: list[int], transposed: bool, output_padding: list[int], groups: int, axis: int,
       mask: list[bool]) -> tuple[Tensor, Tensor]:
     return (x.new_empty(x.shape if mask[0] else (0,)), w.new_empty(w.shape if mask[1] else (0,)))
+
+
+@torch.library.custom_op("ubcompile::sampled_conv_backward", mutates_args=())
+def sampled_conv_backward(g: Tensor, x: Tensor, w: Tensor, stride: list[int], padding: list[int], dilation: list[int],
+                          transposed: bool, output_padding: list[int], groups: int, axis: int, mask: list[bool],
+                          sketch: str, k: int, strata: int, contracted: bool, seed: Tensor,
+                          site: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A convolution's sampled ``(grad_input, grad_weight)`` with the draw it makes: ``k`` indices
+    of ``axis`` of ``G`` (its output channels or its batch) drawn by ``sketch`` from ``seed`` and
+    ``site`` (``k / strata`` in each of ``strata`` groups), as one graph op.
+
+    ``"norm"`` draws from :func:`~ubcompile.sketches.conv.conv_importance` (with the co-operand's
+    norms where the sampled gradient ``contracted`` the axis), ``"uniform"`` with equal
+    probabilities. Returns :func:`sketched_conv_backward`'s gradients (unbiased; the
+    Horvitz-Thompson variance of :mod:`ubcompile.sketches.conv`), the kept indices and their weights.
+    """
+    geometry = ConvGeometry(tuple(stride), tuple(padding), tuple(dilation), transposed, tuple(output_padding), groups)
+    if sketch == "norm":
+        other, other_dim = co_operand(x, w, axis, geometry)
+        importance = conv_importance(g, other, axis, other_dim, contracted)
+        idx, scale = draw_kernels.pps_indices(importance, k, seed, site, strata)
+    else:
+        idx, scale = draw_kernels.uniform_indices(g, g.shape[axis], k, seed, site, strata)
+    return *sketched_conv_grads(g, x, w, idx, scale, geometry, axis, (mask[0], mask[1])), idx, scale
+
+
+@sampled_conv_backward.register_fake
+def _(g: Tensor, x: Tensor, w: Tensor, stride: list[int], padding: list[int], dilation: list[int], transposed: bool,
+      output_padding: list[int], groups: int, axis: int, mask: list[bool], sketch: str, k: int, strata: int,
+      contracted: bool, seed: Tensor, site: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    scale = g.new_empty((k,) if sketch == "norm" else (), dtype=probability_dtype(g.dtype))
+    return (x.new_empty(x.shape if mask[0] else (0,)), w.new_empty(w.shape if mask[1] else (0,)),
+            g.new_empty((k,), dtype=torch.long), scale)

@@ -1,7 +1,8 @@
 """The bodies of ubcompile's graph ops, each compiled by Inductor once per process, for every size.
 
-The pass inserts its draws and estimators as opaque ops (:mod:`.draw_ops`, :mod:`.estimator_ops`):
-the graph sees one call per draw, with its seed, sizes and site as arguments. Run eagerly, each call
+The pass inserts its sampled products and draws as opaque ops (:mod:`.estimator_ops`,
+:mod:`.draw_ops`): the graph sees one call per sampled product, with its seed, sizes and site as
+arguments. Run eagerly, each call
 dispatched its ATen ops one by one: about 200 per sampled GEMM (hash rounds, water-filling, casts,
 gathers), 10x exact's ops per step of an MLP (benchmarks/RESULTS.md), each a kernel launch on a GPU.
 Traced into every graph instead, Inductor fused them, but compiled every site's kernels anew at its

@@ -1,5 +1,6 @@
-"""The tensor code of one controlled call, each part compiled once for all sizes
-(:func:`ubcompile.kernels.kernel`): the terms' norms, the residual split, the draw and the product."""
+"""The tensor code of one controlled call: the terms' norms, the residual split, the draw and the
+product, each part but the plain sketched product compiled once for all sizes
+(:func:`ubcompile.kernels.kernel`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Optional
 from torch import Tensor
 
 from .. import draw_kernels
-from ..estimator_ops import CONTRACTED, sketched_product_kernel
+from ..estimator_ops import CONTRACTED, sketched_product
 from ..kernels import kernel
 from ..sketches.counter_rng import normal
 from ..sketches.norm import factor_norms
@@ -52,5 +53,5 @@ def controlled_product(x: Tensor, y: Tensor, sketch: str, k: int, norms: tuple[T
         return x @ y, split
     idx, weights = draw_kernels.pps(a if split is None else split[-1], k, seed, draw_kernels.stream_of(key, 0))
     if split is None:
-        return sketched_product_kernel(x, y, idx, weights, CONTRACTED), None
+        return sketched_product(x, y, idx, weights, CONTRACTED), None
     return residual_product(x, y, *split[:-1], idx, weights), split

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.fx
@@ -26,7 +26,7 @@ from torch import Tensor
 from .._torch_private import size_hint
 from ..config import SamplingConfig
 from ..sketches.axis import axis_sketch
-from ..estimator_ops import conv_importance, sketched_conv_backward
+from ..estimator_ops import sampled_conv_backward, sketched_conv_backward
 from ..sketches.conv import BATCH, CHANNELS, SKETCHED_VJPS, ConvGeometry
 from .graph import FEATURES, ROWS, GradientFlow, Role, module_path, shape_of
 from .rules import AXIS_BY_NAME, SKETCH_TABLE, DrawKey, decline, sample_size
@@ -113,13 +113,6 @@ class ConvRewrite:
     def size(self, g: Tensor, x: Tensor, w: Tensor) -> int:
         return g.shape[self.g_axis]
 
-    def importance(self, g: Tensor, x: Tensor, w: Tensor) -> Tensor:
-        if self.g_axis == CHANNELS:
-            co_operand, co_dim = w, self.site.geometry.out_channel_dim
-        else:
-            co_operand, co_dim = x, BATCH
-        return conv_importance(g, co_operand, self.g_axis, co_dim, self.sampled[_CONTRACTED_OUTPUT[self.g_axis]])
-
     def anchor(self, g: Tensor, x: Tensor, w: Tensor) -> Tensor:
         return g
 
@@ -127,22 +120,46 @@ class ConvRewrite:
         """``(g, x, w, *sketch tensors) -> (grad_input, grad_weight, grad_bias)``: the sampled
         estimates (``None`` where not sampled) and the exact bias gradient (if used).
 
-        A diagonal sketch is one opaque op (:mod:`ubcompile.estimator_ops`); a projection is left
-        to Inductor."""
-        axis, geometry, sampled, bias = self.g_axis, self.site.geometry, self.sampled, self.site.outputs[2] is not None
+        For a diagonal sketch (one opaque op, :mod:`ubcompile.estimator_ops`), the gradients from
+        another product's draw; a projection is left to Inductor."""
+        axis, geometry, sampled = self.g_axis, self.site.geometry, self.sampled
         projects = SKETCH_TABLE[self.sketch].projects
 
         def grads(g: Tensor, x: Tensor, w: Tensor, *drawn: Tensor) -> tuple[Optional[Tensor], ...]:
             if projects:
                 return SKETCHED_VJPS[axis](g, x, w, axis_sketch(*drawn), geometry, sampled)
             out = sketched_conv_backward(g, x, w, *drawn, *dataclasses.astuple(geometry), axis, list(sampled))
-            return tuple(t if keep else None for t, keep in zip(out, sampled))
+            return self._kept(out)
 
         def estimate(g: Tensor, x: Tensor, w: Tensor, *drawn: Tensor) -> tuple[Optional[Tensor], ...]:
-            grad_bias = g.sum([0, *range(2, g.dim())]) if bias else None
-            return (*grads(g, x, w, *drawn), grad_bias)
+            return (*grads(g, x, w, *drawn), self._grad_bias(g))
 
         return estimate
+
+    def drawing_estimator(self, site: int) -> Optional[Callable[..., tuple[tuple[Optional[Tensor], ...], tuple[Tensor, Tensor]]]]:
+        """``(g, x, w, seed) -> ((grad_input, grad_weight, grad_bias), (idx, scale))``: the draw
+        ``site`` and the sampled gradients as one op
+        (:func:`~ubcompile.estimator_ops.sampled_conv_backward`); ``None`` for a projection."""
+        if SKETCH_TABLE[self.sketch].projects:
+            return None
+        contracted = self.sampled[_CONTRACTED_OUTPUT[self.g_axis]]
+
+        def estimate(g: Tensor, x: Tensor, w: Tensor, seed: Tensor) -> tuple[tuple[Optional[Tensor], ...], tuple[Tensor, Tensor]]:
+            k = sample_size(g.shape[self.g_axis], self.p, self.strata)  # symbolic under a dynamic batch
+            *out, idx, scale = sampled_conv_backward(
+                g, x, w, *dataclasses.astuple(self.site.geometry), self.g_axis, list(self.sampled), self.sketch,
+                k, self.strata, contracted, seed, site)
+            return (*self._kept(out), self._grad_bias(g)), (idx, scale)
+
+        return estimate
+
+    def _kept(self, grads: Sequence[Tensor]) -> tuple[Optional[Tensor], ...]:
+        """The sampled ones of an op's ``(grad_input, grad_weight)``; ``None`` for the empty placeholders."""
+        return tuple(t if keep else None for t, keep in zip(grads, self.sampled))
+
+    def _grad_bias(self, g: Tensor) -> Optional[Tensor]:
+        """The exact bias gradient, if the convolution has one."""
+        return g.sum([0, *range(2, g.dim())]) if self.site.outputs[2] is not None else None
 
     def sampled_flops(self, output: int) -> int:
         exact = conv_flops(self.site, output)

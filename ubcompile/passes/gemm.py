@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .._torch_private import size_hint
 from ..config import SamplingConfig
-from ..estimator_ops import CONTRACTED, gemm_importance, sampled_size, sketched_gemm
+from ..estimator_ops import CONTRACTED, sampled_gemm, sampled_size, sketched_gemm
 from ..sketches import keep_count
 from ..sketches.axis import axis_sketch
 from ..sketches.matmul import sketched_matmul
@@ -159,18 +159,27 @@ class GemmRewrite:
     def size(self, x: Tensor, y: Tensor) -> int:
         return sampled_size(x, y, self.op_dim)
 
-    def importance(self, x: Tensor, y: Tensor) -> Tensor:
-        """Norm of the part of ``x @ y`` that each index carries."""
-        return gemm_importance(x, y, self.op_dim)
-
     def anchor(self, x: Tensor, y: Tensor) -> Tensor:
         return (x, y)[self.site.cotangent_arg]
+
+    def drawing_estimator(self, site: int) -> Optional[Callable[..., tuple[Tensor, tuple[Tensor, Tensor]]]]:
+        """``(x, y, seed) -> (estimate of x @ y, (idx, scale))``: the draw ``site`` and the product
+        as one op (:func:`~ubcompile.estimator_ops.sampled_gemm`); ``None`` for a projection."""
+        if SKETCH_TABLE[self.sketch].projects:
+            return None
+        op_dim, sketch, p = self.op_dim, self.sketch, self.p
+
+        def estimate(x: Tensor, y: Tensor, seed: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+            out, idx, scale = sampled_gemm(x, y, op_dim, sketch, keep_count(sampled_size(x, y, op_dim), p), seed, site)
+            return out, (idx, scale)
+
+        return estimate
 
     def estimator(self) -> Callable[..., Tensor]:
         """``(x, y, *sketch tensors) -> estimate of x @ y``: ``x S y``, ``S (x y)`` or ``(x y) S``.
 
-        A diagonal sketch is one opaque op (:mod:`ubcompile.estimator_ops`); a projection's three
-        GEMMs are left to Inductor."""
+        For a diagonal sketch (one opaque op, :mod:`ubcompile.estimator_ops`), the product that
+        reuses another's draw; a projection's three GEMMs are left to Inductor."""
         out_dim, op_dim = self.out_dim, self.op_dim
         if not SKETCH_TABLE[self.sketch].projects:
             return lambda x, y, idx, scale: sketched_gemm(x, y, idx, scale, op_dim)

@@ -12,7 +12,7 @@ import functools
 import hashlib
 import pathlib
 import time
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.fx
@@ -27,7 +27,7 @@ from .gemm import GEMMS, GemmRewrite, GemmSite, gemm_dims, gemm_flops, gemm_site
 from .graph import GradientFlow, Role, Unmatched, cotangent_dependent, fused_kernels, module_path
 from .inline import inline_call
 from .seed_input import seed_node
-from .rules import AXIS_NAMES, SKETCH_TABLE, Draws, Sampled
+from .rules import AXIS_NAMES, SKETCH_TABLE, Draws
 
 Rewrite = Union[GemmRewrite, AdaptiveRewrite, ForwardRowsRewrite]
 
@@ -145,36 +145,39 @@ class JointSamplingPass(CustomGraphPass):
             return reason
         return None
 
-    def _draw(self, graph: torch.fx.Graph, rewrite: Sampled, operands: list[torch.fx.Node],
-              site_node: torch.fx.Node, draws: Draws) -> tuple[torch.fx.Node, ...]:
-        """The draw ``rewrite`` needs: inserted once per :class:`~.rules.DrawKey` (at its first user)
-        and shared by the rewrites with that key, such as the layer's gradients."""
-        key = rewrite.draw_key
+    def _estimate(self, graph: torch.fx.Graph, rewrite: Union[GemmRewrite, ConvRewrite],
+                  operands: list[torch.fx.Node], draws: Draws) -> Any:
+        """Insert what computes ``rewrite``'s estimate (before its node) and return its output.
+
+        The first rewrite of a :class:`~.rules.DrawKey` with a diagonal sketch draws inside its
+        product's op and records the drawn indices and weights; the later ones with that key (the
+        layer's other gradient) read them. A projection is drawn by its own op, once per key."""
+        node, key = rewrite.site.node, rewrite.draw_key
+        drawing = None if key in draws else rewrite.drawing_estimator(len(draws))
+        if drawing is not None:
+            estimate, draws[key] = inline_call(graph, drawing, [*operands, draws.seed], meta_from=node)
+            return estimate
         if key in draws:
-            _check_defined_before(draws[key], site_node)
-            return draws[key]
-        draw = SKETCH_TABLE[rewrite.sketch].draw(rewrite, len(draws))
-        draws[key] = inline_call(graph, draw, [*operands, draws.seed], meta_from=site_node)
-        return draws[key]
+            _check_defined_before(draws[key], node)
+        else:
+            draw = SKETCH_TABLE[rewrite.sketch].draw(rewrite, len(draws))
+            draws[key] = inline_call(graph, draw, [*operands, draws.seed], meta_from=node)
+        return inline_call(graph, rewrite.estimator(), [*operands, *draws[key]], meta_from=node)
 
     def _rewrite_gemm(self, graph: torch.fx.Graph, rewrite: Rewrite, draws: Draws) -> None:
         if not isinstance(rewrite, GemmRewrite):  # the families that insert themselves
             rewrite.insert(graph, draws)
             return
         node = rewrite.site.node
-        x, y = node.args
         with graph.inserting_before(node):
-            drawn = self._draw(graph, rewrite, [x, y], node, draws)
-            sampled = inline_call(graph, rewrite.estimator(), [x, y, *drawn], meta_from=node)
+            sampled = self._estimate(graph, rewrite, list(node.args), draws)
         node.replace_all_uses_with(sampled)
         graph.erase_node(node)
 
     def _rewrite_conv(self, graph: torch.fx.Graph, rewrite: ConvRewrite, draws: Draws) -> None:
         node = rewrite.site.node
-        operands = list(node.args[:3])
         with graph.inserting_before(node):
-            drawn = self._draw(graph, rewrite, operands, node, draws)
-            estimates = inline_call(graph, rewrite.estimator(), [*operands, *drawn], meta_from=node)
+            estimates = self._estimate(graph, rewrite, list(node.args[:3]), draws)
         for output, estimate in zip(rewrite.site.outputs, estimates):
             if estimate is not None:
                 output.replace_all_uses_with(estimate)

@@ -4,9 +4,10 @@ A row of :data:`RULES` says that, under that ``grad`` mode, gradients of that ro
 along the configured axis of the layer's cotangent ``G``. :func:`decline` applies the table and
 the policy (``filter``, ``min_dim``, ``p``) and gives the reason when a gradient stays exact.
 Each sketch family is one row of :data:`SKETCH_TABLE`: how it draws from the operands of the node
-being rewritten. What the draw is applied to is the business of each rewrite family
-(:mod:`.gemm`, :mod:`.conv`), which supplies the sampled axis's size, the importances, the
-device anchor and the :class:`DrawKey` its draw is shared by through the :class:`Sampled` protocol.
+being rewritten. A diagonal sketch is drawn inside the op that computes the rewritten product
+(each family's ``drawing_estimator``); a projection is its own op, for which the family supplies
+the sampled axis's size, the device anchor and the :class:`DrawKey` its draw is shared by through
+the :class:`Sampled` protocol.
 """
 
 from __future__ import annotations
@@ -60,9 +61,8 @@ class Draws(dict[Union[torch.fx.Node, DrawKey], tuple[torch.fx.Node, ...]]):
 
 
 Draw = Callable[..., tuple[Tensor, ...]]
-"""``(*operands, seed) -> sketch tensors``: kept indices and their weights (0-d, or one per index)
-for the diagonal sketches, the ``n x k`` projection for the rank-constrained ones; every random
-number comes from the 0-d ``seed`` and the draw's key (:mod:`ubcompile.draw_ops`)."""
+"""``(*operands, seed) -> (omega,)``: the ``n x k`` projection of a rank-constrained sketch; every
+random number comes from the 0-d ``seed`` and the draw's key (:mod:`ubcompile.draw_ops`)."""
 
 
 class Sampled(Protocol):
@@ -76,9 +76,6 @@ class Sampled(Protocol):
     def size(self, *operands: Tensor) -> int:
         """Length ``n`` of the sampled axis."""
 
-    def importance(self, *operands: Tensor) -> Tensor:
-        """Per-index norms of what each index of the axis carries (the minimal-variance weights)."""
-
     def anchor(self, *operands: Tensor) -> Tensor:
         """The cotangent: fixes the draw's device and orders it after the cotangent exists."""
 
@@ -86,26 +83,6 @@ class Sampled(Protocol):
 def sample_size(n: int, p: float, strata: int = 1) -> int:
     """``k``: ``keep_count`` of each of ``strata`` equal blocks of the ``n`` indices, summed."""
     return strata * keep_count(n // strata, p)
-
-
-def _uniform_draw(rewrite: Sampled, key: int) -> Draw:
-    def draw(*operands: Tensor) -> tuple[Tensor, Tensor]:
-        *operands, seed = operands
-        anchor = rewrite.anchor(*operands)
-        n = rewrite.size(*operands)
-        k = sample_size(n, rewrite.p, rewrite.strata)
-        return torch.ops.ubcompile.uniform_indices(anchor, n, k, seed, key, rewrite.strata)
-
-    return draw
-
-
-def _norm_draw(rewrite: Sampled, key: int) -> Draw:
-    def draw(*operands: Tensor) -> tuple[Tensor, Tensor]:
-        *operands, seed = operands
-        k = sample_size(rewrite.size(*operands), rewrite.p, rewrite.strata)
-        return torch.ops.ubcompile.pps_indices(rewrite.importance(*operands), k, seed, key, rewrite.strata)
-
-    return draw
 
 
 def _projection_draw(rewrite: Sampled, key: int) -> Draw:
@@ -120,17 +97,22 @@ def _projection_draw(rewrite: Sampled, key: int) -> Draw:
 
 @dataclasses.dataclass(frozen=True)
 class SketchRule:
-    """How one sketch family draws."""
+    """How one sketch family draws: ``draw`` is ``None`` for a diagonal sketch, whose indices and
+    weights the rewritten product's own op draws (``sampled_gemm``, ``sampled_conv_backward``)."""
 
-    draw: Callable[[Sampled, int], Draw]  # (rewrite, the draw's key in its graph) -> Draw
-    projects: bool = False  # the draw is a dense n x k projection, not indices and weights
+    draw: Optional[Callable[[Sampled, int], Draw]]  # (rewrite, the draw's key in its graph) -> Draw
+
+    @property
+    def projects(self) -> bool:
+        """The draw is a dense ``n x k`` projection, not indices and weights."""
+        return self.draw is not None
 
 
 SKETCH_TABLE: dict[str, SketchRule] = {
-    "uniform": SketchRule(_uniform_draw),
-    "norm": SketchRule(_norm_draw),
-    "lowrank": SketchRule(_projection_draw, projects=True),
-    "gaussian": SketchRule(_projection_draw, projects=True),
+    "uniform": SketchRule(None),
+    "norm": SketchRule(None),
+    "lowrank": SketchRule(_projection_draw),
+    "gaussian": SketchRule(_projection_draw),
 }
 
 

@@ -32,6 +32,21 @@ def scatter_rows(rows: Tensor, idx: Tensor, n: int, dim: int) -> Tensor:
     return full
 
 
+def gather(t: Tensor, idx: Tensor, dim: int) -> Tensor:
+    """``t``'s entries ``idx`` along ``dim``, read in ``t``'s memory order.
+
+    Where ``dim`` is outermost in memory (a transposed operand: the cotangent ``G^T`` of a weight
+    gradient) the kept entries are whole rows of the storage, gathered as rows and viewed back: on
+    CPU that took 51 us against 268 us for indexing the view (2176 x 192, 544 kept). Elsewhere it
+    indexes in place, keeping the result in ``t``'s dim order: a CPU convolution backward on it
+    measured 76 ms against 83 ms on a movedim layout.
+    """
+    dim %= t.dim()
+    if dim and t.stride(dim) == max(t.stride()) and t.stride(dim) > 1:
+        return t.transpose(0, dim)[idx].transpose(0, dim)
+    return t[(slice(None),) * dim + (idx,)]
+
+
 @dataclasses.dataclass(frozen=True)
 class Diagonal:
     """``S = sum_i scale_i e_{idx_i} e_{idx_i}^T``; ``scale`` is a number, 0-d, or one weight per kept index."""
@@ -40,9 +55,7 @@ class Diagonal:
     scale: Union[float, Tensor]
 
     def restrict(self, t: Tensor, dim: int) -> Tensor:
-        # Indexing in place (not through movedim) keeps the result in t's dim order: a CPU
-        # convolution backward on it measured 76 ms against 83 ms on the movedim layout.
-        return t[(slice(None),) * (dim % t.dim()) + (self.idx,)]
+        return gather(t, self.idx, dim)
 
     def weighted(self, t: Tensor, dim: int) -> Tensor:
         """The kept entries times their weights, multiplied in the weights' precision (at least
@@ -52,7 +65,9 @@ class Diagonal:
         if not isinstance(scale, Tensor):
             return kept * scale
         if scale.dim() == 1:
-            scale = scale.reshape(-1, *([1] * (t.dim() - 1 - dim % t.dim())))
+            scale = scale.view(-1, *([1] * (t.dim() - 1 - dim % t.dim())))
+        if scale.dtype == t.dtype:  # no casts to dispatch: each is an op, a launch on a GPU
+            return kept * scale
         return (kept.to(torch.promote_types(t.dtype, scale.dtype)) * scale).to(t.dtype)
 
     def extend(self, t: Tensor, dim: int, n: int) -> Tensor:

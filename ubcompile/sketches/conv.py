@@ -85,6 +85,12 @@ SKETCHED_VJPS = {CHANNELS: channel_sketched_vjp, BATCH: batch_sketched_vjp}
 """The sketched VJP for each axis of ``G``."""
 
 
+def co_operand(x: Tensor, w: Tensor, axis: int, geometry: ConvGeometry) -> tuple[Tensor, int]:
+    """The operand a gradient contracts with ``G`` over ``axis``, and its dim along that axis:
+    ``w``'s output channels for the channel axis, ``x``'s samples for the batch."""
+    return (w, geometry.out_channel_dim) if axis == CHANNELS else (x, BATCH)
+
+
 def conv_importance(g: Tensor, co_operand: Tensor, axis: int, co_dim: int, contracted: bool) -> Tensor:
     """Per-index weights for the norm sketch on ``axis`` of ``G``.
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
+import torch
 from torch import Tensor
 
 from .axis import AxisSketch, Diagonal
@@ -18,17 +19,22 @@ from .axis import AxisSketch, Diagonal
 Scale = Union[float, Tensor]
 
 
+def matmul(x: Tensor, y: Tensor) -> Tensor:
+    """``x @ y``; ``mm`` itself for matrices (``matmul`` is one more op to dispatch)."""
+    return torch.mm(x, y) if x.dim() == y.dim() == 2 else torch.matmul(x, y)
+
+
 def sketched_contraction(x: Tensor, y: Tensor, sketch: AxisSketch) -> Tensor:
     """``x @ S @ y`` through the sketch's ``k``-dimensional space: ``weighted(x) @ restrict(y)``."""
-    return sketch.weighted(x, -1) @ sketch.restrict(y, -2)
+    return matmul(sketch.weighted(x, -1), sketch.restrict(y, -2))
 
 
 def sketched_output(x: Tensor, y: Tensor, sketch: AxisSketch, dim: int) -> Tensor:
     """``S @ (x @ y)`` (``dim = 0``) or ``(x @ y) @ S`` (``dim = 1``): ``k`` output rows (columns)
     computed, then moved back to ``n``. ``dim`` counts the two matrix dims."""
     if dim == 1:
-        return sketch.extend(x @ sketch.weighted(y, -1), -1, y.shape[-1])
-    return sketch.extend(sketch.weighted(x, -2) @ y, -2, x.shape[-2])
+        return sketch.extend(matmul(x, sketch.weighted(y, -1)), -1, y.shape[-1])
+    return sketch.extend(matmul(sketch.weighted(x, -2), y), -2, x.shape[-2])
 
 
 def sketched_matmul(x: Tensor, y: Tensor, sketch: AxisSketch, out_dim: Optional[int]) -> Tensor:

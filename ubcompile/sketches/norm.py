@@ -37,8 +37,9 @@ _FLOOR = 1e-6  # relative floor on positive importances: every nonzero term keep
 
 
 def probability_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the probabilities and weights drawn from importances of ``dtype``: at least float32."""
-    return torch.promote_types(dtype, torch.float32)
+    """The dtype of the probabilities and weights drawn from importances of ``dtype``: float64 for
+    float64, float32 otherwise (at least float32; ``torch.promote_types`` would dispatch an ATen op)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def water_fill(importance: Tensor, k: int) -> Tensor:
@@ -47,26 +48,29 @@ def water_fill(importance: Tensor, k: int) -> Tensor:
     ``importance`` is a non-negative vector ``a`` of length ``n >= k``, zero only where the term is
     zero. An entry ``a_j = 0`` gets ``pi_j = 0``; positive entries are floored at ``1e-6`` of the
     mean, so that every nonzero term can be drawn. With fewer than ``k`` positive entries each gets
-    ``pi_j = 1`` (:func:`draw_mass` fills the sample up). Exact,
-    vectorised, on the device: with ``a`` sorted in decreasing order, the ``m`` largest are capped
-    where ``m`` is the first count for which ``(k - m) a_(m) <= sum_{j >= m} a_(j)``. Computed in
-    float64, returned in :func:`probability_dtype`.
+    ``pi_j = 1`` (:func:`draw_mass` fills the sample up). Exact, vectorised, on the device, without
+    a host sync: with ``a_(0) >= a_(1) >= ...`` in decreasing order, the ``m`` largest are capped
+    where ``m`` is the first count for which ``(k - m) a_(m) <= sum_{j >= m} a_(j)``. That count is
+    at most ``k`` (``m = k`` always fits), so only the ``k`` largest are ordered (``topk``: 15 us
+    against 60 us for sorting all 2176 on CPU). ``c = (k - m) / (sum of the uncapped)`` sums the
+    uncapped directly, not as a difference of sums. Computed in float64, returned in
+    :func:`probability_dtype`.
     """
-    n = importance.shape[0]
     a = importance.double()
     a = torch.where(a > 0, a.clamp_min(_FLOOR * a.mean()), 0.0)
-    sorted_a, order = a.sort(descending=True)
-    tail = sorted_a.flip(0).cumsum(0).flip(0)  # tail[m] = sum of sorted_a[m:]
-    m = torch.arange(n, device=a.device)
-    # With the m largest capped, the rest stay <= 1. m = k always fits, so argmax finds the first
-    # fit; it is computed on the device, without a host sync. With nnz < k positive entries the
-    # first fit is m = nnz, where tail[m] = 0 and c = inf: only the zeros are left uncapped.
-    fits = (k - m) * sorted_a <= tail
-    capped = fits.int().argmax()
-    c = (k - capped) / tail.gather(0, capped.reshape(1))  # gather, not tail[capped]: no host sync
-    uncapped = torch.where(sorted_a > 0, c * sorted_a, 0.0)
-    pi_sorted = torch.where(m < capped, 1.0, uncapped).clamp_max(1.0)
-    pi = torch.empty_like(pi_sorted).scatter_(0, order, pi_sorted)
+    top = a.topk(k).values
+    m = torch.arange(k, device=a.device)
+    # tail[m] = sum of all but the m largest; a difference of sums, so only the test reads it, with
+    # a relative slack far below the float32 the probabilities are returned in.
+    tail = (a.sum() - (top.cumsum(0) - top)).clamp_min(0.0)
+    fits = (k - m) * top <= tail * (1 + 1e-12)
+    first = torch.where(fits.any(), fits.int().argmax(), k)  # argmax: the first fit, on the device
+    smallest_capped = top.gather(0, (first - 1).clamp_min(0).reshape(1))  # gather: no host sync
+    capped = (a >= torch.where(first > 0, smallest_capped, torch.inf)) & (a > 0)
+    uncapped_sum = torch.where(capped, 0.0, a).sum()
+    # With fewer than k positive entries all are capped, uncapped_sum is 0 and c = inf: the zeros stay 0.
+    c = (k - capped.sum()) / uncapped_sum
+    pi = torch.where(capped, 1.0, torch.where(a > 0, (c * a).clamp_max(1.0), 0.0))
     return pi.to(probability_dtype(importance.dtype))
 
 
