@@ -8,9 +8,9 @@ gradient under ``grad="both"``, or a projection's) calls ``sketched_gemm`` or
 Inductor calls them like it calls ``mm`` (an extern kernel on the tensors as they are, views
 included): traced as ATen nodes, their gathers, scales and scatters fused into different C++
 kernels in every layer, which on CPU made the first step's compile 1.3-1.8x exact's
-(benchmarks/RESULTS.md, "Compile time"). Each runs the pure functions of :mod:`ubcompile.sketches`
-eagerly: a few norms, gathers, a scale and a GEMM, which ATen runs as fast as a compiled body
-(faster, for the gathers of a transposed operand) and without its Dynamo wrappers (25-60 us a call).
+(benchmarks/RESULTS.md, "Compile time"). Each runs the pure functions of :mod:`ubcompile.sketches`:
+``sampled_gemm``'s body compiled whole, once for all sizes (:func:`ubcompile.kernels.kernel`), the
+others eagerly (their gathers and GEMMs, or ATen's convolution backward, gain nothing from Inductor).
 """
 
 from __future__ import annotations
@@ -37,8 +37,7 @@ def sampled_size(x: Tensor, y: Tensor, out_dim: int) -> int:
 def gemm_importances(x: Tensor, y: Tensor, out_dim: int) -> Tensor:
     """Norm of the part of ``x @ y`` each index of the sampled axis carries: the term norms
     ``||x[:, j]|| ||y[j, :]||`` of a contracted axis, the output row (column) norms of ``x`` (``y``)
-    along output dim ``out_dim``. One or two norm reductions, run eagerly (ATen's take 80 us on a
-    2176 x 192 and a 2176 x 64 operand on CPU, a compiled body 145 us)."""
+    along output dim ``out_dim``. One read of each operand whose norms it needs."""
     if out_dim == CONTRACTED:
         return contraction_importance(x, y)
     return output_importance(x, -2) if out_dim == 0 else output_importance(y, -1)
@@ -119,8 +118,14 @@ def sketched_conv_backward(g: Tensor, x: Tensor, w: Tensor, idx: Tensor, scale: 
     """``(grad_input, grad_weight)`` of a convolution with the diagonal sketch ``(idx, scale)`` on
     ``axis`` of ``G`` (its output channels or its batch, :data:`~ubcompile.sketches.conv.SKETCHED_VJPS`);
     an output ``mask`` leaves out is an empty tensor."""
-    geometry = ConvGeometry(tuple(stride), tuple(padding), tuple(dilation), transposed, tuple(output_padding), groups)
+    geometry = _geometry(stride, padding, dilation, transposed, output_padding, groups)
     return sketched_conv_grads(g, x, w, idx, scale, geometry, axis, (mask[0], mask[1]))
+
+
+def _geometry(stride: list[int], padding: list[int], dilation: list[int], transposed: bool,
+              output_padding: list[int], groups: int) -> ConvGeometry:
+    """The :class:`ConvGeometry` of a convolution op's schema arguments (lists, not tuples)."""
+    return ConvGeometry(tuple(stride), tuple(padding), tuple(dilation), transposed, tuple(output_padding), groups)
 
 
 def sketched_conv_grads(g: Tensor, x: Tensor, w: Tensor, idx: Tensor, scale: Tensor, geometry: ConvGeometry,
@@ -151,7 +156,7 @@ def sampled_conv_backward(g: Tensor, x: Tensor, w: Tensor, stride: list[int], pa
     probabilities. Returns :func:`sketched_conv_backward`'s gradients (unbiased; the
     Horvitz-Thompson variance of :mod:`ubcompile.sketches.conv`), the kept indices and their weights.
     """
-    geometry = ConvGeometry(tuple(stride), tuple(padding), tuple(dilation), transposed, tuple(output_padding), groups)
+    geometry = _geometry(stride, padding, dilation, transposed, output_padding, groups)
     if sketch == "norm":
         other, other_dim = co_operand(x, w, axis, geometry)
         importance = conv_importance(g, other, axis, other_dim, contracted)
