@@ -5,7 +5,7 @@ images: ``ubcompile.profile`` measures, per linear layer, the sketch's variance 
 gradient over ``--draws`` draws and the SGD variance of the exact gradient at batch 256. The table
 sums both over the layers and gives the backward GEMM FLOPs ratio of the same backend.
 
-    python benchmarks/variance_table.py [--p 0.5 0.25 0.1] [--draws 32] [--json out.json]
+    python benchmarks/variance_table.py [--p 0.5 0.25 0.1] [--draws 32] [--sketches ...] [--grads ...] [--json out.json]
 """
 
 from __future__ import annotations
@@ -32,14 +32,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--p", type=float, nargs="+", default=[0.5, 0.25, 0.1])
     parser.add_argument("--draws", type=int, default=32)
+    parser.add_argument("--sketches", nargs="+", default=list(ubcompile.SKETCHES), choices=ubcompile.SKETCHES)
+    parser.add_argument("--grads", nargs="+", default=sorted({grad for grad, _ in MODES}), choices=ubcompile.GRAD_MODES)
     parser.add_argument("--json")
     args = parser.parse_args()
     x_train, y_train, _, _ = load_fashion_mnist()
     perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))[:256]
     x, y = normalize(x_train[perm]), y_train[perm]
     rows = []
-    for sketch in ubcompile.SKETCHES:
-        for grad, axis in MODES:
+    for sketch in args.sketches:
+        for grad, axis in [(grad, axis) for grad, axis in MODES if grad in args.grads]:
             if sketch == "activation" and (grad, axis) != ("weight", "rows"):
                 continue  # it draws weight-gradient rows in the forward only
             for p in args.p:

@@ -14,6 +14,7 @@ import ubcompile
 from ubcompile.config import SamplingConfig
 from ubcompile.estimator_ops import sampled_size
 from ubcompile.passes import JointSamplingPass
+from ubcompile.passes import joint_pass as joint_pass_module
 from ubcompile.passes.conv import ConvRewrite, conv_sites, plan_conv
 from ubcompile.passes.gemm import GemmRewrite, gemm_sites, plan_gemm
 from ubcompile.passes.graph import GradientFlow, cotangent_dependent
@@ -167,3 +168,56 @@ def test_sites_are_rewritten_in_graph_order():
     (report,) = reports
     assert [e.role.split()[0] for e in report.entries] == ["conv", "conv", "bmm", "bmm"]
     assert all(e.sampled for e in report.entries)
+
+
+def linear_joint(x: torch.Tensor, w: torch.Tensor, seed: torch.Tensor, tangents_1: torch.Tensor) -> tuple:
+    """The backward of ``x @ w^T`` given its cotangent: ``G^T``, which the weight gradient reads,
+    is computed after the input gradient's product."""
+    return torch.mm(tangents_1, w), torch.mm(tangents_1.t(), x)
+
+
+def linear_plans(sketch: str) -> tuple[torch.fx.Graph, list]:
+    example = (torch.randn(32, 16), torch.randn(24, 16), torch.zeros((), dtype=torch.int64), torch.randn(32, 24))
+    graph = make_fx(linear_joint, tracing_mode="fake")(*example).graph
+    config = SamplingConfig(p=P, grad="both", sketch=sketch, min_dim=1)
+    gemms, _ = gemm_sites(graph, cotangent_dependent(graph), GradientFlow(graph))
+    return graph, [plan_gemm(site, config) for site in gemms]
+
+
+def drawing_ops(graph: torch.fx.Graph) -> list[torch.fx.Node]:
+    return [node for node in graph.nodes if node.target is SAMPLED_GEMM]
+
+
+def test_a_norm_draw_shared_by_a_layers_two_gradients_reads_both_products():
+    """The weight gradient's ``G^T`` is moved before the input gradient's op, which draws from both
+    products' operands (the probabilities of ``ubcompile.estimator_ops.gemm_importances``)."""
+    graph, (grad_input, grad_weight) = linear_plans("norm")
+    operands = list(grad_weight.site.node.args)  # (G^T, x); the pass erases the node
+    assert not operands[0] < grad_input.site.node
+    JointSamplingPass(SamplingConfig(p=P, grad="both", sketch="norm", min_dim=1), 0, lambda report: None,
+                      seed_input=2)(graph)
+    (draw,) = drawing_ops(graph)
+    shared, shared_dims = draw.args[7:9]
+    assert shared == operands and operands[0] < draw
+    assert shared_dims == [grad_weight.op_dim]
+
+
+def test_a_uniform_draw_reads_no_other_product():
+    graph, _ = linear_plans("uniform")
+    JointSamplingPass(SamplingConfig(p=P, grad="both", sketch="uniform", min_dim=1), 0, lambda report: None,
+                      seed_input=2)(graph)
+    (draw,) = drawing_ops(graph)
+    assert draw.args[7:9] == ([], [])
+
+
+def test_a_product_whose_operands_cannot_precede_the_shared_draw_stays_exact(monkeypatch):
+    monkeypatch.setattr(joint_pass_module, "hoist", lambda node, before: False)
+    graph, _ = linear_plans("norm")
+    reports = []
+    JointSamplingPass(SamplingConfig(p=P, grad="both", sketch="norm", min_dim=1), 0, reports.append,
+                      seed_input=2)(graph)
+    (report,) = reports
+    assert [e.sampled for e in report.entries] == [True, False]
+    assert "kept exact" in report.entries[1].reason
+    (draw,) = drawing_ops(graph)
+    assert draw.args[7:9] == ([], [])  # it draws for itself alone

@@ -5,7 +5,7 @@ import torch
 
 from ubcompile.sketches import sampled_contraction, sampled_output, uniform_subset
 from ubcompile.sketches.axis import Diagonal, Projection
-from ubcompile.sketches.conv import ConvGeometry, batch_sketched_vjp, channel_sketched_vjp, conv_vjp
+from ubcompile.sketches.conv import ConvGeometry, batch_sketched_vjp, channel_sketched_vjp, conv_importance, conv_vjp
 from ubcompile.sketches.lowrank import orthonormal_sketch
 from ubcompile.sketches.norm import contraction_importance
 from ubcompile.testing import assert_unbiased_samples
@@ -105,3 +105,22 @@ def test_stratified_draw_keeps_each_group_and_is_unbiased():
     draws = [draw() for _ in range(400)]
     for i in (0, 1):
         assert_unbiased_samples(torch.stack([d[i] for d in draws]), exact[i])
+
+
+@pytest.mark.parametrize("axis, vjp", [(1, channel_sketched_vjp), (0, batch_sketched_vjp)])
+def test_a_shared_conv_importance_bounds_both_gradients_parts(axis, vjp):
+    """For a 1x1 convolution (a GEMM) the importance of index ``j`` bounds the norm of index ``j``'s
+    part of both gradients together; with that index's co-operand zeroed (a zero filter, a zero
+    sample) one gradient's part vanishes and the importance stays positive, as the other's."""
+    geometry = ConvGeometry((1, 1), (0, 0), (1, 1), False, (0, 0), 1)
+    gen = torch.Generator().manual_seed(0)
+    x, w, g = torch.randn(4, 6, 5, 5, generator=gen), torch.randn(8, 6, 1, 1, generator=gen), torch.randn(4, 8, 5, 5, generator=gen)
+    (w if axis == 1 else x)[0] = 0
+    importance = conv_importance(g, x, w, axis, geometry, (True, True))
+    for j in range(g.shape[axis]):
+        parts = vjp(g, x, w, Diagonal(torch.tensor([j]), torch.tensor(1.0)), geometry, (True, True))
+        norm = torch.linalg.vector_norm(torch.cat([part.flatten() for part in parts]))
+        assert importance[j] >= norm * (1 - 1e-5), j
+    assert (importance > 0).all()
+    alone = conv_importance(g, x, w, axis, geometry, (axis == 1, axis == 0))  # the contracting gradient alone
+    assert alone[0] == 0  # its term of index 0 is zero: never drawn for it alone, and it needs none

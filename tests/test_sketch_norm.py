@@ -5,9 +5,10 @@ import pytest
 import torch
 from scipy.optimize import minimize
 
+from ubcompile.estimator_ops import CONTRACTED, gemm_importances
 from ubcompile.sketches import sampled_contraction, uniform_subset
-from ubcompile.sketches.norm import (bernoulli_sample, contraction_importance, poisson_variance, pps_sample,
-                                     water_fill)
+from ubcompile.sketches.norm import (bernoulli_sample, contraction_importance, output_term_norms, poisson_variance,
+                                     pps_sample, water_fill)
 from ubcompile.testing import assert_unbiased_samples, critical_z
 
 DRAWS = 2000
@@ -146,3 +147,30 @@ def test_water_fill_of_the_k_largest_is_the_full_sorts(case, k):
     a = {"skewed": a, "ties": (a * 4).round(), "zeros": torch.where(a < 0.05, 0.0, a), "all zero": a * 0,
          "few positive": torch.where(a > a.quantile(0.9), a, 0.0), "one huge": a.index_fill(0, torch.tensor([3]), 1e9)}[case]
     torch.testing.assert_close(water_fill(a, k), _water_fill_by_sorting(a, k), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("batch", [(), (3,)])
+@pytest.mark.parametrize("out_dim", [0, 1])
+def test_output_term_norms_bound_the_output_slices(batch, out_dim):
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(*batch, 12, 7, generator=gen), torch.randn(*batch, 7, 9, generator=gen)
+    slices = torch.linalg.vector_norm(x @ y, dim=-1 - out_dim)  # (..., n): the norm of each output row (column)
+    exact = slices.reshape(-1, slices.shape[-1]).square().sum(0).sqrt()
+    bound = output_term_norms(x, y, out_dim)
+    assert (bound >= exact * (1 - 1e-6)).all()
+    unscaled = output_term_norms(x, y, out_dim, scaled=False)
+    if not batch:  # the factor left out is common to every index
+        assert torch.allclose(bound / unscaled, (bound / unscaled)[0].expand_as(bound))
+
+
+def test_a_shared_draw_weighs_the_parts_of_every_product():
+    """``G W`` contracts index ``j``, ``G^T A`` keeps it as output row ``j``: the shared importance
+    is the root of the sum of their squared parts, positive where either is (``W[0] = 0``)."""
+    gen = torch.Generator().manual_seed(0)
+    g, w, a = torch.randn(16, 8, generator=gen), torch.randn(8, 5, generator=gen), torch.randn(16, 6, generator=gen)
+    w[0] = 0
+    alone = gemm_importances(g, w, CONTRACTED)
+    assert alone[0] == 0 and (alone[1:] > 0).all()
+    shared = gemm_importances(g, w, CONTRACTED, [g.t(), a], [0])
+    expected = (alone.square() + output_term_norms(g.t(), a, 0).square()).sqrt()
+    assert torch.allclose(shared, expected) and (shared > 0).all()

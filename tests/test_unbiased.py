@@ -56,19 +56,29 @@ def test_every_sketch_on_the_other_axis_is_unbiased(grad, axis, sketch):
     assert {e.axis for e in backend.report().sampled} == {axis}
 
 
-@pytest.mark.xfail(strict=True, reason="open bug (issue 20, RESULTS 'A bias: HF BERT'): a draw shared by a layer's "
-                   "two gradients takes its probabilities from the first product alone")
-@pytest.mark.parametrize("compiler", ["eager", "inductor"])
-def test_a_zero_weight_row_does_not_hide_its_gradient_from_a_shared_draw(compiler):
-    """BERT's padding embedding, tied to its output layer: row 0 of ``W`` is zero, so the input
-    gradient's term ``G[:, 0] W[0]`` is zero, while the weight gradient's row ``G[:, 0]^T A`` is not.
-    The two share one draw under grad="both"; it must still draw index 0 with a probability that
-    the weight gradient's row earns (a floor of 1e-6 is unbiased in theory and never drawn in 200)."""
+def zero_row_model(family: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    """Two layers, the second with its output row (filter) 0 zero: that index's input-gradient
+    term ``G[:, 0] W[0]`` is zero, its weight-gradient row ``G[:, 0]^T A`` is not."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64))
+    if family == "linear":
+        layers, x = (torch.nn.Linear(32, 64), torch.nn.Linear(64, 64)), torch.randn(48, 32)
+    else:
+        layers, x = (torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 16, 3, padding=1)), torch.randn(8, 3, 6, 6)
+    model = torch.nn.Sequential(layers[0], torch.nn.Tanh(), layers[1])
     with torch.no_grad():
         model[2].weight[0] = 0
-    x = torch.randn(48, 32)
-    backend = ubcompile.backend(p=0.25, grad="both", sketch="norm", min_dim=16, seed=0, compiler=compiler)
+    return model, x
+
+
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+@pytest.mark.parametrize("family", ["linear", "conv"])
+def test_a_zero_weight_row_does_not_hide_its_gradient_from_a_shared_draw(family, compiler):
+    """BERT's padding embedding, tied to its output layer: row 0 of ``W`` is zero. The layer's two
+    gradients share one draw under grad="both"; it must still draw index 0 with a probability that
+    the weight gradient's row earns (drawn from the input gradient's norms alone it was never drawn,
+    and a floor of 1e-6 on them is unbiased in theory and never drawn in 200)."""
+    model, x = zero_row_model(family)
+    backend = ubcompile.backend(p=0.25, grad="both", sketch="norm", min_dim=8, seed=0, compiler=compiler)
     assert_unbiased(model, loss_of, x, draws=DRAWS, backend=backend)
-    assert {(e.module, e.role) for e in backend.report().sampled} >= {("2", "grad_input"), ("2", "grad_weight")}
+    roles = ("grad_input", "grad_weight") if family == "linear" else ("conv grad_input", "conv grad_weight")
+    assert {(e.module, e.role) for e in backend.report().sampled} >= {("2", role) for role in roles}

@@ -15,15 +15,17 @@ others eagerly (their gathers and GEMMs, or ATen's convolution backward, gain no
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import Tensor
 
 from . import draw_kernels
 from .kernels import kernel
 from .sketches.axis import Diagonal
-from .sketches.conv import SKETCHED_VJPS, ConvGeometry, co_operand, conv_importance
+from .sketches.conv import SKETCHED_VJPS, ConvGeometry, conv_importance
 from .sketches.matmul import sketched_matmul
-from .sketches.norm import contraction_importance, output_importance, probability_dtype
+from .sketches.norm import contraction_importance, output_term_norms, probability_dtype
 
 CONTRACTED = -1
 """``out_dim`` of a sketch on the axis the product sums over (``x S y``)."""
@@ -34,13 +36,33 @@ def sampled_size(x: Tensor, y: Tensor, out_dim: int) -> int:
     return {CONTRACTED: x.shape[-1], 0: x.shape[-2], 1: y.shape[-1]}[out_dim]
 
 
-def gemm_importances(x: Tensor, y: Tensor, out_dim: int) -> Tensor:
+def gemm_importances(x: Tensor, y: Tensor, out_dim: int, shared: Sequence[Tensor] = (),
+                     shared_dims: Sequence[int] = ()) -> Tensor:
     """Norm of the part of ``x @ y`` each index of the sampled axis carries: the term norms
     ``||x[:, j]|| ||y[j, :]||`` of a contracted axis, the output row (column) norms of ``x`` (``y``)
-    along output dim ``out_dim``. One read of each operand whose norms it needs."""
+    along output dim ``out_dim``. One read of each operand whose norms it needs.
+
+    A draw ``shared`` with other products of the same cotangent (``grad="both"``: their operands
+    as pairs ``x_2, y_2, ...`` and their ``out_dim``s) is one sketch for all of them: the sum of
+    their variances, ``sum_j (1 / pi_j - 1) sum_p ||t_pj||^2``, is minimal at ``pi_j`` proportional
+    to ``sqrt(sum_p ||t_pj||^2)`` (capped), which is positive wherever any product's part is
+    nonzero. Drawn from one product's norms alone, a part that is zero there but not in the other
+    (the input gradient of a zero weight row) is never drawn, and the other product is biased.
+    Output parts enter through their Cauchy-Schwarz bound ``||x[j, :]|| ||y||_F``
+    (:func:`~.sketches.norm.output_term_norms`).
+    """
+    if not shared:
+        return _importance(x, y, out_dim, scaled=False)
+    parts = [_importance(a, b, d, scaled=True) for a, b, d in zip((x, *shared[::2]), (y, *shared[1::2]),
+                                                                   (out_dim, *shared_dims))]
+    return torch.stack(parts).square().sum(0).sqrt()
+
+
+def _importance(x: Tensor, y: Tensor, out_dim: int, scaled: bool) -> Tensor:
+    """:func:`gemm_importances` of one product; ``scaled``: output parts with their common factor."""
     if out_dim == CONTRACTED:
         return contraction_importance(x, y)
-    return output_importance(x, -2) if out_dim == 0 else output_importance(y, -1)
+    return output_term_norms(x, y, out_dim, scaled)
 
 
 def sketched_product(x: Tensor, y: Tensor, idx: Tensor, scale: Tensor, out_dim: int) -> Tensor:
@@ -69,44 +91,47 @@ def _(x: Tensor, y: Tensor, idx: Tensor, scale: Tensor, out_dim: int) -> Tensor:
     return _product_like(x, y)
 
 
-def gemm_draw(x: Tensor, y: Tensor, out_dim: int, sketch: str, k: int, seed: Tensor, key: int) -> tuple[Tensor, Tensor]:
+def gemm_draw(x: Tensor, y: Tensor, out_dim: int, sketch: str, k: int, seed: Tensor, key: int,
+              shared: Sequence[Tensor] = (), shared_dims: Sequence[int] = ()) -> tuple[Tensor, Tensor]:
     """``k`` indices of the axis of ``x @ y`` that ``out_dim`` names and their weights, drawn from
     ``seed`` and the stream ``key``: ``"uniform"``, equal probabilities ``k / n`` (weight ``n / k``,
     0-d); ``"norm"``, the minimal-variance probabilities of :func:`gemm_importances` (weights
-    ``1 / pi``, one per index). Weights in :func:`~.sketches.norm.probability_dtype`: ``100 / 7`` in
+    ``1 / pi``, one per index) for this product and the ones it is ``shared`` with. Weights in :func:`~.sketches.norm.probability_dtype`: ``100 / 7`` in
     bf16 would be 0.2% too large."""
     if sketch == "norm":
-        return draw_kernels.pps(gemm_importances(x, y, out_dim), k, seed, key)
+        return draw_kernels.pps(gemm_importances(x, y, out_dim, shared, shared_dims), k, seed, key)
     n = sampled_size(x, y, out_dim)
     return draw_kernels.uniform(n, k, seed, key), draw_kernels.uniform_weight(x, n, k)
 
 
 @kernel
-def drawn_product(x: Tensor, y: Tensor, out_dim: int, sketch: str, k: int, seed: Tensor,
-                  key: int) -> tuple[Tensor, Tensor, Tensor]:
+def drawn_product(x: Tensor, y: Tensor, out_dim: int, sketch: str, k: int, seed: Tensor, key: int,
+                  shared: list[Tensor], shared_dims: list[int]) -> tuple[Tensor, Tensor, Tensor]:
     """The body of :func:`sampled_gemm`, compiled whole (one call, 22 ATen ops on CPU where the
     draw compiled alone and the rest eager took 40, and 10-15% less time)."""
-    idx, scale = gemm_draw(x, y, out_dim, sketch, k, seed, key)
+    idx, scale = gemm_draw(x, y, out_dim, sketch, k, seed, key, shared, shared_dims)
     return sketched_product(x, y, idx, scale, out_dim), idx, scale
 
 
 @torch.library.custom_op("ubcompile::sampled_gemm", mutates_args=())
-def sampled_gemm(x: Tensor, y: Tensor, out_dim: int, sketch: str, k: int, seed: Tensor,
-                 site: int) -> tuple[Tensor, Tensor, Tensor]:
+def sampled_gemm(x: Tensor, y: Tensor, out_dim: int, sketch: str, k: int, seed: Tensor, site: int,
+                 shared: list[Tensor], shared_dims: list[int]) -> tuple[Tensor, Tensor, Tensor]:
     """``x @ y`` estimated from ``k`` indices of one axis drawn by ``sketch`` (:func:`gemm_draw`):
     the sampled GEMM as one graph op, its randomness the graph's ``seed`` input and its ``site``.
 
     Returns the estimate (:func:`sketched_product`, unbiased: each index is kept with probability
     ``pi_j`` and weighted by ``1 / pi_j``; variance about ``sum_j (1 / pi_j - 1) ||t_j||^2`` for the
     ``n`` parts ``t_j`` of ``x @ y`` along the axis), the kept indices and their weights, which the
-    products sharing the draw (the layer's other gradient under ``grad="both"``) read.
+    products sharing the draw (the layer's other gradient under ``grad="both"``) read; their
+    operands are ``shared`` (pairs) and their ``out_dim``s ``shared_dims``, so that a norm draw
+    serves them all (:func:`gemm_importances`).
     """
-    return drawn_product(x, y, out_dim, sketch, k, seed, draw_kernels.stream_of(site, 0))
+    return drawn_product(x, y, out_dim, sketch, k, seed, draw_kernels.stream_of(site, 0), shared, shared_dims)
 
 
 @sampled_gemm.register_fake
-def _(x: Tensor, y: Tensor, out_dim: int, sketch: str, k: int, seed: Tensor,
-      site: int) -> tuple[Tensor, Tensor, Tensor]:
+def _(x: Tensor, y: Tensor, out_dim: int, sketch: str, k: int, seed: Tensor, site: int,
+      shared: list[Tensor], shared_dims: list[int]) -> tuple[Tensor, Tensor, Tensor]:
     scale = x.new_empty((k,) if sketch == "norm" else (), dtype=probability_dtype(x.dtype))
     return _product_like(x, y), x.new_empty((k,), dtype=torch.long), scale
 
@@ -145,21 +170,20 @@ def _(g: Tensor, x: Tensor, w: Tensor, idx: Tensor, scale: Tensor, stride: list[
 @torch.library.custom_op("ubcompile::sampled_conv_backward", mutates_args=())
 def sampled_conv_backward(g: Tensor, x: Tensor, w: Tensor, stride: list[int], padding: list[int], dilation: list[int],
                           transposed: bool, output_padding: list[int], groups: int, axis: int, mask: list[bool],
-                          sketch: str, k: int, strata: int, contracted: bool, seed: Tensor,
+                          sketch: str, k: int, strata: int, seed: Tensor,
                           site: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """A convolution's sampled ``(grad_input, grad_weight)`` with the draw it makes: ``k`` indices
     of ``axis`` of ``G`` (its output channels or its batch) drawn by ``sketch`` from ``seed`` and
     ``site`` (``k / strata`` in each of ``strata`` groups), as one graph op.
 
-    ``"norm"`` draws from :func:`~ubcompile.sketches.conv.conv_importance` (with the co-operand's
-    norms where the sampled gradient ``contracted`` the axis), ``"uniform"`` with equal
+    ``"norm"`` draws from :func:`~ubcompile.sketches.conv.conv_importance` (for the gradients
+    ``mask`` asks for, one draw for both), ``"uniform"`` with equal
     probabilities. Returns :func:`sketched_conv_backward`'s gradients (unbiased; the
     Horvitz-Thompson variance of :mod:`ubcompile.sketches.conv`), the kept indices and their weights.
     """
     geometry = _geometry(stride, padding, dilation, transposed, output_padding, groups)
     if sketch == "norm":
-        other, other_dim = co_operand(x, w, axis, geometry)
-        importance = conv_importance(g, other, axis, other_dim, contracted)
+        importance = conv_importance(g, x, w, axis, geometry, (mask[0], mask[1]))
         idx, scale = draw_kernels.pps_indices(importance, k, seed, site, strata)
     else:
         idx, scale = draw_kernels.uniform_indices(g, g.shape[axis], k, seed, site, strata)
@@ -169,7 +193,7 @@ def sampled_conv_backward(g: Tensor, x: Tensor, w: Tensor, stride: list[int], pa
 @sampled_conv_backward.register_fake
 def _(g: Tensor, x: Tensor, w: Tensor, stride: list[int], padding: list[int], dilation: list[int], transposed: bool,
       output_padding: list[int], groups: int, axis: int, mask: list[bool], sketch: str, k: int, strata: int,
-      contracted: bool, seed: Tensor, site: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+      seed: Tensor, site: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     scale = g.new_empty((k,) if sketch == "norm" else (), dtype=probability_dtype(g.dtype))
     return (x.new_empty(x.shape if mask[0] else (0,)), w.new_empty(w.shape if mask[1] else (0,)),
             g.new_empty((k,), dtype=torch.long), scale)

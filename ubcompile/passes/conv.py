@@ -34,7 +34,6 @@ from .rules import AXIS_BY_NAME, SKETCH_TABLE, DrawKey, decline, sample_size
 aten = torch.ops.aten
 
 _AXIS_OF_G = {FEATURES: CHANNELS, ROWS: BATCH}
-_CONTRACTED_OUTPUT = {CHANNELS: 0, BATCH: 1}  # the gradient (0: input, 1: weight) that sums over the axis
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,19 +135,20 @@ class ConvRewrite:
 
         return estimate
 
-    def drawing_estimator(self, site: int) -> Optional[Callable[..., tuple[tuple[Optional[Tensor], ...], tuple[Tensor, Tensor]]]]:
+    def drawing_estimator(self, site: int, shared_dims: Sequence[int] = ()) -> Optional[Callable[..., tuple[tuple[Optional[Tensor], ...], tuple[Tensor, Tensor]]]]:
         """``(g, x, w, seed) -> ((grad_input, grad_weight, grad_bias), (idx, scale))``: the draw
         ``site`` and the sampled gradients as one op
-        (:func:`~ubcompile.estimator_ops.sampled_conv_backward`); ``None`` for a projection."""
+        (:func:`~ubcompile.estimator_ops.sampled_conv_backward`, which draws for both gradients);
+        ``None`` for a projection. No other product shares a convolution's draw (``shared_dims``)."""
+        assert not shared_dims, "a convolution's draw is its own"
         if SKETCH_TABLE[self.sketch].projects:
             return None
-        contracted = self.sampled[_CONTRACTED_OUTPUT[self.g_axis]]
 
         def estimate(g: Tensor, x: Tensor, w: Tensor, seed: Tensor) -> tuple[tuple[Optional[Tensor], ...], tuple[Tensor, Tensor]]:
             k = sample_size(g.shape[self.g_axis], self.p, self.strata)  # symbolic under a dynamic batch
             *out, idx, scale = sampled_conv_backward(
                 g, x, w, *dataclasses.astuple(self.site.geometry), self.g_axis, list(self.sampled), self.sketch,
-                k, self.strata, contracted, seed, site)
+                k, self.strata, seed, site)
             return (*self._kept(out), self._grad_bias(g)), (idx, scale)
 
         return estimate

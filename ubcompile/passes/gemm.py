@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, ClassVar, Optional, Union
+from typing import Callable, ClassVar, Optional, Sequence, Union
 
 import torch
 import torch.fx
@@ -162,15 +162,18 @@ class GemmRewrite:
     def anchor(self, x: Tensor, y: Tensor) -> Tensor:
         return (x, y)[self.site.cotangent_arg]
 
-    def drawing_estimator(self, site: int) -> Optional[Callable[..., tuple[Tensor, tuple[Tensor, Tensor]]]]:
-        """``(x, y, seed) -> (estimate of x @ y, (idx, scale))``: the draw ``site`` and the product
-        as one op (:func:`~ubcompile.estimator_ops.sampled_gemm`); ``None`` for a projection."""
+    def drawing_estimator(self, site: int, shared_dims: Sequence[int] = ()) -> Optional[Callable[..., tuple[Tensor, tuple[Tensor, Tensor]]]]:
+        """``(x, y, seed, *shared) -> (estimate of x @ y, (idx, scale))``: the draw ``site`` and the
+        product as one op (:func:`~ubcompile.estimator_ops.sampled_gemm`); ``None`` for a projection.
+        ``shared`` are the operands of the products that read the draw too, ``shared_dims`` their
+        :attr:`op_dim` values."""
         if SKETCH_TABLE[self.sketch].projects:
             return None
         op_dim, sketch, p = self.op_dim, self.sketch, self.p
 
-        def estimate(x: Tensor, y: Tensor, seed: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-            out, idx, scale = sampled_gemm(x, y, op_dim, sketch, keep_count(sampled_size(x, y, op_dim), p), seed, site)
+        def estimate(x: Tensor, y: Tensor, seed: Tensor, *shared: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+            k = keep_count(sampled_size(x, y, op_dim), p)
+            out, idx, scale = sampled_gemm(x, y, op_dim, sketch, k, seed, site, list(shared), list(shared_dims))
             return out, (idx, scale)
 
         return estimate

@@ -136,3 +136,18 @@ def fused_kernels(graph: torch.fx.Graph, dependent: set[torch.fx.Node]) -> list[
         if node in dependent and name in FUSED_KERNELS:
             found.append(Unmatched(node, FUSED_KERNELS[name]))
     return found
+
+
+def hoist(node: torch.fx.Node, before: torch.fx.Node) -> bool:
+    """Move ``node`` (and what it reads that comes later) to just before ``before``, if it is a
+    pure op: whether ``node`` now comes before ``before``. The joint graph is functional, so a pure
+    op's place among its readers and inputs is free (a shared draw reads the later product's
+    operands, such as the ``G^T`` its ``mm`` reads, from before the earlier product)."""
+    if node.op != "call_function":
+        return node < before
+    if node < before:
+        return True
+    if node.is_impure() or not all(hoist(arg, before) for arg in node.all_input_nodes):
+        return False
+    before.prepend(node)
+    return True

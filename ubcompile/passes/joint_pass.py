@@ -24,10 +24,10 @@ from .adaptive import AdaptiveRewrite, plan_adaptive
 from .conv import ConvRewrite, ConvSite, conv_dims, conv_flops, conv_sites, narrow_exact, plan_conv
 from .forward_rows import ForwardRowsRewrite, plan_forward_rows
 from .gemm import GEMMS, GemmRewrite, GemmSite, gemm_dims, gemm_flops, gemm_sites, plan_gemm
-from .graph import GradientFlow, Role, Unmatched, cotangent_dependent, fused_kernels, module_path
+from .graph import GradientFlow, Role, Unmatched, cotangent_dependent, fused_kernels, hoist, module_path
 from .inline import inline_call
 from .seed_input import seed_node
-from .rules import AXIS_NAMES, SKETCH_TABLE, Draws
+from .rules import AXIS_NAMES, SKETCH_TABLE, DrawKey, Draws
 
 Rewrite = Union[GemmRewrite, AdaptiveRewrite, ForwardRowsRewrite]
 
@@ -85,30 +85,33 @@ class JointSamplingPass(CustomGraphPass):
         entries = [_exact_entry(u) for u in unmatched + fused_kernels(graph, dependent)]
         seed = None if self.seed_input is None else seed_node(graph, self.seed_input)
         draws = Draws(seed, self.sampler_id)
-        for site in sites:
+        plans = [self._plan(site, dependent) if isinstance(site, GemmSite) else plan_conv(site, self.config)
+                 for site in sites]
+        shared = _share_draws(plans)
+        for site, plan in zip(sites, plans):
             if isinstance(site, GemmSite):
-                entries += self._sample_gemm(graph, site, dependent, draws)
+                entries += self._sample_gemm(graph, site, plan, draws, shared)
             else:
-                entries += self._sample_conv(graph, site, draws)
+                entries += self._sample_conv(graph, site, plan, draws)
         # A safety net no rewrite's ordering can trip: each inserts its nodes just before the node it
         # replaces, reading that node's operands and draws checked (in _draw, guarded) to precede it.
         graph.lint()
         self.on_report(GraphReport(entries, joint_code=graph.python_code("self").src,
                                    pass_seconds=time.perf_counter() - start))
 
-    def _sample_gemm(self, graph: torch.fx.Graph, site: GemmSite, dependent: set[torch.fx.Node],
-                     draws: Draws) -> list[GemmEntry]:
-        """Rewrite ``site`` if the config samples it; its report entry."""
-        decision = self._plan(site, dependent)
+    def _sample_gemm(self, graph: torch.fx.Graph, site: GemmSite, decision: Union[Rewrite, str], draws: Draws,
+                     shared: SharedDraws) -> list[GemmEntry]:
+        """Rewrite ``site`` as ``decision`` says; its report entry."""
         entry = _gemm_entry(site.node, site.role, decision)  # before the rewrite erases the node
         if isinstance(decision, str):
             return [entry]
-        failed = self._guarded(graph, site.node, draws, functools.partial(self._rewrite_gemm, graph, decision, draws))
+        failed = self._guarded(graph, site.node, draws, functools.partial(self._rewrite_gemm, graph, decision, draws, shared))
         return [entry if failed is None else _gemm_entry(site.node, site.role, failed)]
 
-    def _sample_conv(self, graph: torch.fx.Graph, site: ConvSite, draws: Draws) -> list[GemmEntry]:
-        """Rewrite the gradients of ``site`` that the config samples; their report entries."""
-        rewrite, reasons = plan_conv(site, self.config)
+    def _sample_conv(self, graph: torch.fx.Graph, site: ConvSite, plan: tuple[Optional[ConvRewrite], dict[int, str]],
+                     draws: Draws) -> list[GemmEntry]:
+        """Rewrite the gradients of ``site`` that ``plan`` samples; their report entries."""
+        rewrite, reasons = plan
         entries = _conv_entries(site, rewrite, reasons)  # before the rewrite erases nodes
         if rewrite is None:
             return entries
@@ -146,43 +149,72 @@ class JointSamplingPass(CustomGraphPass):
         return None
 
     def _estimate(self, graph: torch.fx.Graph, rewrite: Union[GemmRewrite, ConvRewrite],
-                  operands: list[torch.fx.Node], draws: Draws) -> Any:
+                  operands: list[torch.fx.Node], draws: Draws, shared: SharedDraws) -> Any:
         """Insert what computes ``rewrite``'s estimate (before its node) and return its output.
 
         The first rewrite of a :class:`~.rules.DrawKey` with a diagonal sketch draws inside its
-        product's op and records the drawn indices and weights; the later ones with that key (the
-        layer's other gradient) read them. A projection is drawn by its own op, once per key."""
+        product's op, from the operands of every product ``shared`` says will read the draw, and
+        records the drawn indices and weights; the later ones with that key (the layer's other
+        gradient) read them. A projection is drawn by its own op, once per key."""
         node, key = rewrite.site.node, rewrite.draw_key
-        drawing = None if key in draws else rewrite.drawing_estimator(len(draws))
-        if drawing is not None:
-            estimate, draws[key] = inline_call(graph, drawing, [*operands, draws.seed], meta_from=node)
-            return estimate
         if key in draws:
             _check_defined_before(draws[key], node)
-        else:
-            draw = SKETCH_TABLE[rewrite.sketch].draw(rewrite, len(draws))
-            draws[key] = inline_call(graph, draw, [*operands, draws.seed], meta_from=node)
+            return inline_call(graph, rewrite.estimator(), [*operands, *draws[key]], meta_from=node)
+        others = [other for other in shared.get(key, ()) if other is not rewrite]
+        drawing = rewrite.drawing_estimator(len(draws), [other.op_dim for other in others])
+        if drawing is not None:
+            partner_operands = [arg for other in others for arg in other.site.node.args]
+            estimate, draws[key] = inline_call(graph, drawing, [*operands, draws.seed, *partner_operands],
+                                               meta_from=node)
+            return estimate
+        draw = SKETCH_TABLE[rewrite.sketch].draw(rewrite, len(draws))
+        draws[key] = inline_call(graph, draw, [*operands, draws.seed], meta_from=node)
         return inline_call(graph, rewrite.estimator(), [*operands, *draws[key]], meta_from=node)
 
-    def _rewrite_gemm(self, graph: torch.fx.Graph, rewrite: Rewrite, draws: Draws) -> None:
+    def _rewrite_gemm(self, graph: torch.fx.Graph, rewrite: Rewrite, draws: Draws, shared: SharedDraws) -> None:
         if not isinstance(rewrite, GemmRewrite):  # the families that insert themselves
             rewrite.insert(graph, draws)
             return
         node = rewrite.site.node
         with graph.inserting_before(node):
-            sampled = self._estimate(graph, rewrite, list(node.args), draws)
+            sampled = self._estimate(graph, rewrite, list(node.args), draws, shared)
         node.replace_all_uses_with(sampled)
         graph.erase_node(node)
 
     def _rewrite_conv(self, graph: torch.fx.Graph, rewrite: ConvRewrite, draws: Draws) -> None:
         node = rewrite.site.node
         with graph.inserting_before(node):
-            estimates = self._estimate(graph, rewrite, list(node.args[:3]), draws)
+            estimates = self._estimate(graph, rewrite, list(node.args[:3]), draws, {})
         for output, estimate in zip(rewrite.site.outputs, estimates):
             if estimate is not None:
                 output.replace_all_uses_with(estimate)
                 graph.erase_node(output)
         narrow_exact(rewrite.site, rewrite.sampled)
+
+
+SharedDraws = dict[DrawKey, list[GemmRewrite]]
+"""The GEMM rewrites that read each norm draw read by more than one, in graph order."""
+
+
+def _share_draws(plans: list) -> SharedDraws:
+    """Group the norm-sketch GEMM rewrites of ``plans`` by draw key; where several share a draw,
+    move the operands of the later ones before the first (:func:`~.graph.hoist`), which draws from
+    them all. A rewrite whose operands cannot be moved there is planned exact instead (in
+    ``plans``): drawn from the first product's norms alone, its estimate would be biased.
+    """
+    groups: dict[DrawKey, list[int]] = {}
+    for i, plan in enumerate(plans):
+        if isinstance(plan, GemmRewrite) and plan.sketch == "norm":
+            groups.setdefault(plan.draw_key, []).append(i)
+    shared: SharedDraws = {}
+    for key, (first, *later) in groups.items():
+        node = plans[first].site.node
+        for i in later:
+            if not all(hoist(arg, node) for arg in plans[i].site.node.args):
+                plans[i] = f"its operands are computed after the draw it would share with {node.name}; kept exact"
+        if len(group := [plans[i] for i in (first, *later) if isinstance(plans[i], GemmRewrite)]) > 1:
+            shared[key] = group
+    return shared
 
 
 def _check_defined_before(drawn: tuple[torch.fx.Node, ...], user: torch.fx.Node) -> None:

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .axis import AxisSketch
-from .norm import output_importance
+from .norm import output_importance, probability_dtype
 
 CHANNELS, BATCH = 1, 0
 """The sketched axis of ``G``."""
@@ -85,19 +85,38 @@ SKETCHED_VJPS = {CHANNELS: channel_sketched_vjp, BATCH: batch_sketched_vjp}
 """The sketched VJP for each axis of ``G``."""
 
 
-def co_operand(x: Tensor, w: Tensor, axis: int, geometry: ConvGeometry) -> tuple[Tensor, int]:
-    """The operand a gradient contracts with ``G`` over ``axis``, and its dim along that axis:
-    ``w``'s output channels for the channel axis, ``x``'s samples for the batch."""
-    return (w, geometry.out_channel_dim) if axis == CHANNELS else (x, BATCH)
+CONTRACTED_OUTPUT = {CHANNELS: 0, BATCH: 1}
+"""The gradient (0: input, 1: weight) that sums over each axis of ``G``; the other runs along it."""
 
 
-def conv_importance(g: Tensor, co_operand: Tensor, axis: int, co_dim: int, contracted: bool) -> Tensor:
-    """Per-index weights for the norm sketch on ``axis`` of ``G``.
+def conv_importance(g: Tensor, x: Tensor, w: Tensor, axis: int, geometry: ConvGeometry,
+                    mask: tuple[bool, bool]) -> Tensor:
+    """Per-index weights for the norm sketch on ``axis`` of ``G``, for the gradients ``mask`` says.
 
-    ``||G_j||`` times, when the sampled gradient contracts the axis, ``||co_operand_j||`` along
-    ``co_dim`` (``w``'s channels, or ``x``'s samples): the Cauchy-Schwarz bound on the norm of the
-    ``j``-th term, exact up to a constant factor for 1x1 convolutions. An output axis is weighted
-    by ``||G_j||`` alone (the other factor is the same for every ``j``).
+    Bounds on the ``j``-th part of each (Cauchy-Schwarz through the unfolded GEMM, each up to the
+    same factor ``sqrt(kernel taps)``, exact for 1x1 convolutions): the gradient that contracts the
+    axis has the term ``||G_j|| ||c_j||`` (``c``: ``w``'s output channels, or ``x``'s samples), the
+    one along it the slice ``||G_j|| ||o||_F`` (``o``: ``x``, its group's channels with ``groups >
+    1``, or ``w``). One draw serves both (``grad="both"``): the sum of their variances is minimal at
+    ``pi_j`` proportional to ``||G_j|| sqrt(||c_j||^2 + ||o||_F^2)``, positive wherever either part
+    is nonzero (a zero filter ``w_j`` still has a weight gradient). A gradient alone: its own bound,
+    without the factor common to every ``j``.
     """
     weights = output_importance(g, axis)
-    return weights * output_importance(co_operand, co_dim) if contracted else weights
+    contracted, along = mask[CONTRACTED_OUTPUT[axis]], mask[1 - CONTRACTED_OUTPUT[axis]]
+    if not contracted:
+        return weights
+    co = output_importance(w, geometry.out_channel_dim) if axis == CHANNELS else output_importance(x, BATCH)
+    if not along:
+        return weights * co
+    return weights * (co.square() + _slice_factor(x, w, axis, geometry, g.shape[CHANNELS]).square()).sqrt()
+
+
+def _slice_factor(x: Tensor, w: Tensor, axis: int, geometry: ConvGeometry, channels: int) -> Tensor:
+    """``||o||_F`` of :func:`conv_importance`, per channel of ``G`` (per group of ``x``) or 0-d."""
+    if axis == BATCH:
+        return torch.linalg.vector_norm(w, dtype=probability_dtype(w.dtype))
+    groups = geometry.groups
+    per_group = torch.linalg.vector_norm(x.reshape(x.shape[0], groups, -1), dim=(0, 2),
+                                         dtype=probability_dtype(x.dtype))
+    return per_group.repeat_interleave(channels // groups) if groups > 1 else per_group[0]

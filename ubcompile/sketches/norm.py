@@ -170,6 +170,23 @@ def output_importance(t: Tensor, dim: int) -> Tensor:
                                     dtype=probability_dtype(t.dtype))
 
 
+def output_term_norms(x: Tensor, y: Tensor, out_dim: int, scaled: bool = True) -> Tensor:
+    """``a_j >= ||(x @ y)[j, :]||`` for ``out_dim = 0`` (rows), ``>= ||(x @ y)[:, j]||`` for ``1``.
+
+    Cauchy-Schwarz: ``||x[j, :] @ y|| <= ||x[j, :]|| ||y||_F``. Without ``scaled`` the factor
+    ``||y||_F``, common to every ``j`` of a 2-D product, is left out (the probabilities drawn from
+    these are scale-free). Batched, with one draw shared by the batch, ``a_j`` is the root of the
+    sum over the batch of the squares.
+    """
+    sliced, whole, dim = (x, y, -1) if out_dim == 0 else (y, x, -2)
+    norms = torch.linalg.vector_norm(sliced, dim=dim, dtype=probability_dtype(sliced.dtype))  # (..., n)
+    if scaled:
+        norms = norms * torch.linalg.vector_norm(whole, dim=(-2, -1), dtype=norms.dtype).unsqueeze(-1)
+    if norms.dim() == 1:
+        return norms
+    return norms.reshape(-1, norms.shape[-1]).square().sum(0).sqrt()
+
+
 def poisson_variance(terms: Tensor, pi: Tensor) -> Tensor:
     """Elementwise variance of ``sum_j 1[j kept] t_j / pi_j`` with independent inclusions.
 
