@@ -2,8 +2,10 @@
 
 Two rewrite families, GEMMs (:mod:`.gemm`) and convolutions (:mod:`.conv`), share a draw where
 they draw the same thing (one :class:`~.rules.DrawKey`: the cotangent, its sampled dim, length,
-strata and sketch). Sites are rewritten in graph order, so a shared draw is inserted before all of
-its users. Every gradient node the pass sees is reported, sampled or with the reason it stayed exact.
+strata and sketch). Every site is planned first, so that a norm draw shared by several GEMMs (a
+layer's two gradients under ``grad="both"``) is drawn from all of their operands; then sites are
+rewritten in graph order, so a shared draw is inserted before all of its users. Every gradient
+node the pass sees is reported, sampled or with the reason it stayed exact.
 """
 
 from __future__ import annotations
