@@ -102,9 +102,14 @@ def test_site_offers_the_residual_sketch_only_where_it_can_pay():
     assert all(o.sketch == "norm" for o in tokens + narrow)
 
 
+def _seed(gen):
+    """A call's 0-d seed, as the backend's stream gives one."""
+    return torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64, generator=gen)
+
+
 def _call(controller, x, y, gen, times=1):
     for _ in range(times):
-        out = controller.contraction(x, y, 0, gen)
+        out = controller.contraction(x, y, 0, _seed(gen))
     return out
 
 
@@ -131,17 +136,17 @@ def test_a_gradient_spike_falls_back_towards_exact():
     site = c.sites[0]
     before = site.current.level
     assert before > 0 and not site.spikes
-    c.contraction(x, 10 * y, 0, gen)  # the gradient's norm jumps 10x: a loss spike
+    c.contraction(x, 10 * y, 0, _seed(gen))  # the gradient's norm jumps 10x: a loss spike
     assert not site.spikes  # read back without a sync: the controller sees it from the next call on
-    out = c.contraction(x, 10 * y, 0, gen)
+    out = c.contraction(x, 10 * y, 0, _seed(gen))
     assert site.spikes == [60]
     assert torch.allclose(out, x @ (10 * y), rtol=1e-4)  # the call after the spike is computed exactly
     assert site.ceiling == before - 1 and site.current.level <= before - 1
 
 
 def test_auto_backend_rewrites_weight_and_propagated_gradients_into_the_controlled_op():
-    """Weight gradients are sampled; the propagated one (layer 2's: layer 4's is under min_dim,
-    layer 0's is not needed) is computed exactly by the controller."""
+    """Weight gradients are sampled; the propagated ones (layers 2 and 4: layer 0's is not needed)
+    are computed exactly by the controller."""
     model = mlp(32, 128, 128, 4)
     backend = ubcompile.backend(p="auto", min_dim=16)
     out = torch.compile(model, backend=backend)(torch.randn(96, 32))
@@ -149,9 +154,10 @@ def test_auto_backend_rewrites_weight_and_propagated_gradients_into_the_controll
     report = backend.report()
     adaptive = [e for e in report.entries if e.adaptive]
     assert sorted((e.module, e.role, e.sketch) for e in adaptive) == [
-        ("0", "grad_weight", "norm"), ("2", "grad_input", "exact rows"), ("2", "grad_weight", "norm")]
+        ("0", "grad_weight", "norm"), ("2", "grad_input", "exact rows"), ("2", "grad_weight", "norm"),
+        ("4", "grad_input", "exact rows"), ("4", "grad_weight", "norm")]
     assert sorted(s.kind for s in backend.sampler.auto.sites if s.module == "2") == ["rows", "sample"]
-    assert report.backward_code.count("ubcompile.auto_contraction.default(") == 3
+    assert report.backward_code.count("ubcompile.auto_contraction.default(") == 5
     assert "auto/96 rows" in str(report) and "option used" in str(report)
 
 
@@ -181,7 +187,9 @@ def test_auto_gradients_are_unbiased(widths, budget, residual):
     backend = ubcompile.backend(p="auto", min_dim=16, budget=budget, compiler="eager", seed=0)
     assert_unbiased(model, lambda out: F.cross_entropy(out, target), x, draws=200, backend=backend)
     sites = [s for s in backend.sampler.auto.sites if s.kind == "sample"]
-    assert all(sum(s.uses[1:]) > 150 for s in sites), [s.uses for s in sites]  # most calls sampled (0: exact)
+    # Most calls sampled (option 0: exact). Under budget 1.0 the 3-way head's sampling would save
+    # too few FLOPs for its variance, and the controller keeps it exact.
+    assert all(sum(s.uses[1:]) > 150 for s in sites if s.module != "4" or budget > 1), [(s.module, s.uses) for s in sites]
     used = {s.module: sum(u for o, u in zip(s.options, s.uses) if o.sketch == "residual") for s in sites}
     assert (used["2"] > 0) == residual, used
 
@@ -203,7 +211,7 @@ def test_propagated_gradients_are_exact():
     c = AutoController(budget=0.5, measure_every=10)
     key = c.register("layer", (40, 24, 16), kind="rows")
     x, y = torch.randn(40, 24, generator=gen), torch.randn(24, 16, generator=gen)
-    assert torch.equal(c.contraction(x, y, key, gen), x @ y)
+    assert torch.equal(c.contraction(x, y, key, _seed(gen)), x @ y)
     assert c.spent_flops == c.exact_flops
     assert "exact (a propagated gradient)" in c.table()
 

@@ -158,7 +158,7 @@ def test_auto_run_records_fractions_and_the_auto_report_reads_them(fashion_dir, 
     assert record["label"] == auto_report.DEFAULT_LABEL and record["status"] == "ok"
     sites = record["auto"]["sites"]
     sampled = [s for s in sites if s["kind"] == "sample"]
-    assert [s["module"] for s in sampled] == ["5", "3", "1"] and all(s["timeline"] for s in sampled)
+    assert [s["module"] for s in sampled] == ["7", "5", "3", "1"] and all(s["timeline"] for s in sampled)
     flops = record["bwd_gflop_per_step"]
     assert 0 < flops["sampled"] < flops["exact"]
     assert record["curve"][-1]["bwd_gflop"] == pytest.approx(record["curve"][-1]["step"] * flops["sampled"])

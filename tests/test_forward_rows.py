@@ -34,14 +34,14 @@ def test_rows_are_drawn_in_the_forward_and_only_kept_rows_are_saved(name, compil
     assert torch.equal(out, exact_out)  # the forward computes what it computed before
     report = backend.report()
     sampled = [e for e in report.entries if e.k is not None]
-    assert sorted(e.module for e in sampled) == ["0", "2"]  # weight gradients; the 10-way head is exact
+    assert sorted(e.module for e in sampled) == ["0", "2", "4"]  # the weight gradients
     assert all(e.sketch == "activation" and e.role == "grad_weight" for e in sampled)
     backward = report.backward_code
     assert "gemm_drawing_rows" in backend.graphs[0].joint_code and "gemm_drawing_rows" not in backward
     assert "sampled_gemm" not in backward  # nothing is drawn in the backward
     n = x.numel() // x.shape[-1]
     kept = [tuple(v.shape) for v in _backward_inputs(backend) if v.dim() == 2 and v.shape[0] == n // 4]
-    assert sorted(kept) == [(n // 4, 96), (n // 4, 128)], kept
+    assert sorted(kept) == [(n // 4, 96), (n // 4, 128), (n // 4, 128)], kept
     if compiler == "inductor":  # Inductor's partitioner keeps ReLU masks, not the activations
         assert sampled_bytes < 0.8 * exact_bytes, (sampled_bytes, exact_bytes)
 

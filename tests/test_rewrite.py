@@ -14,10 +14,11 @@ from conftest import gemm_shapes, loss_of, make, mlp
 
 # (model, grad mode) -> (sampled, kept exact)
 EXPECTED_COUNTS = {
-    ("mlp", "weight"): (2, 3), ("mlp", "both"): (3, 2),
-    ("mlp_3d", "weight"): (2, 3), ("mlp_3d", "both"): (3, 2),
-    ("frozen_first", "weight"): (1, 2), ("frozen_first", "both"): (1, 2),
-    ("no_bias", "weight"): (2, 3), ("no_bias", "both"): (3, 2),
+    # The 10-way head's weight gradient samples its 64 rows; under grad="both" its 10 features are too few.
+    ("mlp", "weight"): (3, 2), ("mlp", "both"): (3, 2),
+    ("mlp_3d", "weight"): (3, 2), ("mlp_3d", "both"): (3, 2),
+    ("frozen_first", "weight"): (2, 1), ("frozen_first", "both"): (1, 2),
+    ("no_bias", "weight"): (3, 2), ("no_bias", "both"): (3, 2),
     ("mlp", "input"): (1, 4), ("mlp_3d", "input"): (1, 4), ("frozen_first", "input"): (0, 3),
     ("no_bias", "input"): (1, 4),
 }
@@ -47,6 +48,19 @@ def test_head_declined_by_min_dim_and_listed():
     assert {e.role for e in head} == {"grad_input", "grad_weight"}
     assert all("below min_dim=64" in e.reason for e in head)
     assert "below min_dim=64" in report.table()
+
+
+@pytest.mark.parametrize("rows, features, sampled", [(16, 128, True), (128, 16, False)])
+def test_min_dim_tests_the_sampled_axis_alone(rows, features, sampled):
+    """Under grad="both" the features are sampled: 16 rows do not keep 128 features exact (a
+    ResNet's last stage), and 16 features stay exact however many rows there are."""
+    model = torch.nn.Sequential(torch.nn.Linear(features, features), torch.nn.ReLU(), torch.nn.Linear(features, features))
+    report = ubcompile.explain(model, torch.randn(rows, features), loss_fn=loss_of, p=0.25, grad="both")
+    second = {e.role: e for e in report.sampled + report.declined if e.module == "2"}
+    assert set(second) == {"grad_input", "grad_weight"}
+    for e in second.values():
+        assert (e in report.sampled) == sampled, report.table()
+        assert sampled or f"spans {features} rows/columns of the GEMM, below min_dim=64" in e.reason
 
 
 def test_weight_mode_keeps_grad_input_exact_and_says_so():
@@ -130,12 +144,12 @@ def test_activation_products_are_left_exact():
     assert len(unmatched) == 1 and "both operands depend on the cotangent" in unmatched[0].reason
 
 
-def test_uuid_covers_every_option_and_the_sampler():
-    def uuid(sampler_id=0, **options):
-        return JointSamplingPass(SamplingConfig(**options), sampler_id, lambda r: None).uuid()
+def test_uuid_covers_every_option():
+    def uuid(**options):
+        return JointSamplingPass(SamplingConfig(**options), lambda r: None, seed_input=0).uuid()
 
-    variants = [uuid(), uuid(p=0.5), uuid(grad="both"), uuid(seed=1), uuid(min_dim=8),
-                uuid(compiler="eager"), uuid(sampler_id=1), uuid(filter=lambda path: True)]
+    variants = [uuid(), uuid(p=0.5), uuid(p="auto"), uuid(grad="both"), uuid(seed=1), uuid(min_dim=8),
+                uuid(compiler="eager"), uuid(filter=lambda path: True)]
     assert len(set(variants)) == len(variants)
     assert uuid() == uuid()
 

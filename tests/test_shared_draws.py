@@ -149,9 +149,9 @@ def test_a_shared_draw_defined_after_its_user_keeps_that_gradient_exact():
     seed = seed_node(graph, SEED_INPUT)
     with graph.inserting_before(graph.output_node()):  # the convolution's draw, after the convolution
         _, late = inline_call(graph, conv.drawing_estimator(0), [*node.args[:3], seed], meta_from=node)
-    draws = Draws(seed, 0)
+    draws = Draws(seed)
     draws[conv.draw_key] = late
-    joint_pass = JointSamplingPass(SamplingConfig(p=P, grad="both", min_dim=1), 0, lambda report: None,
+    joint_pass = JointSamplingPass(SamplingConfig(p=P, grad="both", min_dim=1), lambda report: None,
                                    seed_input=SEED_INPUT)
     reason = joint_pass._guarded(graph, node, draws, lambda: joint_pass._rewrite_conv(graph, conv, draws))
     assert reason is not None and "defined after" in reason, reason
@@ -164,7 +164,7 @@ def test_sites_are_rewritten_in_graph_order():
     """The convolution backward comes first in the joint-like graph: it is rewritten (and reported) first."""
     graph, _, _ = planned("features")
     reports = []
-    JointSamplingPass(SamplingConfig(p=P, grad="both", min_dim=1), 0, reports.append, seed_input=SEED_INPUT)(graph)
+    JointSamplingPass(SamplingConfig(p=P, grad="both", min_dim=1), reports.append, seed_input=SEED_INPUT)(graph)
     (report,) = reports
     assert [e.role.split()[0] for e in report.entries] == ["conv", "conv", "bmm", "bmm"]
     assert all(e.sampled for e in report.entries)
@@ -194,7 +194,7 @@ def test_a_norm_draw_shared_by_a_layers_two_gradients_reads_both_products():
     graph, (grad_input, grad_weight) = linear_plans("norm")
     operands = list(grad_weight.site.node.args)  # (G^T, x); the pass erases the node
     assert not operands[0] < grad_input.site.node
-    JointSamplingPass(SamplingConfig(p=P, grad="both", sketch="norm", min_dim=1), 0, lambda report: None,
+    JointSamplingPass(SamplingConfig(p=P, grad="both", sketch="norm", min_dim=1), lambda report: None,
                       seed_input=2)(graph)
     (draw,) = drawing_ops(graph)
     shared, shared_dims = draw.args[7:9]
@@ -204,7 +204,7 @@ def test_a_norm_draw_shared_by_a_layers_two_gradients_reads_both_products():
 
 def test_a_uniform_draw_reads_no_other_product():
     graph, _ = linear_plans("uniform")
-    JointSamplingPass(SamplingConfig(p=P, grad="both", sketch="uniform", min_dim=1), 0, lambda report: None,
+    JointSamplingPass(SamplingConfig(p=P, grad="both", sketch="uniform", min_dim=1), lambda report: None,
                       seed_input=2)(graph)
     (draw,) = drawing_ops(graph)
     assert draw.args[7:9] == ([], [])
@@ -214,7 +214,7 @@ def test_a_product_whose_operands_cannot_precede_the_shared_draw_stays_exact(mon
     monkeypatch.setattr(joint_pass_module, "hoist", lambda node, before: False)
     graph, _ = linear_plans("norm")
     reports = []
-    JointSamplingPass(SamplingConfig(p=P, grad="both", sketch="norm", min_dim=1), 0, reports.append,
+    JointSamplingPass(SamplingConfig(p=P, grad="both", sketch="norm", min_dim=1), reports.append,
                       seed_input=2)(graph)
     (report,) = reports
     assert [e.sampled for e in report.entries] == [True, False]

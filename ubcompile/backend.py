@@ -17,7 +17,7 @@ from ._torch_private import (compile_eager_with_joint_pass, compile_with_joint_p
 from .auto import AutoController
 from .config import SamplingConfig, make_config
 from .passes import JointSamplingPass
-from .passes.seed_input import calling_with_seed, graph_device, seed_example, seed_input
+from .passes.seed_input import HANDLE_NAME, SEED_NAME, calling_with, extra_inputs, graph_device, seed_example, stream_handle
 from .report import GraphReport, Report
 from . import draw_ops  # noqa: F401  (registers the torch.ops.ubcompile draw ops)
 from . import report_store
@@ -63,30 +63,29 @@ class Backend:
             return compile_fn(gm, example_inputs, None, lambda graph: None)
         parameters = [isinstance(t, torch.nn.Parameter) for t in example_inputs]
         stream = self.sampler.stream(self._domain())
-        if self.config.adaptive:  # the controller draws inside its op, from the stream's generator
-            recorder = _Recorder(self)
-            joint_pass = JointSamplingPass(self.config, stream.id, recorder.on_report, parameters, self._fallback)
-            return _holding(compile_fn(gm, example_inputs, joint_pass, recorder.on_backward_graph), stream)
         return self._compile_seeded(gm, example_inputs, compile_fn, stream, parameters)
 
     def _compile_seeded(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], compile_fn: Callable[..., Any],
                         stream: GraphStream, parameters: list[bool]) -> Callable[..., Any]:
         """Compile ``gm`` with a seed input (:mod:`.passes.seed_input`), called with a fresh seed from
-        ``stream`` each time. The graph is pure, so Inductor's caches may serve it; on an
-        AOTAutograd hit the pass does not run and the report comes from :mod:`.report_store`."""
+        ``stream`` each time, and under ``p="auto"`` the stream's handle. The graph is pure, so
+        Inductor's caches may serve it; on an AOTAutograd hit the pass does not run and the report
+        comes from :mod:`.report_store`."""
         device = graph_device(example_inputs)
+        handle = [stream_handle(stream.id)] if self.config.adaptive else []
+        names = [SEED_NAME, HANDLE_NAME][:1 + len(handle)]
         recorder = _Recorder(self)
-        joint_pass = JointSamplingPass(self.config, stream.id, recorder.on_report, [*parameters, False], self._fallback,
-                                       seed_input=len(example_inputs))
+        joint_pass = JointSamplingPass(self.config, recorder.on_report, [*parameters, *[False] * len(names)],
+                                       self._fallback, seed_input=len(example_inputs))
         caches = self.config.compiler == "inductor"
         if caches:
             recorder.store_key = report_store.report_key(gm, example_inputs, joint_pass.uuid())
-        with seed_input(gm):
-            compiled = compile_fn(gm, [*example_inputs, seed_example(device)], joint_pass, recorder.on_backward_graph,
-                                  **({"caches": True} if caches else {}))
+        with extra_inputs(gm, names):
+            compiled = compile_fn(gm, [*example_inputs, seed_example(device), *handle], joint_pass,
+                                  recorder.on_backward_graph, **({"caches": True} if caches else {}))
         if caches and not recorder.reports:  # served by AOTAutograd's cache: the pass did not run
             self._report_from_store(recorder)
-        return _holding(calling_with_seed(compiled, lambda: stream.next_seed(device)), stream)
+        return _holding(calling_with(compiled, lambda: (stream.next_seed(device), *handle)), stream)
 
     def _compiler(self, mode: Optional[str]) -> Callable[..., Any]:
         """What compiles the graphs under ``torch.compile(mode=mode)``: Inductor with that mode's
@@ -207,8 +206,8 @@ class _Recorder:
 
 
 def _holding(compiled: Callable[..., Any], stream: GraphStream) -> Callable[..., Any]:
-    """``compiled``, keeping ``stream`` alive for as long as the compiled graph is (the graph names
-    it only by id; the process's registry of streams holds none)."""
+    """``compiled``, keeping ``stream`` alive for as long as the compiled graph is (a ``p="auto"``
+    graph takes it by id; the process's registry of streams holds none)."""
 
     @functools.wraps(compiled)
     def run(*args: Any) -> Any:

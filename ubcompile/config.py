@@ -67,9 +67,11 @@ class SamplingConfig:
             :data:`DEFAULT_AXIS` of ``grad`` (rows for ``"weight"``, features otherwise).
         seed: seed of the backend's own random generator; ``None`` derives it from
             ``torch.initial_seed()`` at the first draw, so ``torch.manual_seed`` reproduces runs.
-        min_dim: minimum-size rule. A GEMM ``(M x K) @ (K x N)`` is sampled only if each of
-            ``M``, ``K`` and ``N`` is at least ``min_dim`` (so a 10-way classifier head stays exact:
-            its few kept features would not pay for the gathers).
+        min_dim: minimum-size rule. A gradient is sampled only if its sampled axis spans at least
+            ``min_dim`` rows of its (implicit) GEMM: a feature or channel counts one, a
+            convolution's sample one per output position. Under ``axis="features"`` a 10-way
+            classifier head stays exact (its few kept features would not pay for the gathers); the
+            dims not sampled do not count.
         compiler: one of :data:`COMPILERS`.
         filter: ``filter(module_path) -> bool`` chooses the layers to sample; a gradient of a layer
             it rejects stays exact. ``module_path`` is the layer's dotted path in the compiled

@@ -1,8 +1,8 @@
 """The backend's own random state: one stream per compiled graph and device.
 
-Each call of a fixed-``p`` graph gets a fresh seed drawn from its stream's generator
-(:meth:`GraphStream.next_seed`, :mod:`ubcompile.passes.seed_input`); ``p="auto"``'s controlled op
-names its graph's stream by an id and draws from it directly. Nothing is drawn from torch's global
+Each call of a sampled graph gets a fresh seed drawn from its stream's generator
+(:meth:`GraphStream.next_seed`, :mod:`ubcompile.passes.seed_input`); under ``p="auto"`` the graph
+also takes its stream's id as an input, by which its controlled ops find the controller. Nothing is drawn from torch's global
 generator, so sampling does not shift the user's dropout masks or data order. Every graph, device and rank has
 its own stream, so no two of them draw alike: the sampling noise of two graphs of a model split by
 a graph break, or of two ranks, is independent.
@@ -164,12 +164,11 @@ def _mix(seed: int, rank: int, stream: int, device: torch.device) -> int:
 
 
 def sampler(stream_id: int) -> GraphStream:
-    """The stream a compiled graph's draw ops name by ``stream_id``."""
+    """The stream whose id a ``p="auto"`` graph takes as an input (:func:`~.passes.seed_input.stream_handle`)."""
     try:
         return _streams[stream_id]
     except KeyError:
         raise RuntimeError(
             f"ubcompile stream {stream_id} does not exist in this process: the graph that draws from it "
-            "was replayed without its backend (from a compile cache, or after torch._dynamo.reset() "
-            "while its backward was pending). Clear torch's compile caches, or compile again."
+            "outlived its backend (torch._dynamo.reset() while its backward was pending). Compile again."
         ) from None

@@ -113,22 +113,20 @@ class AutoController:
         self.measure_every = measure_every
         self.sites: list[AutoSite] = []
         self._keys: dict[SiteId, int] = {}
-        self._registered: dict[tuple[int, int, str, str], int] = {}  # (domain, graph, module, kind) -> count
         self._domain_calls: dict[int, int] = {}
         self.readback = Readback()  # the device statistics on their way to the host
 
     def register(self, module: str, shape: tuple[int, int, int], kind: str = "sample", domain: int = 0,
-                 graph: int = 0) -> int:
-        """The key of the site a compiled product of ``graph`` is (see :data:`SiteId`): an existing
-        site when a recompiled graph has the same product, else a new one."""
-        slot = (domain, graph, module, kind)
-        ordinal = self._registered.get(slot, 0)
-        self._registered[slot] = ordinal + 1
+                 ordinal: int = 0) -> int:
+        """The key of the site ``(domain, module, kind, ordinal)`` (see :data:`SiteId`): the existing
+        one (a recompiled graph has the same products), else a new one, of ``shape``. The compiled
+        op registers at its call, so a graph served by a compile cache finds its sites too."""
         identity = (domain, module, kind, ordinal)
-        if identity not in self._keys:
-            self._keys[identity] = len(self.sites)
+        key = self._keys.get(identity)
+        if key is None:
+            key = self._keys[identity] = len(self.sites)
             self.sites.append(AutoSite(module, shape, kind, domain))
-        return self._keys[identity]
+        return key
 
     def live(self, site: AutoSite) -> bool:
         """Whether ``site`` is still called: its domain made fewer than two calls per site since its
@@ -136,11 +134,12 @@ class AutoController:
         from the allocation until it is called again."""
         return self._domain_calls[site.domain] - site.last_seen < 2 * len(self.sites)
 
-    def contraction(self, x: Tensor, y: Tensor, key: int, generator: torch.Generator,
+    def contraction(self, x: Tensor, y: Tensor, key: int, seed: Tensor, stream: Optional[int] = None,
                     samples: Optional[int] = None) -> Tensor:
         """``x @ y`` for the site ``key``: sampled with its current option (``kind="sample"``: rows of
         ``y`` = batch/token rows, from ``samples`` samples; ``None``: one row each), or exactly
-        (``kind="rows"``)."""
+        (``kind="rows"``). Every random number comes from the 0-d ``seed`` and the draw's ``stream``
+        (``key`` by default; the compiled op passes the product's place in its graph)."""
         self.collect()
         site = self.sites[key]
         calls = self._domain_calls[site.domain] = self._domain_calls.get(site.domain, 0) + 1
@@ -159,10 +158,10 @@ class AutoController:
         site.uses[site.option] += 1
         site.spent_flops += site.costs[site.option]
         k = min(x.shape[1], keep_count(x.shape[1], site.p))
-        seed = torch.randint(0, 2**62, (), generator=generator, device=x.device)
-        out, split = controlled_product(x, y, site.current.sketch, k, norms, a, seed, key)
+        stream = key if stream is None else stream
+        out, split = controlled_product(x, y, site.current.sketch, k, norms, a, seed, stream)
         if site.due or site.calls - 1 >= site.next_measure:
-            self._measure(key, x, y, norms, a, sq_norm, split, out, seed)
+            self._measure(key, x, y, norms, a, sq_norm, split, out, seed, stream)
         return out
 
     def collect(self, wait: bool = False) -> None:
@@ -188,7 +187,7 @@ class AutoController:
             site.gap = _FIRST_GAP  # re-measure soon after
 
     def _measure(self, key: int, x: Tensor, y: Tensor, norms: list[Tensor], a: Tensor, sq_norm: Tensor,
-                 split: Optional[tuple[Tensor, ...]], out: Tensor, seed: Tensor) -> None:
+                 split: Optional[tuple[Tensor, ...]], out: Tensor, seed: Tensor, stream: int) -> None:
         """Post this call's statistics (``sum_i ||s_i||^2``, ``||T_hat||^2``, each option's
         ``V_sketch``) for :meth:`_record`, and schedule the next measurement. With one row per
         sample, ``sum_i ||s_i||^2`` is the call's ``sum_j a_j^2`` (``sq_norm``), computed already."""
@@ -200,7 +199,7 @@ class AutoController:
         importances = {"norm": a}
         if any(o.sketch == "residual" for o in site.options):
             if split is None:
-                split = residual_split(x, y, *norms, seed, draw_kernels.stream_of(key, 1))
+                split = residual_split(x, y, *norms, seed, draw_kernels.stream_of(stream, 1))
                 site.spent_flops += split_flops(m, n, big_n, RESIDUAL_RANK)
             importances["residual"] = split[-1]
         per_level = {sketch: sketch_variance_vector(importance, [keep_count(n, p) for p in LEVELS])

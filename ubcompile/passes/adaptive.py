@@ -21,8 +21,7 @@ from torch import Tensor
 from .._torch_private import size_hint
 from ..auto import LEVELS
 from ..config import SamplingConfig
-from ..sampler import sampler
-from .gemm import GemmSite, gemm_dims
+from .gemm import GemmSite
 from .graph import FEATURES, ROWS, Role, module_path, shape_of
 from .inline import inline_call
 from .rules import Draws, decline, excluded
@@ -46,21 +45,24 @@ class AdaptiveRewrite:
     kind: str = "sample"
 
     def insert(self, graph: torch.fx.Graph, draws: Draws) -> None:
-        """Register the site with the stream's controller and replace the product by the controlled
-        op (which draws at run time from ``draws.stream_id``). The number of samples is read at run
-        time, so a dynamic sequence length groups each call's rows by its own length."""
+        """Replace the product by the controlled op, which finds its site in the controller of the
+        stream ``draws.handle`` names when it runs (by module, kind and ordinal among the graph's
+        products of both: nothing process-local enters the graph) and draws from ``draws.seed``.
+        The number of samples is read at run time, so a dynamic sequence length groups each call's
+        rows by its own length."""
         node = self.site.node
-        sampler_id = draws.stream_id
-        stream = sampler(sampler_id)
-        key = stream.auto.register(module_path(node), gemm_dims(node), self.kind, stream.domain, stream.graph)
+        module = module_path(node)
+        ordinal, index = draws.controlled.count((module, self.kind)), len(draws.controlled)
+        draws.controlled.append((module, self.kind))
+        kind = self.kind
 
-        def controlled(x: Tensor, y: Tensor, *samples: Tensor) -> Tensor:
+        def controlled(x: Tensor, y: Tensor, seed: Tensor, handle: Tensor, *samples: Tensor) -> Tensor:
             count = samples[0].shape[0] if samples else y.shape[0]
-            return torch.ops.ubcompile.auto_contraction(x, y, sampler_id, key, count)
+            return torch.ops.ubcompile.auto_contraction(x, y, seed, handle, module, kind, ordinal, index, count)
 
+        operands = [*node.args, draws.seed, draws.handle, *([self.samples] if self.samples else [])]
         with graph.inserting_before(node):
-            call = inline_call(graph, controlled, [*node.args, *([self.samples] if self.samples else [])],
-                               meta_from=node)
+            call = inline_call(graph, controlled, operands, meta_from=node)
         node.replace_all_uses_with(call)
         graph.erase_node(node)
 
@@ -84,7 +86,7 @@ def plan_adaptive(site: GemmSite, config: SamplingConfig) -> Union[AdaptiveRewri
     if site.role is Role.GRAD_INPUT:
         return _plan_rows(site, config)
     n = size_hint(site.cotangent.meta["val"].shape[-2])
-    reason = decline(config, site.role, module_path(site.node), gemm_dims(site.node), n)
+    reason = decline(config, site.role, module_path(site.node), n)
     if reason is not None:
         return reason
     if site.node.target is not aten.mm.default or site.contracted != ROWS:
@@ -97,9 +99,10 @@ def plan_adaptive(site: GemmSite, config: SamplingConfig) -> Union[AdaptiveRewri
 
 def _plan_rows(site: GemmSite, config: SamplingConfig) -> Union[AdaptiveRewrite, str]:
     """A propagated gradient ``G W`` (``G`` the left operand): computed exactly by the controller."""
-    reason = excluded(config, module_path(site.node), gemm_dims(site.node))
+    n = size_hint(site.cotangent.meta["val"].shape[-2])
+    reason = excluded(config, module_path(site.node), n)
     if reason is not None:
         return reason
     if site.node.target is not aten.mm.default or site.cotangent_arg != 0 or site.contracted != FEATURES:
         return "p='auto' keeps propagated gradients exact (it accounts for those of 2-D G @ W)"
-    return AdaptiveRewrite(site, size_hint(site.cotangent.meta["val"].shape[-2]), kind="rows")
+    return AdaptiveRewrite(site, n, kind="rows")

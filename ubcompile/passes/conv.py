@@ -203,12 +203,13 @@ def plan_conv(site: ConvSite, config: SamplingConfig) -> tuple[Optional[ConvRewr
     axis = AXIS_BY_NAME[config.axis]
     g_axis = _AXIS_OF_G[axis]
     n = size_hint(shape_of(site.cotangent)[g_axis])
+    span = n * _sizes(site)[2] if g_axis == BATCH else n  # a sample spans its positions' GEMM rows
     strata = site.geometry.groups if g_axis == CHANNELS else 1
     reasons: dict[int, str] = {}
     for output, role in enumerate(site.roles):
         if role is None:
             continue
-        reason = decline(config, role, module_path(site.node), conv_dims(site, output), n, strata)
+        reason = decline(config, role, module_path(site.node), n, strata, span)
         reason = reason or _linear_only(config) or _geometry_reason(site, g_axis, config.sketch)
         if reason is not None:
             reasons[output] = reason

@@ -202,7 +202,7 @@ def plan_gemm(site: GemmSite, config: SamplingConfig) -> Union[GemmRewrite, str]
     """The rewrite for ``site`` under ``config``, or the reason it stays exact."""
     axis = AXIS_BY_NAME[config.axis]
     n = size_hint(site.cotangent.meta["val"].shape[axis - 2])
-    reason = decline(config, site.role, module_path(site.node), gemm_dims(site.node), n)
+    reason = decline(config, site.role, module_path(site.node), n)
     if reason is not None:
         return reason
     k = keep_count(n, config.p)

@@ -58,25 +58,22 @@ class JointSamplingPass(CustomGraphPass):
     ``parameters[i]`` says whether the graph's ``i``-th input is a parameter (see
     :class:`~.graph.GradientFlow`); ``None`` treats every input gradient as a parameter's.
     ``seed_input`` is the position of the graph's seed input (:mod:`.seed_input`), from which
-    every draw derives; ``None`` under ``p="auto"``, whose controlled op draws from the stream
-    ``sampler_id`` names at run time.
+    every draw derives; under ``p="auto"`` the stream handle input follows it.
     """
 
-    def __init__(self, config: SamplingConfig, sampler_id: int, on_report: Callable[[GraphReport], None],
+    def __init__(self, config: SamplingConfig, on_report: Callable[[GraphReport], None],
                  parameters: Optional[Sequence[bool]] = None,
-                 on_fallback: Optional[Callable[[torch.fx.Node, str], None]] = None,
-                 seed_input: Optional[int] = None) -> None:
+                 on_fallback: Optional[Callable[[torch.fx.Node, str], None]] = None, *, seed_input: int) -> None:
         self.config = config
-        self.sampler_id = sampler_id
         self.seed_input = seed_input
         self.on_report = on_report
         self.on_fallback = on_fallback or (lambda node, reason: None)
         self.parameters = None if parameters is None else tuple(parameters)
 
     def uuid(self) -> str:
-        # A seeded graph is a pure function of its inputs: nothing process-local enters its key.
-        stream = "seeded" if self.seed_input is not None else f"stream{self.sampler_id}"
-        return f"ubcompile-{self.config!r}-{stream}-{self.parameters}-{_source_hash()}"
+        # The graph is a pure function of its inputs (the seed and handle among them): nothing
+        # process-local enters its key.
+        return f"ubcompile-{self.config!r}-{self.parameters}-{_source_hash()}"
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         start = time.perf_counter()
@@ -85,8 +82,8 @@ class JointSamplingPass(CustomGraphPass):
         gemms, unmatched = gemm_sites(graph, dependent, flow)
         sites = sorted([*gemms, *conv_sites(graph, dependent, flow)], key=lambda site: site.node)
         entries = [_exact_entry(u) for u in unmatched + fused_kernels(graph, dependent)]
-        seed = None if self.seed_input is None else seed_node(graph, self.seed_input)
-        draws = Draws(seed, self.sampler_id)
+        handle = seed_node(graph, self.seed_input + 1) if self.config.adaptive else None
+        draws = Draws(seed_node(graph, self.seed_input), handle)
         plans = [self._plan(site, dependent) if isinstance(site, GemmSite) else plan_conv(site, self.config)
                  for site in sites]
         shared = _share_draws(plans)

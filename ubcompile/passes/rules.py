@@ -13,7 +13,7 @@ the :class:`Sampled` protocol.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple, Optional, Protocol, Sequence, Union
+from typing import Callable, NamedTuple, Optional, Protocol, Union
 
 import torch
 import torch.fx
@@ -50,14 +50,15 @@ class DrawKey(NamedTuple):
 
 class Draws(dict[Union[torch.fx.Node, DrawKey], tuple[torch.fx.Node, ...]]):
     """The draws a pass inserted so far: per :class:`DrawKey`, or per activation for draws in the
-    forward, and where the graph's randomness comes from: ``seed``, its seed input, for the draw
-    ops (``None`` under ``p="auto"``), ``stream_id`` for ``p="auto"``'s controlled op, which draws
-    at run time from the backend's stream (:mod:`ubcompile.sampler`)."""
+    forward, and the graph's inputs they come from: ``seed``, its seed, and under ``p="auto"``
+    ``handle``, which names the backend's stream for the controlled ops (:mod:`.seed_input`).
+    ``controlled`` lists the ``(module, kind)`` of each controlled op inserted, in order."""
 
-    def __init__(self, seed: Optional[torch.fx.Node], stream_id: int) -> None:
+    def __init__(self, seed: torch.fx.Node, handle: Optional[torch.fx.Node] = None) -> None:
         super().__init__()
         self.seed = seed
-        self.stream_id = stream_id
+        self.handle = handle
+        self.controlled: list[tuple[str, str]] = []
 
 
 Draw = Callable[..., tuple[Tensor, ...]]
@@ -120,26 +121,27 @@ def _filtered(config: SamplingConfig, module: str) -> Optional[str]:
     return f"filter excludes module {module!r}" if config.filter is not None and not config.filter(module) else None
 
 
-def _too_small(config: SamplingConfig, dims: Sequence[int]) -> Optional[str]:
-    return f"GEMM {'x'.join(map(str, dims))} has a dim below min_dim={config.min_dim}" if min(dims) < config.min_dim else None
+def _too_small(config: SamplingConfig, span: int) -> Optional[str]:
+    return f"its sampled axis spans {span} rows/columns of the GEMM, below min_dim={config.min_dim}" if span < config.min_dim else None
 
 
-def excluded(config: SamplingConfig, module: str, dims: Sequence[int]) -> Optional[str]:
-    """Why the user's policy keeps a product of ``module`` with GEMM dims ``dims`` exact: ``filter``
-    or ``min_dim``; ``None`` if it allows rewriting it."""
-    return _filtered(config, module) or _too_small(config, dims)
+def excluded(config: SamplingConfig, module: str, span: int) -> Optional[str]:
+    """Why the user's policy keeps a product of ``module`` exact: ``filter``, or ``min_dim`` on
+    ``span``, the sampled axis's length in rows of the (implicit) GEMM; ``None`` if it allows it."""
+    return _filtered(config, module) or _too_small(config, span)
 
 
-def decline(config: SamplingConfig, role: Role, module: str, dims: Sequence[int], n: int,
-            strata: int = 1) -> Optional[str]:
+def decline(config: SamplingConfig, role: Role, module: str, n: int, strata: int = 1,
+            span: Optional[int] = None) -> Optional[str]:
     """Why a gradient of ``role`` in ``module`` stays exact under ``config``, or ``None`` to sample it.
 
-    ``dims`` are the ``(M, K, N)`` of the gradient's (implicit) GEMM and ``n`` the length of the
-    axis to sample (drawn in ``strata`` equal blocks), at their example values: a dynamic batch is
-    judged by its compiled size.
+    ``n`` is the length of the axis to sample (drawn in ``strata`` equal blocks) and ``span`` its
+    length in rows of the gradient's (implicit) GEMM, ``n`` unless one index spans several (a
+    convolution's sample spans its positions), at their example values: a dynamic batch is judged
+    by its compiled size. ``min_dim`` tests ``span`` alone: the other dims of the GEMM are not sampled.
     """
     not_in_mode = f"grad={config.grad!r} keeps {role.value} exact" if (config.grad, role) not in RULES else None
-    reason = _filtered(config, module) or not_in_mode or _too_small(config, dims)
+    reason = _filtered(config, module) or not_in_mode or _too_small(config, n if span is None else span)
     if reason is not None:
         return reason
     if not config.adaptive and sample_size(n, config.p, strata) >= n:

@@ -7,6 +7,10 @@ the backend's stream, :meth:`ubcompile.sampler.GraphStream.next_seed`). AOTAutog
 last ``primals_*`` input of the joint graph; the draw ops derive every random number from it and
 a per-draw stream number (:mod:`ubcompile.sketches.counter_rng`), so the graph is a pure function
 of its inputs: replayed, captured or loaded from a cache, it draws what its seed says.
+
+Under ``p="auto"`` a second placeholder, ``ubcompile_stream``, follows: a 0-d int64 CPU tensor
+holding the id of the graph's stream, by which the controlled ops find their controller at run
+time. Its value is an input, not part of the graph, so a cached graph serves any process.
 """
 
 from __future__ import annotations
@@ -21,22 +25,28 @@ from torch import Tensor
 from .._torch_private import mark_sourceless_input
 
 SEED_NAME = "ubcompile_seed"
+HANDLE_NAME = "ubcompile_stream"
 
 
 @contextlib.contextmanager
-def seed_input(gm: torch.fx.GraphModule) -> Iterator[None]:
-    """``gm`` with the seed placeholder appended to its inputs (unused until the joint pass reads
-    it), for the duration of its compile: Dynamo reads the graph's placeholders again afterwards."""
+def extra_inputs(gm: torch.fx.GraphModule, names: Sequence[str]) -> Iterator[None]:
+    """``gm`` with placeholders ``names`` appended to its inputs (unused until the joint pass reads
+    them), for the duration of its compile: Dynamo reads the graph's placeholders again afterwards."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    anchor = gm.graph.inserting_after(placeholders[-1]) if placeholders else gm.graph.inserting_before(None)
-    with anchor:
-        seed = gm.graph.placeholder(SEED_NAME)
-    mark_sourceless_input(seed)
+    added = []
+    for name in names:
+        anchor = gm.graph.inserting_after(placeholders[-1]) if placeholders else gm.graph.inserting_before(None)
+        with anchor:
+            node = gm.graph.placeholder(name)
+        mark_sourceless_input(node)
+        placeholders.append(node)
+        added.append(node)
     gm.recompile()
     try:
         yield
     finally:
-        gm.graph.erase_node(seed)
+        for node in reversed(added):
+            gm.graph.erase_node(node)
         gm.recompile()
 
 
@@ -50,16 +60,21 @@ def seed_example(device: torch.device) -> Tensor:
     return torch.zeros((), dtype=torch.int64, device=device)
 
 
+def stream_handle(stream_id: int) -> Tensor:
+    """The ``ubcompile_stream`` input of a ``p="auto"`` graph: its stream's id, on the CPU."""
+    return torch.tensor(stream_id, dtype=torch.int64)
+
+
 def seed_node(graph: torch.fx.Graph, position: int) -> torch.fx.Node:
-    """The seed input of the graph AOTAutograd made (a joint graph, or an inference graph without
-    ``tangents_*``): its ``position``-th placeholder, the inputs coming first, in order."""
+    """An input the backend added to the graph AOTAutograd made (a joint graph, or an inference
+    graph without ``tangents_*``): its ``position``-th placeholder, the inputs coming first, in order."""
     return list(graph.find_nodes(op="placeholder"))[position]
 
 
-def calling_with_seed(compiled: Callable[..., Any], next_seed: Callable[[], Tensor]) -> Callable[..., Any]:
-    """``compiled``, called with ``next_seed()`` appended to the inputs Dynamo passes it."""
+def calling_with(compiled: Callable[..., Any], extra: Callable[[], Sequence[Tensor]]) -> Callable[..., Any]:
+    """``compiled``, called with ``extra()`` appended to the inputs Dynamo passes it."""
 
     def run(*args: Any) -> Any:
-        return compiled(*args, next_seed())
+        return compiled(*args, *extra())
 
     return run
