@@ -135,12 +135,11 @@ class ConvRewrite:
 
         return estimate
 
-    def drawing_estimator(self, site: int, shared_dims: Sequence[int] = ()) -> Optional[Callable[..., tuple[tuple[Optional[Tensor], ...], tuple[Tensor, Tensor]]]]:
+    def drawing_estimator(self, site: int) -> Optional[Callable[..., tuple[tuple[Optional[Tensor], ...], tuple[Tensor, Tensor]]]]:
         """``(g, x, w, seed) -> ((grad_input, grad_weight, grad_bias), (idx, scale))``: the draw
         ``site`` and the sampled gradients as one op
         (:func:`~ubcompile.estimator_ops.sampled_conv_backward`, which draws for both gradients);
-        ``None`` for a projection. No other product shares a convolution's draw (``shared_dims``)."""
-        assert not shared_dims, "a convolution's draw is its own"
+        ``None`` for a projection."""
         if SKETCH_TABLE[self.sketch].projects:
             return None
 

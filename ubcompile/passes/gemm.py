@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, ClassVar, Optional, Sequence, Union
+from typing import Callable, ClassVar, Optional, Union
 
 import torch
 import torch.fx
@@ -138,6 +138,7 @@ class GemmRewrite:
     sketch: str
     n: int
     k: int
+    shared_dims: tuple[int, ...] = ()  # the op_dims of the later products that read this one's draw
     strata: ClassVar[int] = 1  # GEMM draws are never stratified
 
     @property
@@ -162,14 +163,14 @@ class GemmRewrite:
     def anchor(self, x: Tensor, y: Tensor) -> Tensor:
         return (x, y)[self.site.cotangent_arg]
 
-    def drawing_estimator(self, site: int, shared_dims: Sequence[int] = ()) -> Optional[Callable[..., tuple[Tensor, tuple[Tensor, Tensor]]]]:
+    def drawing_estimator(self, site: int) -> Optional[Callable[..., tuple[Tensor, tuple[Tensor, Tensor]]]]:
         """``(x, y, seed, *shared) -> (estimate of x @ y, (idx, scale))``: the draw ``site`` and the
         product as one op (:func:`~ubcompile.estimator_ops.sampled_gemm`); ``None`` for a projection.
-        ``shared`` are the operands of the products that read the draw too, ``shared_dims`` their
-        :attr:`op_dim` values."""
+        ``shared`` are the operands of the products that read the draw too, in the order of
+        :attr:`shared_dims`."""
         if SKETCH_TABLE[self.sketch].projects:
             return None
-        op_dim, sketch, p = self.op_dim, self.sketch, self.p
+        op_dim, sketch, p, shared_dims = self.op_dim, self.sketch, self.p, self.shared_dims
 
         def estimate(x: Tensor, y: Tensor, seed: Tensor, *shared: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
             k = keep_count(sampled_size(x, y, op_dim), p)

@@ -10,6 +10,8 @@ node the pass sees is reported, sampled or with the reason it stayed exact.
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 import hashlib
 import pathlib
@@ -160,7 +162,7 @@ class JointSamplingPass(CustomGraphPass):
             _check_defined_before(draws[key], node)
             return inline_call(graph, rewrite.estimator(), [*operands, *draws[key]], meta_from=node)
         others = [other for other in shared.get(key, ()) if other is not rewrite]
-        drawing = rewrite.drawing_estimator(len(draws), [other.op_dim for other in others])
+        drawing = rewrite.drawing_estimator(len(draws))
         if drawing is not None:
             partner_operands = [arg for other in others for arg in other.site.node.args]
             estimate, draws[key] = inline_call(graph, drawing, [*operands, draws.seed, *partner_operands],
@@ -211,8 +213,10 @@ def _share_draws(plans: list) -> SharedDraws:
         for i in later:
             if not all(hoist(arg, node) for arg in plans[i].site.node.args):
                 plans[i] = f"its operands are computed after the draw it would share with {node.name}; kept exact"
-        if len(group := [plans[i] for i in (first, *later) if isinstance(plans[i], GemmRewrite)]) > 1:
-            shared[key] = group
+        partners = [plans[i] for i in later if isinstance(plans[i], GemmRewrite)]
+        if partners:
+            plans[first] = dataclasses.replace(plans[first], shared_dims=tuple(p.op_dim for p in partners))
+            shared[key] = [plans[first], *partners]
     return shared
 
 
