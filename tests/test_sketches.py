@@ -5,7 +5,7 @@ import torch
 
 from ubcompile.sketches import keep_count, sampled_contraction, sampled_output, uniform_subset, uniform_variance
 from ubcompile.sketches.axis import gather
-from ubcompile.testing import assert_unbiased_samples, critical_z, z_scores
+from ubcompile.testing import assert_unbiased_samples, critical_t, critical_z, z_scores
 
 DRAWS = 2000
 
@@ -82,6 +82,25 @@ def test_a_biased_estimator_fails_the_same_test(bias):
         draw = lambda: _draw_contraction(x, y, k, gen, factor * n / k)  # noqa: E731
     samples = torch.stack([draw() for _ in range(DRAWS)])
     assert not z_scores(samples, x @ y).passed
+
+
+def test_the_bound_keeps_its_false_alarm_rate_at_few_draws():
+    """An unbiased estimator seen through 20 draws: its z-scores are t-distributed with 19 degrees
+    of freedom. The t bound flags at most ``alpha`` of the trials (Bonferroni); the normal bound,
+    the control, flags far more (about 0.17 here)."""
+    gen = torch.Generator().manual_seed(0)
+    exact, trials, alpha = torch.randn(50, generator=gen), 1000, 0.1
+    results = [z_scores(exact + torch.randn(20, 50, generator=gen), exact, alpha=alpha) for _ in range(trials)]
+    limit = alpha * trials + critical_z(1) * (trials * alpha * (1 - alpha)) ** 0.5
+    assert sum(not r.passed for r in results) <= limit
+    assert sum(bool(r.z.abs().max() > critical_z(len(r.z), alpha)) for r in results) > limit
+
+
+@pytest.mark.parametrize("dof, table", [(9, 4.781), (19, 3.883), (29, 3.659), (120, 3.373)])
+def test_critical_t_matches_the_t_table(dof, table):
+    """Two-sided 0.1% points of Student's t (any statistics table)."""
+    assert abs(critical_t(1, dof) - table) < 2e-3
+    assert critical_z(1) < critical_t(1, dof)
 
 
 def test_uniform_variance_matches_closed_form():

@@ -3,8 +3,10 @@
 An unbiased estimator's mean over ``D`` independent draws differs from the exact value by about
 its standard error ``sd / sqrt(D)``. :func:`z_scores` measures that difference, in standard errors,
 along a few fixed directions: the exact value's own direction (where a scale error shows most)
-and random ones. Under unbiasedness each z-score is approximately standard normal, so
-``max |z|`` exceeds the Bonferroni bound :func:`critical_z` with probability at most ``alpha``.
+and random ones. Under unbiasedness each z-score, its standard error measured from the same
+``D`` draws, is approximately Student-t with ``D - 1`` degrees of freedom, so ``max |z|``
+exceeds the Bonferroni bound :func:`critical_t` with probability at most ``alpha`` (the normal
+bound :func:`critical_z` would be exceeded 10x as often at 20 draws).
 """
 
 from __future__ import annotations
@@ -31,6 +33,19 @@ FLOAT32_RTOL = 1e-4
 def critical_z(num_tests: int, alpha: float = 1e-3) -> float:
     """Two-sided normal quantile with Bonferroni correction over ``num_tests`` z-scores."""
     return float(torch.special.ndtri(torch.tensor(1.0 - alpha / (2 * num_tests), dtype=torch.float64)))
+
+
+def critical_t(num_tests: int, dof: int, alpha: float = 1e-3) -> float:
+    """:func:`critical_z` for t-statistics with ``dof`` degrees of freedom: the Cornish-Fisher
+    expansion of the t quantile in ``1 / dof`` (Abramowitz & Stegun 26.7.5, four terms). Its tail
+    probability is within 1% of ``alpha / (2 num_tests)`` from 19 degrees of freedom on, for up
+    to 1000 tests, and within 14% from 9; fewer draws than 10 make the bound a little too small."""
+    z = critical_z(num_tests, alpha)
+    terms = ((z**3 + z) / 4,
+             (5 * z**5 + 16 * z**3 + 3 * z) / 96,
+             (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384,
+             (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160)
+    return z + sum(term / dof**power for power, term in enumerate(terms, start=1))
 
 
 def _directions(exact: Tensor, num_random: int, seed: int) -> Tensor:
@@ -88,7 +103,7 @@ class ZAccumulator:
         scale = torch.maximum(self.exact_norm, torch.stack(self.norms).mean())
         floor = FLOAT32_RTOL * scale + torch.finfo(torch.float32).tiny
         z = (proj.mean(dim=0) - self.target) / torch.sqrt(se**2 + floor**2)
-        return ZTest(z, critical_z(len(z), alpha))
+        return ZTest(z, critical_t(len(z), d - 1, alpha))
 
 
 def z_scores(samples: Tensor, exact: Tensor, *, num_random: int = 15, alpha: float = 1e-3, seed: int = 0) -> ZTest:
