@@ -7,7 +7,7 @@
 For each model and mode (the default ``grad="weight"`` and ``grad="both"``, p = 0.25): it compiles;
 the forward equals exact Inductor's; three AdamW steps keep the loss finite; what is sampled and
 why the rest stays exact (the report); ``ubcompile.testing.assert_unbiased`` over ``--draws``
-draws; gradients in ``model.eval()`` equal exact ones; graphs, graph breaks and recompiles; and
+draws; gradients in ``model.eval()`` equal exact Inductor's; graphs, graph breaks and recompiles; and
 the step time against exact Inductor's (medians of interleaved steps in this process). The
 packages' versions are pinned in ``benchmarks/real_models.txt``.
 """
@@ -174,8 +174,11 @@ def run_case(name: str, grad: str, draws: int) -> dict[str, Any]:
     model.eval()
     exact_model.eval()
     eval_grads = _grads(model, case, compiled)
-    reference = _grads(model, case, model)
-    row["eval exact"] = all(torch.allclose(g, r, rtol=1e-3, atol=1e-5) for g, r in zip(eval_grads, reference))
+    # Exact means what exact torch.compile computes: eager differs by Inductor's rounding, which
+    # reaches 1% on MobileNetV3's and torchvision ResNet-18's early layers after a few steps.
+    twin = copy.deepcopy(model)
+    reference = _grads(twin, case, torch.compile(twin, backend="inductor"))
+    row["eval exact"] = all(torch.allclose(g, r, rtol=1e-5, atol=1e-8) for g, r in zip(eval_grads, reference))
     model.train()
     try:
         assert_unbiased(model, case.loss, *case.inputs, draws=draws, backend=ubcompile.backend(p=0.25, grad=grad, seed=1))

@@ -104,9 +104,21 @@ def test_graph_snapshot_round_trip_and_diff(tmp_path, monkeypatch):
     assert_graph_snapshot(first, path)  # written
     text = path.read_text()
     assert "ubcompile.sampled_gemm.default" in text and "float32[96, 128]" in text
-    assert "<sampler>" not in text  # a seeded graph names no process-local stream
     assert_graph_snapshot(compiled_backend(0.25), path)  # a new backend: same text
     with pytest.raises(AssertionError, match="differs from the snapshot"):
         assert_graph_snapshot(compiled_backend(0.5), path)
     assert_graph_snapshot(compiled_backend(0.5), path, update=True)
     assert path.read_text() == backward_snapshot(compiled_backend(0.5)) != text
+
+
+def test_auto_graphs_hold_nothing_process_local():
+    """Two backends' ``p="auto"`` graphs are the same text: their stream reaches the controlled ops
+    as an input of the graph, not as a constant in it."""
+    def snapshot():
+        backend = ubcompile.backend(p="auto", min_dim=16, compiler="eager", seed=0)
+        _grads(mlp(32, 128, 128, 4), backend, torch.randn(96, 32))
+        return backward_snapshot(backend)
+
+    first = snapshot()
+    assert "ubcompile.auto_contraction.default(" in first
+    assert snapshot() == first

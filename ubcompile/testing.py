@@ -181,9 +181,7 @@ SNAPSHOT_UPDATE_ENV = "UBCOMPILE_UPDATE_SNAPSHOTS"
 """Set to ``1`` to make :func:`assert_graph_snapshot` rewrite the stored files instead of comparing."""
 
 
-def _render(arg: Any, hide: bool = False) -> str:
-    if hide:
-        return "<sampler>"
+def _render(arg: Any) -> str:
     if isinstance(arg, torch.fx.Node):
         return arg.name
     if isinstance(arg, (list, tuple)):
@@ -200,19 +198,15 @@ def _value(node: torch.fx.Node) -> str:
 
 
 def _call(node: torch.fx.Node) -> str:
-    schema = getattr(node.target, "_schema", None)
-    names = [a.name for a in schema.arguments] if schema is not None else []
-    hidden = {i for i, name in enumerate(names) if name == "sampler_id"} if "ubcompile" in str(node.target) else set()
-    args = [_render(a, i in hidden) for i, a in enumerate(node.args)]
-    args += [f"{k}={_render(v, k == 'sampler_id' and bool(hidden))}" for k, v in node.kwargs.items()]
+    args = [_render(a) for a in node.args] + [f"{k}={_render(v)}" for k, v in node.kwargs.items()]
     return f"{node.target}({', '.join(args)})"
 
 
 def graph_text(graph: torch.fx.GraphModule) -> str:
     """A normalised, readable text of ``graph``: one line per node with its dtype and shape.
 
-    What varies between runs of the same code is left out or masked: source locations, and the
-    process-local id of the backend's stream in ``ubcompile`` ops that take one (``p="auto"``'s).
+    What varies between runs of the same code is left out: source locations. (No process-local
+    value is in a graph: the backend's stream reaches ``p="auto"``'s ops as an input.)
     """
     lines = []
     for node in graph.graph.nodes:
