@@ -97,7 +97,8 @@ class Backend:
             return compile_eager_with_joint_pass
         if mode == "reduce-overhead":
             raise ValueError("mode='reduce-overhead' captures the step in CUDA graphs, which cannot replay ubcompile's "
-                             "draws today (they read a generator the graph does not own); use mode='default' or "
+                             "draws today (p='auto''s controller runs Python at every call, which a replay skips; the "
+                             "fixed-p ops were never captured on a GPU); use mode='default' or "
                              "'max-autotune-no-cudagraphs'")
         options = mode_options(mode)
         if options.pop("triton.cudagraphs", False):
