@@ -38,6 +38,9 @@ gradient stays unbiased.
 
 The product's output shape never changes, so the compiled graphs stay static: the option is
 chosen inside one opaque op, among the few :data:`LEVELS` of each sketch, with no recompilation.
+The op draws from the graph's seed input and registers its site at its first call (by module,
+kind and ordinal, :data:`SiteId`), finding the controller through the graph's stream input: the
+graph holds no state, so a compile cache may serve it.
 
 The package: :mod:`.policy` (a site's options and their allocation under the budget),
 :mod:`.execution` (the tensor code of one call, compiled), :mod:`.controller` (the sites' state,
