@@ -109,7 +109,7 @@ def _seed(gen):
 
 def _call(controller, x, y, gen, times=1):
     for _ in range(times):
-        out = controller.contraction(x, y, 0, _seed(gen))
+        out = controller.contraction(x, y, 0, _seed(gen), 0)
     return out
 
 
@@ -136,9 +136,9 @@ def test_a_gradient_spike_falls_back_towards_exact():
     site = c.sites[0]
     before = site.current.level
     assert before > 0 and not site.spikes
-    c.contraction(x, 10 * y, 0, _seed(gen))  # the gradient's norm jumps 10x: a loss spike
+    c.contraction(x, 10 * y, 0, _seed(gen), 0)  # the gradient's norm jumps 10x: a loss spike
     assert not site.spikes  # read back without a sync: the controller sees it from the next call on
-    out = c.contraction(x, 10 * y, 0, _seed(gen))
+    out = c.contraction(x, 10 * y, 0, _seed(gen), 0)
     assert site.spikes == [60]
     assert torch.allclose(out, x @ (10 * y), rtol=1e-4)  # the call after the spike is computed exactly
     assert site.ceiling == before - 1 and site.current.level <= before - 1
@@ -211,7 +211,7 @@ def test_propagated_gradients_are_exact():
     c = AutoController(budget=0.5, measure_every=10)
     key = c.register("layer", (40, 24, 16), kind="rows")
     x, y = torch.randn(40, 24, generator=gen), torch.randn(24, 16, generator=gen)
-    assert torch.equal(c.contraction(x, y, key, _seed(gen)), x @ y)
+    assert torch.equal(c.contraction(x, y, key, _seed(gen), key), x @ y)
     assert c.spent_flops == c.exact_flops
     assert "exact (a propagated gradient)" in c.table()
 

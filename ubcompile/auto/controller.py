@@ -134,12 +134,12 @@ class AutoController:
         from the allocation until it is called again."""
         return self._domain_calls[site.domain] - site.last_seen < 2 * len(self.sites)
 
-    def contraction(self, x: Tensor, y: Tensor, key: int, seed: Tensor, stream: Optional[int] = None,
+    def contraction(self, x: Tensor, y: Tensor, key: int, seed: Tensor, stream: int,
                     samples: Optional[int] = None) -> Tensor:
         """``x @ y`` for the site ``key``: sampled with its current option (``kind="sample"``: rows of
         ``y`` = batch/token rows, from ``samples`` samples; ``None``: one row each), or exactly
         (``kind="rows"``). Every random number comes from the 0-d ``seed`` and the draw's ``stream``
-        (``key`` by default; the compiled op passes the product's place in its graph)."""
+        (the compiled op passes the product's place in its graph)."""
         self.collect()
         site = self.sites[key]
         calls = self._domain_calls[site.domain] = self._domain_calls.get(site.domain, 0) + 1
@@ -158,7 +158,6 @@ class AutoController:
         site.uses[site.option] += 1
         site.spent_flops += site.costs[site.option]
         k = min(x.shape[1], keep_count(x.shape[1], site.p))
-        stream = key if stream is None else stream
         out, split = controlled_product(x, y, site.current.sketch, k, norms, a, seed, stream)
         if site.due or site.calls - 1 >= site.next_measure:
             self._measure(key, x, y, norms, a, sq_norm, split, out, seed, stream)

@@ -11,7 +11,6 @@ node the pass sees is reported, sampled or with the reason it stayed exact.
 from __future__ import annotations
 
 import dataclasses
-
 import functools
 import hashlib
 import pathlib
