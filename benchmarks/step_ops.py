@@ -1,6 +1,8 @@
-"""ATen ops, host reads and GPU kernels per training step (issue 19): one warm forward and backward
+"""ATen ops, host reads and GPU kernels per training step (issue 19): warm forwards and backwards
 of a 4-layer MLP (256-512-512-512-10, batch 256), counted with ``torch.profiler`` (every ATen op a
-compiled step dispatches, extern kernels and the ops inside ubcompile's opaque ops included).
+compiled step dispatches, extern kernels and the ops inside ubcompile's opaque ops included), each
+step on its own: the mean, min and max over ``--steps`` steps (``p="auto"`` measures and makes its
+residual bases at some steps only).
 
     python benchmarks/step_ops.py '{}'                # ubcompile.backend() options, a Python dict
     python benchmarks/step_ops.py exact               # exact torch.compile
@@ -27,6 +29,7 @@ parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"
 parser.add_argument("--mode", help="torch.compile mode (e.g. reduce-overhead)")
 parser.add_argument("--sync-debug", action="store_true", help="raise on any synchronizing CUDA call")
 parser.add_argument("--top", type=int, default=0)
+parser.add_argument("--steps", type=int, default=20, help="warm steps profiled, each on its own")
 args = parser.parse_args()
 
 torch.manual_seed(0)
@@ -42,18 +45,28 @@ cuda = args.device.startswith("cuda")
 activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
 if args.sync_debug:
     torch.cuda.set_sync_debug_mode("error")
-with profile(activities=activities) as prof:
-    compiled(x).float().square().mean().backward()
+steps = []
+for _ in range(args.steps):
+    with profile(activities=activities) as prof:
+        compiled(x).float().square().mean().backward()
+    steps.append(prof.events())
 if args.sync_debug:
     torch.cuda.set_sync_debug_mode(0)
-events = prof.events()
-names = [e.name for e in events if e.name.startswith("aten::")]
-counts = [f"aten ops {len(names)}", f"local_scalar_dense {names.count('aten::_local_scalar_dense')}",
-          f"nonzero {names.count('aten::nonzero')}"]
+
+
+def spread(per_step: list[int]) -> str:
+    return f"{sum(per_step) / len(per_step):g} (min {min(per_step)}, max {max(per_step)})"
+
+
+names = [[e.name for e in events if e.name.startswith("aten::")] for events in steps]
+counts = [f"aten ops {spread([len(n) for n in names])}",
+          f"local_scalar_dense {spread([n.count('aten::_local_scalar_dense') for n in names])}",
+          f"nonzero {spread([n.count('aten::nonzero') for n in names])}"]
 if cuda:
-    counts.append(f"cuda kernels {sum(e.device_type == torch.autograd.DeviceType.CUDA for e in events)}")
+    counts.append("cuda kernels " + spread([sum(e.device_type == torch.autograd.DeviceType.CUDA for e in events)
+                                            for events in steps]))
 if args.sync_debug:
     counts.append("no synchronizing call (sync debug mode 'error')")
-print(f"{args.options} {args.device} {args.dtype} mode={args.mode}: " + ", ".join(counts))
+print(f"{args.options} {args.device} {args.dtype} mode={args.mode}, {args.steps} steps: " + ", ".join(counts))
 if args.top:
-    print(collections.Counter(names).most_common(args.top))
+    print(collections.Counter(name for n in names for name in n).most_common(args.top))

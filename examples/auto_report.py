@@ -113,7 +113,7 @@ def plot(records_by_model: dict[str, list[Record]], path: pathlib.Path) -> None:
         run = groups[DEFAULT_LABEL][0]
         ax = axes[0][col]
         total = run["curve"][-1]["step"]
-        for site in (s for s in run["auto"]["sites"] if s["timeline"]):  # sites of kind "rows" have none
+        for site in (s for s in run["auto"]["sites"] if s["timeline"]):  # (sites of the records before 2026-12-03 of kind "rows" have none)
             steps = [change[0] for change in site["timeline"]] + [total]
             fractions = [change[1] for change in site["timeline"]]
             line, = ax.step(steps, fractions + fractions[-1:], where="post", label=site["module"])

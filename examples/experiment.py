@@ -166,7 +166,7 @@ def auto_record(backend: Any) -> Optional[dict[str, Any]]:
     return {"budget": auto.budget, "measure_every": auto.measure_every, "levels": list(LEVELS),
             "rank": RESIDUAL_RANK,
             "flop_ratio": auto.spent_flops / auto.exact_flops if auto.exact_flops else 1.0,
-            "sites": [{"module": s.module, "shape": list(s.shape), "group": s.group, "kind": s.kind, "calls": s.calls,
+            "sites": [{"module": s.module, "shape": list(s.shape), "group": s.group, "calls": s.calls,
                        "options": [o.label for o in s.options], "uses": s.uses, "spikes": s.spikes,
                        "timeline": s.timeline,
                        "measurements": [dataclasses.asdict(m) for m in s.measurements]} for s in auto.sites]}

@@ -1,6 +1,7 @@
 """How much variance the residual sketch removes, at equal FLOPs, on the experiments' MLP.
 
     python examples/residual_check.py [--out docs/experiments/residual.md] [--width 1024] [--steps 1 40 120 234]
+                                      [--stale 1 5 10 25 50]
 
 Trains the Fashion-MNIST MLP (784-1024-1024-1024-10, SGD, the experiments' settings) exactly and,
 at a few steps, takes each hidden layer's weight-gradient product ``T = G^T A`` (batch rows
@@ -9,11 +10,16 @@ residual sketch (:mod:`ubcompile.sketches.residual`, rank 8, one power iteration
 ``k`` and at the ``k`` that costs the same GEMM FLOPs, it reports ``V_sketch / V_sgd``: the
 Poisson variance of each sketch (:mod:`ubcompile.sketches.control`) over the minibatch-SGD
 variance of ``T``, the ratio ``p="auto"``'s budget bounds.
+
+``p="auto"`` makes a site's bases at its measurements and reuses them until the next
+(:mod:`ubcompile.auto`): a second table gives the residual sketch's variance at the same ``k`` with
+bases made ``d`` steps earlier, on earlier batches, over its variance with the step's own bases.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import functools
 import pathlib
@@ -51,6 +57,17 @@ def ratios(g: torch.Tensor, a: torch.Tensor, gen: torch.Generator) -> tuple[floa
     return plain / v_sgd, same / v_sgd, equal / v_sgd, k_equal
 
 
+def staleness(g: torch.Tensor, a: torch.Tensor, bases: list[ResidualSplit]) -> list[float]:
+    """The residual sketch's variance at ``k = P n`` with each split's bases ``u``, ``v`` (made on
+    earlier batches) over its variance with the first: the cost of reusing bases across steps."""
+    x, y = g.T.contiguous(), a
+    norms = factor_norms(x, y)
+    k = round(P * x.shape[1])
+    variances = [sketch_variances(ResidualSplit.on_bases(x, y, b.u, b.v).importance(*norms), [k])[0]
+                 for b in bases]
+    return [v / variances[0] for v in variances]
+
+
 def _record(saved: dict[tuple[str, str], torch.Tensor], name: str, _module: nn.Module,
             inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
     """Keep the layer's input ``A`` and, once the backward reaches it, its output's cotangent ``G``."""
@@ -63,6 +80,8 @@ def main() -> None:
     ap.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parents[1] / "docs" / "experiments" / "residual.md")
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--steps", type=int, nargs="+", default=[1, 40, 120, 234], help="training steps to measure at")
+    ap.add_argument("--stale", type=int, nargs="+", default=[1, 5, 10, 25, 50],
+                    help="ages of the reused bases, in steps")
     ap.add_argument("--data-dir", help="Fashion-MNIST idx files (default: see examples/fashion_data.py)")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -76,17 +95,26 @@ def main() -> None:
         m.register_forward_hook(functools.partial(_record, saved, name))
     batches, gen = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
     rows: list[str] = []
+    stale_rows: list[str] = []
+    history = {name: collections.deque(maxlen=max(args.stale) + 1) for name, _ in hidden}  # newest first
     step = 0
     while step < max(args.steps):
         for idx in fashion_data.full_batches(len(x_tr), BATCH, batches):
             step += 1
             opt.zero_grad()
             F.cross_entropy(model(x_tr[idx]), y_tr[idx]).backward()
+            for name, _ in hidden:
+                g, a = saved[(name, "g")], saved[(name, "a")]
+                history[name].appendleft(ResidualSplit.of(g.T.contiguous(), a, RANK, gen))
             if step in args.steps:
                 for name, _ in hidden:
                     plain, same, equal, k_equal = ratios(saved[(name, "g")], saved[(name, "a")], gen)
                     rows.append(f"| {step} | {name} | {plain:.3f} | {same:.3f} ({same / plain:.2f}x) "
                                 f"| {k_equal} | {equal:.3f} ({equal / plain:.2f}x) |")
+                    ages = [d for d in args.stale if d < len(history[name])]
+                    growth = staleness(saved[(name, "g")], saved[(name, "a")], [history[name][d] for d in [0, *ages]])
+                    stale_rows.append(f"| {step} | {name} | " + " | ".join(
+                        f"{growth[1 + ages.index(d)]:.2f}" if d in ages else "" for d in args.stale) + " |")
             opt.step()
             if step == max(args.steps):
                 break
@@ -98,7 +126,11 @@ def main() -> None:
             f"Layer names are the `nn.Sequential` indices (1: 784 inputs; 3, 5: {args.width}).\n\n"
             f"| step | layer | norm, k = {round(P * BATCH)} | residual, same k | residual k at equal FLOPs "
             "| residual, equal FLOPs |\n"
-            "|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+            "|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
+            f"## Bases reused across steps: residual variance at k = {round(P * BATCH)}, bases made d steps earlier, "
+            "over its variance with the step's own bases\n\n"
+            "| step | layer | " + " | ".join(f"d = {d}" for d in args.stale) + " |\n"
+            "|---|---|" + "---|" * len(args.stale) + "\n" + "\n".join(stale_rows) + "\n")
     args.out.write_text(text)
     print(text)
 

@@ -1,6 +1,6 @@
 """Training-step time of the sweep's models, exact against sampled, measured quietly in one process.
 
-    python examples/step_time.py [--models mlp bagnet vit gpt] [--p 0.25] [--rounds 5] [--steps 20]
+    python examples/step_time.py [--models mlp bagnet vit gpt] [--p 0.25] [--rounds 5] [--steps 20] [--configs p=auto]
 
 The sweep (``examples/sweep.py``) times every run while another run occupies the second core, so
 its step times carry that load's noise. This script compiles, per model, exact, the four
@@ -17,7 +17,7 @@ import argparse
 import json
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -50,11 +50,16 @@ def make_step(model_name: str, config: dict[str, Any]) -> Step:
     return step
 
 
-def measure(model_name: str, p: float, rounds: int, steps: int) -> dict[str, Any]:
+def measure(model_name: str, p: float, rounds: int, steps: int, only: Optional[list[str]] = None) -> dict[str, Any]:
     lr = sweep.importlib.import_module(sweep.MODELS[model_name][0]).LR
     configs = {"exact": {"exact": True}} | {f"{g}:{s} p={p:g}": {"grad": g, "sketch": s, "p": p}
                                            for g in sweep.GRADS for s in sweep.SKETCHES}
     configs["p=auto"] = {"p": "auto", "budget": sweep.SamplingConfig.budget}
+    if only is not None:
+        unknown = set(only) - set(configs)
+        if unknown:
+            raise SystemExit(f"unknown configurations {sorted(unknown)}; choose from {list(configs)}")
+        configs = {name: c for name, c in configs.items() if name == "exact" or name in only}
     torch._dynamo.reset()
     fns = {name: make_step(model_name, {"lr": lr, "seed": 0, **c}) for name, c in configs.items()}
     medians: dict[str, list[float]] = {name: [] for name in fns}
@@ -72,10 +77,11 @@ def main() -> None:
     ap.add_argument("--p", type=float, default=0.25)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--configs", nargs="+", help="time only these besides exact (e.g. 'p=auto' 'weight:norm p=0.25')")
     ap.add_argument("--out", default=str(sweep.ROOT / "docs" / "experiments"))
     args = ap.parse_args()
     torch.set_num_threads(1)
-    results = [measure(m, args.p, args.rounds, args.steps) for m in args.models]
+    results = [measure(m, args.p, args.rounds, args.steps, args.configs) for m in args.models]
     rows = ["| model | run | step time vs exact, median (range) over rounds | exact step ms |", "|---|---|---|---|"]
     for r in results:
         exact_ms = statistics.median(r["median_step_s"]["exact"]) * 1e3

@@ -157,8 +157,7 @@ def test_auto_run_records_fractions_and_the_auto_report_reads_them(fashion_dir, 
     json.dumps(record)
     assert record["label"] == auto_report.DEFAULT_LABEL and record["status"] == "ok"
     sites = record["auto"]["sites"]
-    sampled = [s for s in sites if s["kind"] == "sample"]
-    assert [s["module"] for s in sampled] == ["7", "5", "3", "1"] and all(s["timeline"] for s in sampled)
+    assert [s["module"] for s in sites] == ["7", "5", "3", "1"] and all(s["timeline"] for s in sites)
     flops = record["bwd_gflop_per_step"]
     assert 0 < flops["sampled"] < flops["exact"]
     assert record["curve"][-1]["bwd_gflop"] == pytest.approx(record["curve"][-1]["step"] * flops["sampled"])
@@ -173,10 +172,14 @@ def test_residual_check_writes_its_table(fashion_dir, tmp_path, monkeypatch):
     out = tmp_path / "residual.md"
     script = ROOT / "examples" / "residual_check.py"
     monkeypatch.setattr(sys, "argv", [str(script), "--data-dir", str(fashion_dir), "--width", "64",
-                                      "--steps", "1", "2", "--out", str(out)])
+                                      "--steps", "1", "2", "--stale", "1", "--out", str(out)])
     runpy.run_path(str(script), run_name="__main__")
-    rows = [line for line in out.read_text().splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
+    sketches, stale = out.read_text().split("## Bases reused")
+    rows = [line for line in sketches.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
     assert len(rows) == 2 * 3  # two steps, three hidden layers
+    # step 1 has no older bases; step 2 has step 1's, at some multiple of its own bases' variance
+    cells = [line.split("|")[3].strip() for line in stale.splitlines() if line.startswith("| ")][1:]
+    assert [c != "" for c in cells] == [False] * 3 + [True] * 3
 
 
 def test_the_scale_recipe_trains_on_two_ranks_with_torchrun(tmp_path):

@@ -64,6 +64,19 @@ def test_residual_sketch_is_unbiased_and_a_double_counted_part_is_caught():
     assert not z_scores(_draws(x, y, double_counted), x @ y).passed
 
 
+def test_bases_made_from_other_data_keep_the_estimate_unbiased():
+    """``p="auto"`` reuses a site's bases on later batches: any bases leave the estimator unbiased."""
+    x, y = _operands()
+    other_x, other_y = _operands(noise=1.0)
+    bases = ResidualSplit.of(other_x[:, :17], other_y[:17], RANK, torch.Generator().manual_seed(6))
+
+    def stale(x, y, gen):
+        split = ResidualSplit.on_bases(x, y, bases.u, bases.v)
+        return residual_contraction(x, y, split, *pps_sample(split.importance(*factor_norms(x, y)), K, gen))
+
+    assert_unbiased_samples(_draws(x, y, stale), x @ y)
+
+
 def test_residual_variance_is_far_below_the_norm_sketch_near_low_rank():
     """Total variance at the same ``k``, with the standard error of its difference."""
     x, y = _operands()

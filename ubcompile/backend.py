@@ -17,7 +17,7 @@ from ._torch_private import (compile_eager_with_joint_pass, compile_with_joint_p
 from .auto import AutoController
 from .config import SamplingConfig, make_config
 from .passes import JointSamplingPass
-from .passes.seed_input import HANDLE_NAME, SEED_NAME, calling_with, extra_inputs, graph_device, seed_example, stream_handle
+from .passes.seed_input import HANDLE_NAME, SEED_NAME, calling_with, extra_inputs, graph_device, seed_example
 from .report import GraphReport, Report
 from . import draw_ops  # noqa: F401  (registers the torch.ops.ubcompile draw ops)
 from . import report_store
@@ -72,7 +72,7 @@ class Backend:
         Inductor's caches may serve it; on an AOTAutograd hit the pass does not run and the report
         comes from :mod:`.report_store`."""
         device = graph_device(example_inputs)
-        handle = [stream_handle(stream.id)] if self.config.adaptive else []
+        handle = [stream.handle] if self.config.adaptive else []
         names = [SEED_NAME, HANDLE_NAME][:1 + len(handle)]
         recorder = _Recorder(self)
         joint_pass = JointSamplingPass(self.config, recorder.on_report, [*parameters, *[False] * len(names)],

@@ -13,7 +13,7 @@ op needs a state outside the graph.
 
 ``auto_contraction``, the product whose fraction ``p="auto"`` chooses at run time, draws from the
 seed input too; its controller's state stays in Python, found at run time through the graph's
-stream handle input (:func:`ubcompile.sampler.sampler`).
+stream handle input (:func:`ubcompile.sampler.stream_of_handle`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import draw_kernels
 from .draw_kernels import stream_of
-from .sampler import sampler
+from .sampler import stream_of_handle
 from .sketches.norm import probability_dtype
 
 
@@ -39,25 +39,24 @@ def _(anchor: Tensor, n: int, k: int, kind: str, seed: Tensor, site: int) -> Ten
 
 
 @torch.library.custom_op("ubcompile::auto_contraction", mutates_args=())
-def auto_contraction(x: Tensor, y: Tensor, seed: Tensor, handle: Tensor, module: str, kind: str, ordinal: int,
-                     index: int, samples: int) -> Tensor:
-    """``x @ y`` estimated at the keep fraction the controller chose for the site ``(module, kind,
+def auto_contraction(x: Tensor, y: Tensor, seed: Tensor, handle: Tensor, module: str, ordinal: int, index: int,
+                     samples: int) -> Tensor:
+    """``x @ y`` estimated at the keep fraction the controller chose for the site ``(module,
     ordinal)`` (rows of ``y``, the rows of ``samples`` samples), drawn from ``seed`` and ``index``,
     the product's place among its graph's controlled ops.
 
     ``handle`` (a 0-d int64 CPU tensor, the graph's second extra input) names the stream of the
-    graph's backend (:func:`ubcompile.sampler.sampler`), whose controller holds the site: nothing
+    graph's backend (:func:`ubcompile.sampler.stream_of_handle`), whose controller holds the site: nothing
     process-local is in the graph, so a compile cache may serve it."""
-    stream = sampler(handle.tolist())
+    stream = stream_of_handle(handle)
     if stream.auto is None:
         raise RuntimeError(f"ubcompile stream {stream.id} has no p='auto' controller")
-    key = stream.auto.register(module, (x.shape[0], x.shape[1], y.shape[1]), kind, stream.domain, ordinal)
+    key = stream.auto.register(module, (x.shape[0], x.shape[1], y.shape[1]), stream.domain, ordinal)
     return stream.auto.contraction(x, y, key, seed, index, samples)
 
 
 @auto_contraction.register_fake
-def _(x: Tensor, y: Tensor, seed: Tensor, handle: Tensor, module: str, kind: str, ordinal: int, index: int,
-      samples: int) -> Tensor:
+def _(x: Tensor, y: Tensor, seed: Tensor, handle: Tensor, module: str, ordinal: int, index: int, samples: int) -> Tensor:
     return x.new_empty((x.shape[0], y.shape[1]))
 
 

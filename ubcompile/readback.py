@@ -5,7 +5,9 @@ one. :class:`Readback` instead copies each posted tensor into host memory asynch
 memory and an event on CUDA) and hands it back from the first :meth:`~Readback.collect` after the
 copy has finished. A controller that collects at the start of each call and posts during it acts
 on a call's statistics from a later call; on the CPU, where the copy is done when posted, always
-from the next one. A CPU tensor is read where it is, without a copy; the host reads the values as Python floats.
+from the next one. A CPU tensor is read where it is, without a copy; the host reads the values as
+Python floats, those of every CPU tensor collected together in one read (a ``cat`` and a ``tolist``:
+3 ATen ops, against 2 per tensor read alone).
 """
 
 from __future__ import annotations
@@ -31,9 +33,13 @@ class Readback:
     def __init__(self) -> None:
         self._pending: list[_Pending] = []
 
+    def __len__(self) -> int:
+        """How many posted tensors are waiting to be collected."""
+        return len(self._pending)
+
     def post(self, values: Tensor, tag: Any) -> None:
-        """Start copying ``values`` (any shape, a tensor the caller no longer writes; read back as
-        float64) to the host. A CPU tensor is kept as it is: no copy, no op."""
+        """Start copying ``values`` (a 1-D tensor the caller no longer writes; read back as float64)
+        to the host. A CPU tensor is kept as it is: no copy, no op."""
         if values.device.type == "cpu":
             self._pending.append(_Pending(values, None, tag))
             return
@@ -53,8 +59,7 @@ class Readback:
         for item in self._pending:
             (ready if item.event is None or item.event.query() else waiting).append(item)
         self._pending = waiting
-        for item in ready:
-            yield item.tag, _values(item.host)
+        yield from _read(ready)
 
     def drain(self) -> Iterator[tuple[Any, np.ndarray]]:
         """Every posted tensor, waiting for the copies (for reports at the end of training)."""
@@ -62,9 +67,16 @@ class Readback:
         for item in pending:
             if item.event is not None:
                 item.event.synchronize()
-            yield item.tag, _values(item.host)
+        yield from _read(pending)
 
 
-def _values(host: Tensor) -> np.ndarray:
-    """A host tensor's values as a flat float64 array (``tolist`` dispatches two ATen ops, ``numpy`` four)."""
-    return np.asarray(host.tolist(), dtype=np.float64).reshape(-1)
+def _read(items: list[_Pending]) -> Iterator[tuple[Any, np.ndarray]]:
+    """``(tag, values)`` of host tensors, read in one ``tolist`` (``numpy`` would dispatch four
+    ATen ops, not two), after a ``cat`` when there are several."""
+    if not items:
+        return
+    hosts = [item.host for item in items]
+    flat = np.asarray((hosts[0] if len(hosts) == 1 else torch.cat(hosts)).tolist(), dtype=np.float64)
+    ends = np.cumsum([h.shape[0] for h in hosts])
+    for item, values in zip(items, np.split(flat, ends[:-1])):
+        yield item.tag, values

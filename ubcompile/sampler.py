@@ -28,6 +28,7 @@ _RANK_STRIDE = 0x9E37_79B9_7F4A_7C15
 _STREAM_STRIDE = 0xC2B2_AE3D_27D4_EB4F
 _DEVICE_STRIDE = 0x1656_67B1_9E37_79F9
 _streams: "weakref.WeakValueDictionary[int, GraphStream]" = weakref.WeakValueDictionary()
+_by_handle: "weakref.WeakValueDictionary[int, GraphStream]" = weakref.WeakValueDictionary()  # id(stream.handle)
 _ids = itertools.count()
 
 StreamKey = tuple[int, torch.device]  # (graph, device)
@@ -129,7 +130,9 @@ class GraphStream:
         self.graph = graph
         self.domain = domain  # which compiled model: p="auto" gives each a budget of its own
         self.id = next(_ids)
+        self.handle = torch.tensor(self.id, dtype=torch.int64)  # the graph's stream input, on the CPU
         _streams[self.id] = self
+        _by_handle[id(self.handle)] = self
 
     @property
     def auto(self) -> Optional[AutoController]:
@@ -163,8 +166,16 @@ def _mix(seed: int, rank: int, stream: int, device: torch.device) -> int:
             + _device_code(device) * _DEVICE_STRIDE) % (2**63)
 
 
+def stream_of_handle(handle: Tensor) -> GraphStream:
+    """The stream whose :attr:`GraphStream.handle` a ``p="auto"`` graph takes as an input: found by
+    the tensor's identity (the stream keeps it alive, so its ``id`` is its own), else by the id it
+    holds (``tolist``: 2 ATen ops, at each of the graph's controlled products)."""
+    stream = _by_handle.get(id(handle))
+    return stream if stream is not None and stream.handle is handle else sampler(handle.tolist())
+
+
 def sampler(stream_id: int) -> GraphStream:
-    """The stream whose id a ``p="auto"`` graph takes as an input (:func:`~.passes.seed_input.stream_handle`)."""
+    """The stream of id ``stream_id``."""
     try:
         return _streams[stream_id]
     except KeyError:

@@ -22,9 +22,10 @@ costlier per kept row, much less noisy where the batch's rows lie near a low-dim
   ``1 + sum V_sketch / sum V_sgd`` times the steps.) The uniform sketch is never an option: at the
   same ``k`` the norm sketch's variance is never above it.
 * **sample** (other calls): the chosen option, dense GEMMs of inner size ``k`` (``2 r + k``).
-* **propagated gradients** ``G W`` (``kind="rows"``) are never sampled (their noise would reach
-  every earlier layer): they are computed exactly. (Computing them on ``G``'s nonzero rows only,
-  where a class-token readout leaves the others zero, took a ``nonzero()`` per call: a host sync.)
+* **propagated gradients** ``G W`` are never sampled (their noise would reach every earlier layer):
+  the pass leaves them exact in the graph, and the report counts their FLOPs. (Computing them on
+  ``G``'s nonzero rows only, where a class-token readout leaves the others zero, took a
+  ``nonzero()`` per call: a host sync.)
 * **guard**: every call knows ``sum_j a_j^2`` (the squared norms of the product's terms) for free.
   When it jumps above :data:`SPIKE` times its running mean (a loss spike), the site's next calls
   are computed exactly and it is measured again, and its most aggressive allowed fraction moves
@@ -38,8 +39,8 @@ gradient stays unbiased.
 
 The product's output shape never changes, so the compiled graphs stay static: the option is
 chosen inside one opaque op, among the few :data:`LEVELS` of each sketch, with no recompilation.
-The op draws from the graph's seed input and registers its site at its first call (by module,
-kind and ordinal, :data:`SiteId`), finding the controller through the graph's stream input: the
+The op draws from the graph's seed input and registers its site at its first call (by module
+and ordinal, :data:`SiteId`), finding the controller through the graph's stream input: the
 graph holds no state, so a compile cache may serve it.
 
 The package: :mod:`.policy` (a site's options and their allocation under the budget),
@@ -48,7 +49,7 @@ measurements and spike guard, fed by :mod:`ubcompile.readback`) and :mod:`.table
 """
 
 from .controller import AutoController, AutoSite, Measurement, SiteId
-from .policy import LEVELS, RESIDUAL_RANK, Option, allocate, lower_hull, site_options
+from .policy import BASES_EVERY, LEVELS, RESIDUAL_RANK, Option, allocate, lower_hull, site_options
 
-__all__ = ["AutoController", "AutoSite", "LEVELS", "Measurement", "Option", "RESIDUAL_RANK", "SiteId", "allocate",
-           "lower_hull", "site_options"]
+__all__ = ["AutoController", "AutoSite", "BASES_EVERY", "LEVELS", "Measurement", "Option", "RESIDUAL_RANK", "SiteId",
+           "allocate", "lower_hull", "site_options"]

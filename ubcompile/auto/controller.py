@@ -12,10 +12,10 @@ from torch import Tensor
 from .. import draw_kernels
 from ..readback import Readback
 from ..sketches import keep_count
-from ..sketches.control import sample_norms_flops, sample_sq_norms, sgd_variance_of_sum, sketch_variance_vector
-from ..sketches.residual import split_flops
-from .execution import controlled_product, residual_split, term_norms
-from .policy import LEVELS, RESIDUAL_RANK, Option, allocate, site_options
+from ..sketches.control import sample_norms_flops, sample_sq_norms, sgd_variance_of_sum
+from ..sketches.residual import basis_flops
+from .execution import controlled_product, measurement, residual_bases, residual_coordinates, term_norms
+from .policy import BASES_EVERY, LEVELS, RESIDUAL_RANK, Option, allocate, site_options
 from .table import controller_table
 
 SPIKE = 4.0
@@ -42,26 +42,27 @@ class Measurement:
         return v / v_sgd if v_sgd > 0 else (0.0 if v == 0 else math.inf)
 
 
-SiteId = tuple[int, str, str, int]
-"""What a site is, stable across recompiles: ``(domain, module path, kind, ordinal)``, the ordinal
-counting the products of that module and kind in one graph, in graph order."""
+SiteId = tuple[int, str, int]
+"""What a site is, stable across recompiles: ``(domain, module path, ordinal)``, the ordinal
+counting the controlled products of that module in one graph, in graph order."""
 
 
 @dataclasses.dataclass
 class AutoSite:
     """One product ``(M x n) @ (n x N)`` under control: a weight gradient whose ``n`` batch/token rows
-    are contracted (``kind="sample"``), or a propagated gradient whose ``M`` rows are ``G``'s (``"rows"``).
+    are contracted.
 
     ``shape`` and ``group`` are those of its last call (a recompiled graph may change them);
     ``domain`` is the compiled model it belongs to: each domain has a budget of its own."""
 
     module: str
     shape: tuple[int, int, int]
-    kind: str = "sample"  # "rows": a propagated gradient G W, computed exactly
     domain: int = 0
     group: int = 1  # rows per sample (tokens per sequence); 1 for a plain batch
     options: tuple[Option, ...] = dataclasses.field(init=False)
-    costs: tuple[float, ...] = dataclasses.field(init=False)  # GEMM FLOPs of one call with each option
+    costs: tuple[float, ...] = dataclasses.field(init=False)  # GEMM FLOPs of a call with each option, bases amortised
+    bases: Optional[tuple[Tensor, Tensor]] = None  # the residual sketch's u, v, while they serve
+    bases_made: int = 0  # the call that made them
     last_seen: int = 0  # the domain's call count at this site's last call
     option: int = 0  # index into options; exact until first measured
     ceiling: int = len(LEVELS) - 1  # most aggressive level allowed
@@ -78,9 +79,22 @@ class AutoSite:
     spent_flops: float = 0.0
 
     def __post_init__(self) -> None:
-        self.options = site_options(self.shape) if self.kind == "sample" else (Option("norm", 0),)
+        self.options = site_options(self.shape)
         self.costs = tuple(o.flops(*self.shape) for o in self.options)
         self.uses = [0] * len(self.options)
+
+    @property
+    def has_residual(self) -> bool:
+        return any(o.sketch == "residual" for o in self.options)
+
+    def bases_serve(self, x: Tensor, y: Tensor) -> bool:
+        """Whether the site's residual-sketch bases may serve this call of ``x @ y``: made fewer than
+        :data:`BASES_EVERY` calls ago, for operands of these sizes, dtype and device."""
+        if self.bases is None:
+            return False
+        u, v = self.bases
+        return (self.calls - 1 - self.bases_made < BASES_EVERY and u.shape[0] == x.shape[0]
+                and v.shape[0] == y.shape[1] and u.dtype == x.dtype and u.device == x.device)
 
     def bind(self, shape: tuple[int, int, int], samples: int) -> None:
         """Take the shape of this call (its options stay the ones of the first) and the rows per
@@ -115,17 +129,17 @@ class AutoController:
         self._keys: dict[SiteId, int] = {}
         self._domain_calls: dict[int, int] = {}
         self.readback = Readback()  # the device statistics on their way to the host
+        self._unread: set[int] = set()  # sites that posted statistics since the last collect
 
-    def register(self, module: str, shape: tuple[int, int, int], kind: str = "sample", domain: int = 0,
-                 ordinal: int = 0) -> int:
-        """The key of the site ``(domain, module, kind, ordinal)`` (see :data:`SiteId`): the existing
+    def register(self, module: str, shape: tuple[int, int, int], domain: int = 0, ordinal: int = 0) -> int:
+        """The key of the site ``(domain, module, ordinal)`` (see :data:`SiteId`): the existing
         one (a recompiled graph has the same products), else a new one, of ``shape``. The compiled
         op registers at its call, so a graph served by a compile cache finds its sites too."""
-        identity = (domain, module, kind, ordinal)
+        identity = (domain, module, ordinal)
         key = self._keys.get(identity)
         if key is None:
             key = self._keys[identity] = len(self.sites)
-            self.sites.append(AutoSite(module, shape, kind, domain))
+            self.sites.append(AutoSite(module, shape, domain))
         return key
 
     def live(self, site: AutoSite) -> bool:
@@ -136,11 +150,13 @@ class AutoController:
 
     def contraction(self, x: Tensor, y: Tensor, key: int, seed: Tensor, stream: int,
                     samples: Optional[int] = None) -> Tensor:
-        """``x @ y`` for the site ``key``: sampled with its current option (``kind="sample"``: rows of
-        ``y`` = batch/token rows, from ``samples`` samples; ``None``: one row each), or exactly
-        (``kind="rows"``). Every random number comes from the 0-d ``seed`` and the draw's ``stream``
-        (the compiled op passes the product's place in its graph)."""
-        self.collect()
+        """``x @ y`` for the site ``key``, sampled with its current option (rows of ``y`` = batch/token
+        rows, from ``samples`` samples; ``None``: one row each). Every random number comes from the
+        0-d ``seed`` and the draw's ``stream`` (the compiled op passes the product's place in its graph).
+        Before a site's call it acts on what was read back since its last one (:meth:`collect`): in a
+        step of several sites, once, for all of them, in one read."""
+        if key in self._unread:
+            self.collect()
         site = self.sites[key]
         calls = self._domain_calls[site.domain] = self._domain_calls.get(site.domain, 0) + 1
         if site.calls and calls - site.last_seen >= 2 * len(self.sites):
@@ -149,23 +165,36 @@ class AutoController:
         site.bind((x.shape[0], x.shape[1], y.shape[1]), x.shape[1] if samples is None else samples)
         site.calls += 1
         site.exact_flops += site.costs[0]
-        if site.kind == "rows":
-            site.uses[0] += 1
-            site.spent_flops += site.costs[0]
-            return x @ y
         *norms, a, sq_norm = term_norms(x, y)
         self.readback.post(sq_norm, ("guard", key, site.calls - 1))
+        self._unread.add(key)
         site.uses[site.option] += 1
-        site.spent_flops += site.costs[site.option]
+        site.spent_flops += site.current.flops(*site.shape, bases=0)
         k = min(x.shape[1], keep_count(x.shape[1], site.p))
-        out, split = controlled_product(x, y, site.current.sketch, k, norms, a, seed, stream)
-        if site.due or site.calls - 1 >= site.next_measure:
-            self._measure(key, x, y, norms, a, sq_norm, split, out, seed, stream)
+        measuring = site.due or site.calls - 1 >= site.next_measure
+        residual = site.current.sketch == "residual" and k < x.shape[1]
+        split = self._split(site, x, y, norms, seed, stream, fresh=measuring) if residual or (
+            measuring and site.has_residual) else None
+        out = controlled_product(x, y, k, a, split if residual else None, seed, stream)
+        if measuring:
+            self._measure(key, x, y, a, sq_norm, split, out)
         return out
+
+    def _split(self, site: AutoSite, x: Tensor, y: Tensor, norms: list[Tensor], seed: Tensor, stream: int,
+               fresh: bool) -> tuple[Tensor, ...]:
+        """The residual split of this call (``u``, ``v``, ``xu``, ``yv`` and the residual terms'
+        norms) on the site's bases, made anew when ``fresh`` (a measurement), when
+        :data:`BASES_EVERY` calls have used them, or when they no longer fit ``x`` and ``y``."""
+        if fresh or not site.bases_serve(x, y):
+            site.bases = residual_bases(x, y, seed, draw_kernels.stream_of(stream, 1))
+            site.bases_made = site.calls - 1
+            site.spent_flops += basis_flops(*site.shape, RESIDUAL_RANK)
+        return (*site.bases, *residual_coordinates(x, y, *site.bases, *norms))
 
     def collect(self, wait: bool = False) -> None:
         """Act on the statistics read back since the last call (spike checks, measurements); with
         ``wait``, on all of them, waiting for their copies (for a report)."""
+        self._unread.clear()
         for (what, key, call, *rest), values in (self.readback.drain() if wait else self.readback.collect()):
             site = self.sites[key]
             if what == "guard":
@@ -185,26 +214,17 @@ class AutoController:
             site.due = True
             site.gap = _FIRST_GAP  # re-measure soon after
 
-    def _measure(self, key: int, x: Tensor, y: Tensor, norms: list[Tensor], a: Tensor, sq_norm: Tensor,
-                 split: Optional[tuple[Tensor, ...]], out: Tensor, seed: Tensor, stream: int) -> None:
+    def _measure(self, key: int, x: Tensor, y: Tensor, a: Tensor, sq_norm: Tensor,
+                 split: Optional[tuple[Tensor, ...]], out: Tensor) -> None:
         """Post this call's statistics (``sum_i ||s_i||^2``, ``||T_hat||^2``, each option's
         ``V_sketch``) for :meth:`_record`, and schedule the next measurement. With one row per
         sample, ``sum_i ||s_i||^2`` is the call's ``sum_j a_j^2`` (``sq_norm``), computed already."""
         site = self.sites[key]
         (m, n), big_n = x.shape, y.shape[1]
         group = site.group
-        sq_sum = sq_norm if group == 1 else sample_sq_norms(x, y, group).sum()
+        sq_sum = sq_norm if group == 1 else sample_sq_norms(x, y, group).sum().reshape(1)
         site.spent_flops += sample_norms_flops(m, n, big_n, group)
-        importances = {"norm": a}
-        if any(o.sketch == "residual" for o in site.options):
-            if split is None:
-                split = residual_split(x, y, *norms, seed, draw_kernels.stream_of(stream, 1))
-                site.spent_flops += split_flops(m, n, big_n, RESIDUAL_RANK)
-            importances["residual"] = split[-1]
-        per_level = {sketch: sketch_variance_vector(importance, [keep_count(n, p) for p in LEVELS])
-                     for sketch, importance in importances.items()}
-        v_sketch = torch.stack([per_level[o.sketch][o.level] for o in site.options])
-        stats = torch.cat([sq_sum.reshape(1), out.double().square().sum().reshape(1), v_sketch])
+        stats = measurement(out, sq_sum, a) if split is None else measurement(out, sq_sum, a, split[-1])
         self.readback.post(stats, ("measure", key, site.calls - 1, n // group, site.option))
         if not site.due:
             site.ceiling = min(len(LEVELS) - 1, site.ceiling + 1)
@@ -215,7 +235,9 @@ class AutoController:
     def _record(self, site: AutoSite, call: int, values, samples: int, option: int) -> None:
         """A measurement read back: ``||T||^2`` estimated without bias by ``||T_hat||^2 - V_sketch``
         of the option ``call`` ran at, the SGD variance of its ``samples`` samples; then allocate."""
-        sq_sum, out_sq, *variances = (float(v) for v in values)
+        sq_sum, out_sq, *per_level = values.tolist()
+        sketches = ("norm", "residual")
+        variances = [per_level[sketches.index(o.sketch) * len(LEVELS) + o.level] for o in site.options]
         grad_sq_norm = max(0.0, out_sq - variances[option])
         v_sgd = sgd_variance_of_sum(sq_sum, samples, grad_sq_norm)
         measurement = Measurement(call, v_sgd, grad_sq_norm, tuple(variances), site.current.label)

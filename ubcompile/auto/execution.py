@@ -6,34 +6,56 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from .. import draw_kernels
 from ..estimator_ops import CONTRACTED, sketched_product
 from ..kernels import kernel
+from ..sketches import keep_count
+from ..sketches.control import sketch_variance_vector
 from ..sketches.counter_rng import normal
 from ..sketches.norm import factor_norms
-from ..sketches.residual import ResidualSplit, residual_contraction
-from .policy import RESIDUAL_RANK
+from ..sketches.residual import ResidualSplit, range_basis, residual_contraction
+from .policy import LEVELS, RESIDUAL_RANK
 
 
 @kernel
 def term_norms(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``||x[:, j]||``, ``||y[j, :]||``, the terms' norms ``a_j`` (their products) and ``sum_j a_j^2``
-    (float64): what every call of a site needs, in one compiled kernel."""
+    (float64, shape ``(1,)``: a 0-d float tensor passed to a compiled body makes Dynamo guard on its
+    value, an ``item()`` per call): what every call of a site needs, in one compiled kernel."""
     x_norms, y_norms = factor_norms(x, y)
     a = x_norms * y_norms
-    return x_norms, y_norms, a, a.double().square().sum()
+    return x_norms, y_norms, a, a.double().square().sum().reshape(1)
 
 
 @kernel
-def residual_split(x: Tensor, y: Tensor, x_norms: Tensor, y_norms: Tensor, seed: Tensor,
-                   key: int) -> tuple[Tensor, ...]:
-    """The tensors of the rank-:data:`RESIDUAL_RANK` :class:`~.sketches.residual.ResidualSplit`
-    of ``x @ y``, from Gaussian probes of the counter generator, and its residual terms' norms."""
+def measurement(out: Tensor, sq_sum: Tensor, *importances: Tensor) -> Tensor:
+    """A measurement's statistics as one float64 vector: ``sum_i ||s_i||^2`` (``sq_sum``, shape ``(1,)``),
+    ``||T_hat||^2`` of the call's product ``out``, and for each sketch's importances ``V_sketch``
+    at the keep count ``keep_count(n, p)`` of every one of :data:`LEVELS` (of the symbolic ``n``: a
+    constant of each compiled size, no tensor input)."""
+    ks = torch.tensor([keep_count(importances[0].shape[0], p) for p in LEVELS], device=out.device)
+    return torch.cat([sq_sum.double(), out.double().square().sum().reshape(1),
+                      *(sketch_variance_vector(importance, ks) for importance in importances)])
+
+
+@kernel
+def residual_bases(x: Tensor, y: Tensor, seed: Tensor, key: int) -> tuple[Tensor, Tensor]:
+    """The rank-:data:`RESIDUAL_RANK` bases ``u`` (of ``x``'s columns) and ``v`` (of ``y``'s rows)
+    of :class:`~.sketches.residual.ResidualSplit`, from Gaussian probes of the counter generator."""
     probes = normal(seed, key, 2 * x.shape[1] * RESIDUAL_RANK).reshape(2, x.shape[1], RESIDUAL_RANK)
-    split = ResidualSplit.from_probes(x, y, probes[0], probes[1])
-    return split.u, split.v, split.xu, split.yv, split.importance(x_norms, y_norms)
+    return range_basis(x, probes[0]), range_basis(y.mT, probes[1])
+
+
+@kernel
+def residual_coordinates(x: Tensor, y: Tensor, u: Tensor, v: Tensor, x_norms: Tensor,
+                         y_norms: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``xu``, ``yv`` of the :class:`~.sketches.residual.ResidualSplit` of ``x @ y`` on the bases
+    ``u``, ``v`` (made at this call or an earlier one), and its residual terms' norms."""
+    split = ResidualSplit.on_bases(x, y, u, v)
+    return split.xu, split.yv, split.importance(x_norms, y_norms)
 
 
 @kernel
@@ -43,15 +65,14 @@ def residual_product(x: Tensor, y: Tensor, u: Tensor, v: Tensor, xu: Tensor, yv:
     return residual_contraction(x, y, ResidualSplit(u, v, xu, yv), idx, weights)
 
 
-def controlled_product(x: Tensor, y: Tensor, sketch: str, k: int, norms: tuple[Tensor, Tensor], a: Tensor,
-                       seed: Tensor, key: int) -> tuple[Tensor, Optional[tuple[Tensor, ...]]]:
-    """``x @ y`` with ``k`` of its ``n`` contracted rows kept by ``sketch`` (``"norm"``: the terms'
-    norms ``a``; ``"residual"``: a :func:`residual_split`), exact at ``k = n``; and the split's
-    tensors, when it made one. Every random number comes from ``seed`` and the site's ``key``."""
-    split = residual_split(x, y, *norms, seed, draw_kernels.stream_of(key, 1)) if sketch == "residual" else None
+def controlled_product(x: Tensor, y: Tensor, k: int, a: Tensor, split: Optional[tuple[Tensor, ...]],
+                       seed: Tensor, key: int) -> Tensor:
+    """``x @ y`` with ``k`` of its ``n`` contracted rows kept, exact at ``k = n``: by the norm
+    sketch on the terms' norms ``a`` (``split`` None), else by the residual sketch on ``split``:
+    ``u``, ``v`` and the :func:`residual_coordinates`. The draw comes from ``seed`` and the site's ``key``."""
     if k == x.shape[1]:
-        return x @ y, split
+        return x.mm(y)
     idx, weights = draw_kernels.pps(a if split is None else split[-1], k, seed, draw_kernels.stream_of(key, 0))
     if split is None:
-        return sketched_product(x, y, idx, weights, CONTRACTED), None
-    return residual_product(x, y, *split[:-1], idx, weights), split
+        return sketched_product(x, y, idx, weights, CONTRACTED)
+    return residual_product(x, y, *split[:-1], idx, weights)

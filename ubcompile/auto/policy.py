@@ -7,13 +7,19 @@ import dataclasses
 import math
 
 from ..sketches import keep_count
-from ..sketches.residual import residual_flops
+from ..sketches.residual import basis_flops, residual_flops
 
 LEVELS = (1.0, 0.5, 0.35, 0.25, 0.18, 0.12, 0.08, 0.05)
 """The keep fractions a site can use, from exact to the most aggressive."""
 
 RESIDUAL_RANK = 8
 """Rank ``r`` of each basis of the residual sketch (:mod:`ubcompile.sketches.residual`)."""
+
+BASES_EVERY = 5
+"""Calls a site's residual-sketch bases serve before they are made anew (and at every measurement).
+Bases made 1-5 steps earlier leave the residual variance at 0.96-1.6x that with the step's own on
+the experiments' MLP (10-25 steps: up to 18x early in training; docs/experiments/residual.md), and
+cost a fifth of the range finders' QRs and FLOPs."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,14 +39,16 @@ class Option:
             return "exact"
         return f"{self.p:g}" if self.sketch == "norm" else f"{self.p:g}+r{RESIDUAL_RANK}"
 
-    def flops(self, m: int, n: int, big_n: int) -> float:
-        """GEMM FLOPs of one call on ``(m x n) @ (n x N)``."""
+    def flops(self, m: int, n: int, big_n: int, bases: float = 1 / BASES_EVERY) -> float:
+        """GEMM FLOPs of one call on ``(m x n) @ (n x N)``, with ``bases`` times the residual
+        sketch's range finders (by default their share of a call: they serve :data:`BASES_EVERY`)."""
         k = min(n, keep_count(n, self.p))
         if k == n:
             return 2.0 * m * n * big_n
         if self.sketch == "norm":
             return 2.0 * m * k * big_n
-        return float(residual_flops(m, n, big_n, RESIDUAL_RANK, k))
+        made = basis_flops(m, n, big_n, RESIDUAL_RANK)
+        return residual_flops(m, n, big_n, RESIDUAL_RANK, k) - made * (1 - bases)
 
 
 def site_options(shape: tuple[int, int, int]) -> tuple[Option, ...]:

@@ -20,8 +20,6 @@ def controller_table(controller: AutoController) -> str:
     for s in controller.sites:
         calls = max(1, sum(s.uses))
         use = ", ".join(f"{o.label}: {100 * u / calls:.0f}%" for o, u in zip(s.options, s.uses) if u)
-        if s.kind == "rows":
-            use = "exact (a propagated gradient)"
         last = s.measurements[-1].ratio(s.option) if s.measurements else math.nan
         rows.append([s.module, "x".join(map(str, s.shape)), s.calls, len(s.measurements), use, s.current.label,
                      f"{last:.3g}", len(s.spikes),

@@ -1,11 +1,11 @@
 """The ``p="auto"`` family: backward GEMMs handed to the run-time controller.
 
 A weight gradient ``G^T A`` of a linear layer contracts the cotangent's batch/token rows: the
-controller samples them (``kind="sample"``). A propagated gradient ``G W`` it computes exactly
-(``kind="rows"``), counted in its FLOPs. Under ``p="auto"`` the pass replaces either
-product by one call of ``torch.ops.ubcompile.auto_contraction``, whose output has the exact
-product's shape, so the graph stays static while the controller (:mod:`ubcompile.auto`) decides
-at every call.
+controller samples them. Under ``p="auto"`` the pass replaces the product by one call of
+``torch.ops.ubcompile.auto_contraction``, whose output has the exact product's shape, so the graph
+stays static while the controller (:mod:`ubcompile.auto`) decides at every call. A propagated
+gradient ``G W`` stays the graph's own exact ``mm`` (its noise would reach every earlier layer),
+counted at its exact FLOPs by the report.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from .._torch_private import size_hint
 from ..auto import LEVELS
 from ..config import SamplingConfig
 from .gemm import GemmSite
-from .graph import FEATURES, ROWS, Role, module_path, shape_of
+from .graph import ROWS, Role, module_path, shape_of
 from .inline import inline_call
-from .rules import Draws, decline, excluded
+from .rules import Draws, decline
 
 aten = torch.ops.aten
 
@@ -36,29 +36,26 @@ _RESHAPES = (aten.view.default, aten._unsafe_view.default, aten.reshape.default,
 class AdaptiveRewrite:
     """An ``mm`` handed to the controller: a weight gradient whose ``n`` contracted rows it samples
     (the rows of ``samples`` samples: a node whose dim 0 is the batch of a flattened
-    ``(batch, tokens, ..., features)`` activation, or ``None`` for one row per sample), or a
-    propagated gradient of ``n`` output rows it computes exactly (``kind="rows"``)."""
+    ``(batch, tokens, ..., features)`` activation, or ``None`` for one row per sample)."""
 
     site: GemmSite
     n: int
     samples: Optional[torch.fx.Node] = None
-    kind: str = "sample"
 
     def insert(self, graph: torch.fx.Graph, draws: Draws) -> None:
         """Replace the product by the controlled op, which finds its site in the controller of the
-        stream ``draws.handle`` names when it runs (by module, kind and ordinal among the graph's
-        products of both: nothing process-local enters the graph) and draws from ``draws.seed``.
+        stream ``draws.handle`` names when it runs (by module and ordinal among the graph's
+        products of that module: nothing process-local enters the graph) and draws from ``draws.seed``.
         The number of samples is read at run time, so a dynamic sequence length groups each call's
         rows by its own length."""
         node = self.site.node
         module = module_path(node)
-        ordinal, index = draws.controlled.count((module, self.kind)), len(draws.controlled)
-        draws.controlled.append((module, self.kind))
-        kind = self.kind
+        ordinal, index = draws.controlled.count(module), len(draws.controlled)
+        draws.controlled.append(module)
 
         def controlled(x: Tensor, y: Tensor, seed: Tensor, handle: Tensor, *samples: Tensor) -> Tensor:
             count = samples[0].shape[0] if samples else y.shape[0]
-            return torch.ops.ubcompile.auto_contraction(x, y, seed, handle, module, kind, ordinal, index, count)
+            return torch.ops.ubcompile.auto_contraction(x, y, seed, handle, module, ordinal, index, count)
 
         operands = [*node.args, draws.seed, draws.handle, *([self.samples] if self.samples else [])]
         with graph.inserting_before(node):
@@ -84,7 +81,7 @@ def sample_batch(operand: torch.fx.Node, n: int) -> Optional[torch.fx.Node]:
 def plan_adaptive(site: GemmSite, config: SamplingConfig) -> Union[AdaptiveRewrite, str]:
     """The controlled rewrite of ``site`` under ``p="auto"``, or the reason it stays exact."""
     if site.role is Role.GRAD_INPUT:
-        return _plan_rows(site, config)
+        return "p='auto' keeps propagated gradients exact: their noise would reach every earlier layer"
     n = size_hint(site.cotangent.meta["val"].shape[-2])
     reason = decline(config, site.role, module_path(site.node), n)
     if reason is not None:
@@ -95,14 +92,3 @@ def plan_adaptive(site: GemmSite, config: SamplingConfig) -> Union[AdaptiveRewri
         return f"{n} rows are too few to sample"
     activation = site.node.args[1 - site.cotangent_arg]
     return AdaptiveRewrite(site, n, sample_batch(activation, n))
-
-
-def _plan_rows(site: GemmSite, config: SamplingConfig) -> Union[AdaptiveRewrite, str]:
-    """A propagated gradient ``G W`` (``G`` the left operand): computed exactly by the controller."""
-    n = size_hint(site.cotangent.meta["val"].shape[-2])
-    reason = excluded(config, module_path(site.node), n)
-    if reason is not None:
-        return reason
-    if site.node.target is not aten.mm.default or site.cotangent_arg != 0 or site.contracted != FEATURES:
-        return "p='auto' keeps propagated gradients exact (it accounts for those of 2-D G @ W)"
-    return AdaptiveRewrite(site, n, kind="rows")

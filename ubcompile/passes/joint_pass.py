@@ -238,8 +238,7 @@ def _gemm_entry(node: torch.fx.Node, role: Role, decision) -> GemmEntry:
     if isinstance(decision, (GemmRewrite, ForwardRowsRewrite)):
         return GemmEntry(**common, sampled_flops=decision.sampled_flops(), **_sampling_fields(decision))
     if isinstance(decision, AdaptiveRewrite):
-        sketch = "norm" if decision.kind == "sample" else "exact rows"
-        return GemmEntry(**common, sampled_flops=flops, axis="rows", sketch=sketch, n=decision.n)
+        return GemmEntry(**common, sampled_flops=flops, axis="rows", sketch="norm", n=decision.n)
     return GemmEntry(**common, sampled_flops=flops, reason=decision)
 
 

@@ -52,13 +52,13 @@ class Draws(dict[Union[torch.fx.Node, DrawKey], tuple[torch.fx.Node, ...]]):
     """The draws a pass inserted so far: per :class:`DrawKey`, or per activation for draws in the
     forward, and the graph's inputs they come from: ``seed``, its seed, and under ``p="auto"``
     ``handle``, which names the backend's stream for the controlled ops (:mod:`.seed_input`).
-    ``controlled`` lists the ``(module, kind)`` of each controlled op inserted, in order."""
+    ``controlled`` lists the module of each controlled op inserted, in order."""
 
     def __init__(self, seed: torch.fx.Node, handle: Optional[torch.fx.Node] = None) -> None:
         super().__init__()
         self.seed = seed
         self.handle = handle
-        self.controlled: list[tuple[str, str]] = []
+        self.controlled: list[str] = []
 
 
 Draw = Callable[..., tuple[Tensor, ...]]

@@ -60,11 +60,6 @@ def seed_example(device: torch.device) -> Tensor:
     return torch.zeros((), dtype=torch.int64, device=device)
 
 
-def stream_handle(stream_id: int) -> Tensor:
-    """The ``ubcompile_stream`` input of a ``p="auto"`` graph: its stream's id, on the CPU."""
-    return torch.tensor(stream_id, dtype=torch.int64)
-
-
 def seed_node(graph: torch.fx.Graph, position: int) -> torch.fx.Node:
     """An input the backend added to the graph AOTAutograd made (a joint graph, or an inference
     graph without ``tangents_*``): its ``position``-th placeholder, the inputs coming first, in order."""

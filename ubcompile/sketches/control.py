@@ -23,21 +23,39 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .norm import contraction_importance, poisson_variance, water_fill
+from .norm import contraction_importance, floored
 
 _CHUNK_ELEMENTS = 1 << 24  # bound on the per-sample products held at once
 
 
-def sketch_variance_vector(importance: Tensor, ks: Sequence[int]) -> Tensor:
-    """``V_sketch(k) = sum_j (1 / pi_j(k) - 1) a_j^2`` for each ``k`` (``0`` for ``k >= n``), as one
-    float64 tensor on ``importance``'s device (no host read)."""
-    a = importance.double()
-    return torch.stack([a.new_zeros(()) if k >= a.shape[0] else poisson_variance(a, water_fill(a, k)) for k in ks])
+def sketch_variance_vector(importance: Tensor, ks: Tensor) -> Tensor:
+    """``V_sketch(k) = sum_j (1 / pi_j(k) - 1) a_j^2`` for each ``k`` of the int64 tensor ``ks``
+    (``0`` for ``k >= n``), as one float64 tensor on ``importance``'s device (no host read).
+
+    :func:`~.norm.water_fill` for every ``k`` at once: one descending sort of the floored ``a``, and
+    for each ``k`` the first ``m < k`` with ``(k - m) a_(m) <= sum_{j >= m} a_(j)`` (``k`` if none)
+    caps the ``m`` largest at 1 and gives the rest ``pi_j = c a_j``, ``c = (k - m) / (sum of the
+    uncapped)``.
+    """
+    a, f = importance.double(), floored(importance)
+    top = f.sort(descending=True).values
+    tail = (f.sum() - (top.cumsum(0) - top)).clamp_min(0.0)  # sum of all but the m largest
+    m = torch.arange(a.shape[0], device=a.device)
+    k = ks.to(a.device).reshape(-1, 1)
+    fits = ((k - m) * top <= tail * (1 + 1e-12)) & (m < k)
+    first = torch.where(fits.any(1, keepdim=True), fits.int().argmax(1, keepdim=True), k)
+    smallest_capped = top.gather(0, (first - 1).clamp_min(0).flatten()).reshape(-1, 1)
+    smallest_capped = torch.where(first > 0, smallest_capped, torch.inf)
+    capped = (f >= smallest_capped) & (f > 0)
+    c = (k - capped.sum(1, keepdim=True)) / torch.where(capped, 0.0, f).sum(1, keepdim=True)
+    pi = torch.where(capped, 1.0, torch.where(f > 0, (c * f).clamp_max(1.0), 0.0))
+    variance = (torch.where(pi > 0, pi.reciprocal() - 1, 0.0) * a.square()).sum(1)
+    return torch.where(k.flatten() >= a.shape[0], 0.0, variance)
 
 
 def sketch_variances(importance: Tensor, ks: Sequence[int]) -> list[float]:
     """:func:`sketch_variance_vector` as Python floats."""
-    return sketch_variance_vector(importance, ks).tolist()
+    return sketch_variance_vector(importance, torch.tensor(ks, device=importance.device)).tolist()
 
 
 def sample_norms_flops(m: int, n: int, big_n: int, group: int) -> int:

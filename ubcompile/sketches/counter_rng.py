@@ -89,5 +89,5 @@ def normal(seed: Tensor, key: int, n: int) -> Tensor:
     """``n`` float64 standard normal draws (Box-Muller on :func:`uniform` pairs)."""
     u = uniform(seed, key, 2 * ((n + 1) // 2)).reshape(2, -1)
     radius = torch.sqrt(-2.0 * torch.log1p(-u[0]))  # 1 - u in (0, 1]: no log(0)
-    angle = 2.0 * torch.pi * u[1]
+    angle = 6.283185307179586 * u[1]  # 2 pi as a literal: torch.pi would enter a compiled body as a tensor input
     return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:n]

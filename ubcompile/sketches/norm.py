@@ -33,13 +33,20 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-_FLOOR = 1e-6  # relative floor on positive importances: every nonzero term keeps a positive probability
 
 
 def probability_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the probabilities and weights drawn from importances of ``dtype``: float64 for
     float64, float32 otherwise (at least float32; ``torch.promote_types`` would dispatch an ATen op)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def floored(importance: Tensor) -> Tensor:
+    """``importance`` in float64 with its positive entries floored at ``1e-6`` of the mean, so that
+    every nonzero term keeps a positive probability. (The floor is a literal: a module-level float
+    would reach a compiled body as a tensor input that Dynamo re-creates at every call, 3 ATen ops.)"""
+    a = importance.double()
+    return torch.where(a > 0, a.clamp_min(1e-6 * a.mean()), 0.0)
 
 
 def water_fill(importance: Tensor, k: int) -> Tensor:
@@ -56,8 +63,7 @@ def water_fill(importance: Tensor, k: int) -> Tensor:
     uncapped directly, not as a difference of sums. Computed in float64, returned in
     :func:`probability_dtype`.
     """
-    a = importance.double()
-    a = torch.where(a > 0, a.clamp_min(_FLOOR * a.mean()), 0.0)
+    a = floored(importance)
     top = a.topk(k).values
     m = torch.arange(k, device=a.device)
     # tail[m] = sum of all but the m largest; a difference of sums, so only the test reads it, with

@@ -81,8 +81,12 @@ class ResidualSplit:
     @classmethod
     def from_probes(cls, x: Tensor, y: Tensor, x_probes: Tensor, y_probes: Tensor, power: int = 1) -> ResidualSplit:
         """The split with the bases :func:`range_basis` finds from the probes (each ``n x r``)."""
-        u = range_basis(x, x_probes, power)
-        v = range_basis(y.mT, y_probes, power)
+        return cls.on_bases(x, y, range_basis(x, x_probes, power), range_basis(y.mT, y_probes, power))
+
+    @classmethod
+    def on_bases(cls, x: Tensor, y: Tensor, u: Tensor, v: Tensor) -> ResidualSplit:
+        """The split of ``x @ y`` by given orthonormal bases, made from any data (an earlier batch's:
+        the estimator is unbiased for every ``u``, ``v``; only its variance depends on them)."""
         return cls(u, v, u.mT @ x, thin_product(y, v))
 
     def importance(self, x_norms: Tensor, y_norms: Tensor) -> Tensor:
@@ -109,10 +113,16 @@ def residual_contraction(x: Tensor, y: Tensor, split: ResidualSplit, idx: Tensor
     return left @ right
 
 
+def basis_flops(m: int, n: int, big_n: int, r: int, power: int = 1) -> int:
+    """GEMM FLOPs of the two range finders of :meth:`ResidualSplit.of` for ``x: (m, n)``,
+    ``y: (n, N)``: ``2 r n (m + N) (1 + 2 power)`` (QR neglected)."""
+    return 2 * r * n * (m + big_n) * (1 + 2 * power)
+
+
 def split_flops(m: int, n: int, big_n: int, r: int, power: int = 1) -> int:
-    """GEMM FLOPs of :meth:`ResidualSplit.of` for ``x: (m, n)``, ``y: (n, N)``: the two range finders,
-    ``2 r n (m + N) (1 + 2 power)``, and the coordinates ``xu``, ``yv``, ``2 r n (m + N)`` (QR neglected)."""
-    return 2 * r * n * (m + big_n) * (2 + 2 * power)
+    """GEMM FLOPs of :meth:`ResidualSplit.of`: the bases (:func:`basis_flops`) and the coordinates
+    ``xu``, ``yv`` (:meth:`ResidualSplit.on_bases`), ``2 r n (m + N)``."""
+    return basis_flops(m, n, big_n, r, power) + 2 * r * n * (m + big_n)
 
 
 def residual_flops(m: int, n: int, big_n: int, r: int, k: int, power: int = 1) -> int:
