@@ -13,7 +13,7 @@ from .. import draw_kernels
 from ..readback import Readback
 from ..sketches import keep_count
 from ..sketches.control import sample_norms_flops, sample_sq_norms, sgd_variance_of_sum
-from ..sketches.residual import basis_flops
+from ..sketches.residual import basis_flops, coordinate_flops
 from .execution import controlled_product, measurement, residual_bases, residual_coordinates, term_norms
 from .policy import BASES_EVERY, LEVELS, RESIDUAL_RANK, Option, allocate, site_options
 from .table import controller_table
@@ -63,6 +63,7 @@ class AutoSite:
     costs: tuple[float, ...] = dataclasses.field(init=False)  # GEMM FLOPs of a call with each option, bases amortised
     bases: Optional[tuple[Tensor, Tensor]] = None  # the residual sketch's u, v, while they serve
     bases_made: int = 0  # the call that made them
+    _counts: Optional[tuple] = None  # ((n, device), host tensor, device tensor) of keep_counts
     last_seen: int = 0  # the domain's call count at this site's last call
     option: int = 0  # index into options; exact until first measured
     ceiling: int = len(LEVELS) - 1  # most aggressive level allowed
@@ -86,6 +87,16 @@ class AutoSite:
     @property
     def has_residual(self) -> bool:
         return any(o.sketch == "residual" for o in self.options)
+
+    def keep_counts(self, n: int, device: torch.device) -> Tensor:
+        """``keep_count(n, p)`` of every one of :data:`LEVELS`, as an int64 tensor on ``device``,
+        made once per ``n`` and device (on CUDA copied from pinned memory: no sync)."""
+        if self._counts is None or self._counts[0] != (n, device):
+            host = torch.tensor([keep_count(n, p) for p in LEVELS])
+            if device.type == "cuda":
+                host = host.pin_memory()
+            self._counts = ((n, device), host, host.to(device, non_blocking=True))
+        return self._counts[2]
 
     def bases_serve(self, x: Tensor, y: Tensor) -> bool:
         """Whether the site's residual-sketch bases may serve this call of ``x @ y``: made fewer than
@@ -176,6 +187,8 @@ class AutoController:
         split = self._split(site, x, y, norms, seed, stream, fresh=measuring) if residual or (
             measuring and site.has_residual) else None
         out = controlled_product(x, y, k, a, split if residual else None, seed, stream)
+        if split is not None and not residual:  # made for the measurement alone
+            site.spent_flops += coordinate_flops(*site.shape, RESIDUAL_RANK)
         if measuring:
             self._measure(key, x, y, a, sq_norm, split, out)
         return out
@@ -224,7 +237,7 @@ class AutoController:
         group = site.group
         sq_sum = sq_norm if group == 1 else sample_sq_norms(x, y, group).sum().reshape(1)
         site.spent_flops += sample_norms_flops(m, n, big_n, group)
-        stats = measurement(out, sq_sum, a) if split is None else measurement(out, sq_sum, a, split[-1])
+        stats = measurement(out, sq_sum, site.keep_counts(n, x.device), a, a if split is None else split[-1])
         self.readback.post(stats, ("measure", key, site.calls - 1, n // group, site.option))
         if not site.due:
             site.ceiling = min(len(LEVELS) - 1, site.ceiling + 1)

@@ -12,12 +12,11 @@ from torch import Tensor
 from .. import draw_kernels
 from ..estimator_ops import CONTRACTED, sketched_product
 from ..kernels import kernel
-from ..sketches import keep_count
 from ..sketches.control import sketch_variance_vector
 from ..sketches.counter_rng import normal
 from ..sketches.norm import factor_norms
 from ..sketches.residual import ResidualSplit, range_basis, residual_contraction
-from .policy import LEVELS, RESIDUAL_RANK
+from .policy import RESIDUAL_RANK
 
 
 @kernel
@@ -31,14 +30,15 @@ def term_norms(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 @kernel
-def measurement(out: Tensor, sq_sum: Tensor, *importances: Tensor) -> Tensor:
-    """A measurement's statistics as one float64 vector: ``sum_i ||s_i||^2`` (``sq_sum``, shape ``(1,)``),
-    ``||T_hat||^2`` of the call's product ``out``, and for each sketch's importances ``V_sketch``
-    at the keep count ``keep_count(n, p)`` of every one of :data:`LEVELS` (of the symbolic ``n``: a
-    constant of each compiled size, no tensor input)."""
-    ks = torch.tensor([keep_count(importances[0].shape[0], p) for p in LEVELS], device=out.device)
-    return torch.cat([sq_sum.double(), out.double().square().sum().reshape(1),
-                      *(sketch_variance_vector(importance, ks) for importance in importances)])
+def measurement(out: Tensor, sq_sum: Tensor, ks: Tensor, norm: Tensor, residual: Tensor) -> Tensor:
+    """A measurement's statistics as one float64 vector: ``sum_i ||s_i||^2`` (``sq_sum``, shape
+    ``(1,)``), ``||T_hat||^2`` of the call's product ``out``, then ``V_sketch`` at each keep count
+    ``ks`` (one per :data:`~.policy.LEVELS`) of the norm sketch and of the residual sketch
+    (``residual``: its importances; a site without the residual sketch passes ``norm`` again). One
+    signature, so one compilation: with the counts computed inside from the symbolic ``n``, and the
+    residual optional, the body took 4 s to trace again at each warm start, per variant."""
+    return torch.cat([sq_sum.double(), out.double().square().sum().reshape(1), sketch_variance_vector(norm, ks),
+                      sketch_variance_vector(residual, ks)])
 
 
 @kernel

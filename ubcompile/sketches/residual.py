@@ -119,10 +119,14 @@ def basis_flops(m: int, n: int, big_n: int, r: int, power: int = 1) -> int:
     return 2 * r * n * (m + big_n) * (1 + 2 * power)
 
 
+def coordinate_flops(m: int, n: int, big_n: int, r: int) -> int:
+    """GEMM FLOPs of the coordinates ``xu``, ``yv`` of :meth:`ResidualSplit.on_bases`: ``2 r n (m + N)``."""
+    return 2 * r * n * (m + big_n)
+
+
 def split_flops(m: int, n: int, big_n: int, r: int, power: int = 1) -> int:
-    """GEMM FLOPs of :meth:`ResidualSplit.of`: the bases (:func:`basis_flops`) and the coordinates
-    ``xu``, ``yv`` (:meth:`ResidualSplit.on_bases`), ``2 r n (m + N)``."""
-    return basis_flops(m, n, big_n, r, power) + 2 * r * n * (m + big_n)
+    """GEMM FLOPs of :meth:`ResidualSplit.of`: the bases and the coordinates."""
+    return basis_flops(m, n, big_n, r, power) + coordinate_flops(m, n, big_n, r)
 
 
 def residual_flops(m: int, n: int, big_n: int, r: int, k: int, power: int = 1) -> int:
