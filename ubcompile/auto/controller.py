@@ -61,9 +61,9 @@ class AutoSite:
     group: int = 1  # rows per sample (tokens per sequence); 1 for a plain batch
     options: tuple[Option, ...] = dataclasses.field(init=False)
     costs: tuple[float, ...] = dataclasses.field(init=False)  # GEMM FLOPs of a call with each option, bases amortised
-    bases: Optional[tuple[Tensor, Tensor]] = None  # the residual sketch's u, v, while they serve
+    bases: Optional[tuple[Tensor, Tensor]] = dataclasses.field(default=None, repr=False)  # the residual sketch's u, v
     bases_made: int = 0  # the call that made them
-    _counts: Optional[tuple] = None  # ((n, device), host tensor, device tensor) of keep_counts
+    _counts: Optional[tuple] = dataclasses.field(default=None, init=False, repr=False)  # see keep_counts
     last_seen: int = 0  # the domain's call count at this site's last call
     option: int = 0  # index into options; exact until first measured
     ceiling: int = len(LEVELS) - 1  # most aggressive level allowed
