@@ -33,10 +33,6 @@ class Readback:
     def __init__(self) -> None:
         self._pending: list[_Pending] = []
 
-    def __len__(self) -> int:
-        """How many posted tensors are waiting to be collected."""
-        return len(self._pending)
-
     def post(self, values: Tensor, tag: Any) -> None:
         """Start copying ``values`` (a 1-D tensor the caller no longer writes; read back as float64)
         to the host. A CPU tensor is kept as it is: no copy, no op."""

@@ -61,6 +61,7 @@ class AutoSite:
     group: int = 1  # rows per sample (tokens per sequence); 1 for a plain batch
     options: tuple[Option, ...] = dataclasses.field(init=False)
     costs: tuple[float, ...] = dataclasses.field(init=False)  # GEMM FLOPs of a call with each option, bases amortised
+    call_costs: tuple[float, ...] = dataclasses.field(init=False)  # the same without the bases (counted when made)
     bases: Optional[tuple[Tensor, Tensor]] = dataclasses.field(default=None, repr=False)  # the residual sketch's u, v
     bases_made: int = 0  # the call that made them
     _counts: Optional[tuple] = dataclasses.field(default=None, init=False, repr=False)  # see keep_counts
@@ -81,8 +82,12 @@ class AutoSite:
 
     def __post_init__(self) -> None:
         self.options = site_options(self.shape)
-        self.costs = tuple(o.flops(*self.shape) for o in self.options)
+        self._price(self.shape)
         self.uses = [0] * len(self.options)
+
+    def _price(self, shape: tuple[int, int, int]) -> None:
+        self.costs = tuple(o.flops(*shape) for o in self.options)
+        self.call_costs = tuple(o.flops(*shape, bases=0) for o in self.options)
 
     @property
     def has_residual(self) -> bool:
@@ -112,7 +117,7 @@ class AutoSite:
         sample: ``n / samples`` when the ``n`` contracted rows split evenly into ``samples``."""
         if shape != self.shape:
             self.shape = shape
-            self.costs = tuple(o.flops(*shape) for o in self.options)
+            self._price(shape)
         n = shape[1]
         self.group = n // samples if 0 < samples < n and n % samples == 0 else 1
 
@@ -180,7 +185,7 @@ class AutoController:
         self.readback.post(sq_norm, ("guard", key, site.calls - 1))
         self._unread.add(key)
         site.uses[site.option] += 1
-        site.spent_flops += site.current.flops(*site.shape, bases=0)
+        site.spent_flops += site.call_costs[site.option]
         k = min(x.shape[1], keep_count(x.shape[1], site.p))
         measuring = site.due or site.calls - 1 >= site.next_measure
         residual = site.current.sketch == "residual" and k < x.shape[1]
