@@ -12,7 +12,8 @@ configuration already there is skipped, so an interrupted sweep resumes where it
 
 ``--grid auto`` runs ``p="auto"`` instead (:func:`auto_grid`, into ``auto_runs.jsonl``),
 ``--grid auto-confirm`` the default budget on fresh seeds (:func:`confirm_grid`, into
-``auto_confirm_runs.jsonl``) and ``--grid memory`` the memory-saving activation sketch against the norm sketch (:func:`memory_grid`,
+``auto_confirm_runs.jsonl``), ``--grid wide`` exact against the default budget at realistic widths
+(:data:`WIDE`, :func:`wide_grid`, into ``wide_runs.jsonl``) and ``--grid memory`` the memory-saving activation sketch against the norm sketch (:func:`memory_grid`,
 into ``memory_runs.jsonl``), both at exact's epochs.
 
 Runs go to ``--workers`` processes of one thread each, so every run is timed under the same load
@@ -31,7 +32,7 @@ import json
 import multiprocessing
 import os
 import pathlib
-from typing import Any
+from typing import Any, Optional
 
 from tqdm import tqdm
 
@@ -47,6 +48,11 @@ MODELS: dict[str, tuple[str, list[str], int]] = {
                3),
     "vit": ("fashion_vit", ["--dim", "64", "--limit-train", "10000", "--limit-test", "2000"], 3),
     "gpt": ("char_gpt", ["--dim", "64", "--steps-per-epoch", "200"], 3),
+}
+WIDE: dict[str, tuple[str, list[str], int]] = {
+    # The same models at the widths people train (issue 22), sized for 3-6 min a run on one core.
+    "vit": ("fashion_vit", ["--dim", "256", "--depth", "4", "--limit-train", "10000", "--limit-test", "2000"], 6),
+    "gpt": ("char_gpt", ["--dim", "256", "--depth", "4", "--steps-per-epoch", "200"], 3),
 }
 GRADS = ("weight", "both")
 SKETCHES = ("uniform", "norm")
@@ -98,12 +104,22 @@ so its paired standard error needs four times the MLP's seeds to come near 0.25 
 default chosen on the MLP and ViT."""
 
 
-def confirm_grid(model: str) -> list[dict[str, Any]]:
-    """Exact and ``p="auto"`` at the default budget on :data:`CONFIRM_SEEDS`, chosen before these runs:
-    a test of the default on seeds that did not select it."""
+def confirm_grid(model: str, seeds: Optional[tuple[int, ...]] = None) -> list[dict[str, Any]]:
+    """Exact and ``p="auto"`` at the default budget on ``seeds`` (default :data:`CONFIRM_SEEDS`), chosen
+    before these runs: a test of the default on seeds that did not select it."""
     lr = importlib.import_module(MODELS[model][0]).LR
     auto = {"p": "auto", "grad": "weight", "sketch": "norm", "budget": SamplingConfig.budget}
-    return [{"model": model, "seed": seed, "lr": lr, **c} for seed in CONFIRM_SEEDS[model] for c in ({"exact": True}, auto)]
+    seeds = CONFIRM_SEEDS[model] if seeds is None else seeds
+    return [{"model": model, "seed": seed, "lr": lr, **c} for seed in seeds for c in ({"exact": True}, auto)]
+
+
+WIDE_SEEDS = tuple(range(100, 108))
+"""Seeds no earlier run used: the default budget was chosen at width 64, so these runs test it."""
+
+
+def wide_grid(model: str) -> list[dict[str, Any]]:
+    """Exact and ``p="auto"`` at the default budget on the :data:`WIDE` sizes, seed by seed."""
+    return [{**c, "size": "wide"} for c in confirm_grid(model, WIDE_SEEDS)]
 
 
 MEMORY_P = 0.25
@@ -119,7 +135,8 @@ def memory_grid(model: str) -> list[dict[str, Any]]:
 
 GRIDS = {"main": (grid, "runs.jsonl", tuple(MODELS)), "auto": (auto_grid, "auto_runs.jsonl", AUTO_MODELS),
          "auto-confirm": (confirm_grid, "auto_confirm_runs.jsonl", tuple(CONFIRM_SEEDS)),
-         "memory": (memory_grid, "memory_runs.jsonl", AUTO_MODELS)}
+         "memory": (memory_grid, "memory_runs.jsonl", AUTO_MODELS),
+         "wide": (wide_grid, "wide_runs.jsonl", tuple(WIDE))}
 """name: (the runs of one model, the records file, the models it covers)."""
 
 
@@ -134,8 +151,13 @@ def record_key(record: dict[str, Any]) -> tuple:
     return key({"model": record["task"], **record["config"]})
 
 
+def sizes(config: dict[str, Any]) -> tuple[str, list[str], int]:
+    """The example, its size options and exact's epochs for ``config``'s model at its size."""
+    return (WIDE if config.get("size") == "wide" else MODELS)[config["model"]]
+
+
 def argv(config: dict[str, Any]) -> list[str]:
-    _, options, epochs = MODELS[config["model"]]
+    _, options, epochs = sizes(config)
     args = options + ["--lr", repr(config["lr"]), "--seed", str(config["seed"]), "--threads", "1",
                       "--evals-per-epoch", "2", "--no-progress"]
     if config.get("exact"):
@@ -154,14 +176,14 @@ def parse(config: dict[str, Any]) -> argparse.Namespace:
 
 
 @functools.lru_cache(maxsize=None)
-def task(model: str) -> experiment.Task:
-    """The model's data and task, loaded once per worker."""
+def task(model: str, size: Optional[str]) -> experiment.Task:
+    """The model's data and task at its size, loaded once per worker."""
     module = importlib.import_module(MODELS[model][0])
-    return module.build_task(parse({"model": model, "exact": True, "lr": module.LR, "seed": 0}))
+    return module.build_task(parse({"model": model, "size": size, "exact": True, "lr": module.LR, "seed": 0}))
 
 
 def run_one(config: dict[str, Any]) -> dict[str, Any]:
-    return experiment.run(task(config["model"]), parse(config))
+    return experiment.run(task(config["model"], config.get("size")), parse(config))
 
 
 def load_records(path: pathlib.Path) -> list[dict[str, Any]]:
