@@ -45,6 +45,10 @@ variant in turn, and times are medians over rounds. Columns:
   before it (activations, gradients, temporaries; the resident copies of every variant excluded).
 - ``compile s``: wall time of the first forward + backward; ``pass s``: the part of it spent in the
   ubcompile pass itself (rewriting the joint graphs), the rest being Dynamo, AOTAutograd and Inductor.
+  With ``--warm-bodies`` the sampled ops' bodies (:mod:`ubcompile.kernels`: compiled once per process
+  for every size, and kept in Inductor's FX-graph cache across processes) are compiled first, on a
+  small model of the same family: the compile a user meets for every model after the first on a
+  machine. Without it, each model's first variant of each sketch also pays for them.
 """
 
 from __future__ import annotations
@@ -84,9 +88,11 @@ COMPILE_SETTINGS = (
     (torch._inductor.config, "fx_graph_cache", False),
     (torch._functorch.config, "enable_autograd_cache", False),
     (torch._dynamo.config, "recompile_limit", 256),
+    (torch._dynamo.config, "automatic_dynamic_shapes", False),
 )
 """Every variant compiles from scratch (no FX graph, AOTAutograd or kernel cache warmed by another
-variant), and Dynamo keeps one entry per variant of the same ``forward``. Names missing from a torch
+variant), and Dynamo keeps one entry per variant of the same ``forward``, each with static shapes
+as in a fresh process (``--warm-bodies`` compiles the same ``forward`` at other shapes first). Names missing from a torch
 release are skipped."""
 
 EXACT_BACKENDS = {"inductor": "inductor", "eager": "aot_eager"}
@@ -286,11 +292,30 @@ def model_size(name: str, args: argparse.Namespace, device: torch.device) -> Siz
     return dataclasses.replace(MODELS[name].defaults[device.type], **given)
 
 
+def warm_size(size: Size) -> Size:
+    """A small size of the same family: width 64, one block, at least 64 sampled rows per product
+    (``min_dim``'s default), shapes unlike any benchmarked size so that no model kernel is shared."""
+    return Size(64, 1, 64 if not (size.tokens or size.image) else 2, tokens=min(size.tokens, 64),
+                image=min(size.image, 8))
+
+
+def warm_bodies(name: str, size: Size, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:
+    """One step of every sampled variant on :func:`warm_size`, each with a backend of its own: the
+    ops' bodies are compiled, and no benchmarked backend's report sees the graphs."""
+    small = warm_size(size)
+    model = MODELS[name].build(small).to(device=device, dtype=dtype)
+    x = torch.randn(MODELS[name].input_shape(small), device=device, dtype=dtype)
+    for options in variant_options(args):
+        loss_of(torch.compile(copy.deepcopy(model), backend=make_backend(options, args.compiler))(x)).backward()
+
+
 def run_model(name: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype
               ) -> tuple[Size, list[dict[str, Any]]]:
     """Benchmark every variant on model ``name``: its size and one row per variant, exact first."""
     torch._dynamo.reset()
     spec, size = MODELS[name], model_size(name, args, device)
+    if args.warm_bodies:
+        warm_bodies(name, size, args, device, dtype)
     torch.manual_seed(0)
     model = spec.build(size).to(device=device, dtype=dtype)
     x = torch.randn(spec.input_shape(size), device=device, dtype=dtype)
@@ -361,6 +386,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--compiler", choices=list(EXACT_BACKENDS), default="inductor",
                         help="compile with Inductor, or run the graphs op by op (exact reference: aot_eager)")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--warm-bodies", action="store_true",
+                        help="compile the sampled ops' bodies before timing the compiles (see compile s)")
     parser.add_argument("--blocks", "--depth", type=int, help="blocks (mlp: linear layers)")
     parser.add_argument("--width", type=int, help="features (mlp, vit, gpt2) or channels (resnet, cnn)")
     parser.add_argument("--batch", type=int)

@@ -47,3 +47,12 @@ def test_one_compilation_serves_every_size():
     for n, k in [(64, 16), (200, 50), (1000, 13), (4096, 1024)]:
         draw_kernels.pps(torch.rand(n), k, SEED, n)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_equal_sizes_at_the_first_call_are_not_guarded():
+    """A body first called on a square operand serves oblong ones: Dynamo's duck sizing would guard
+    ``x.size(0) == x.size(1)`` and compile again (a real model's first layer is often square)."""
+    counters.clear()
+    for shape in [(96, 96), (128, 48), (48, 200)]:
+        draw_kernels.row_norms(torch.randn(shape))
+    assert counters["stats"]["unique_graphs"] == 1

@@ -21,6 +21,7 @@ from torch._functorch.partitioners import default_partition
 from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.decomposition import select_decomp_table
+from torch.fx.experimental import _config as _fx_config
 from torch.fx.experimental.proxy_tensor import make_fx
 
 try:  # Dynamo's view of the frame it compiles; callers fall back to sampling (with a warning) without it
@@ -40,10 +41,10 @@ suite run on 2.13 and 2.14.1, README "Supported torch"); a newer one imports wit
 __all__ = [
     "CustomGraphPass",
     "check_torch_version",
+    "body_compile_settings",
     "compile_eager_with_joint_pass",
     "compile_with_joint_pass",
     "compiling_frame_modules",
-    "dynamo_recompile_limit",
     "mode_options",
     "guard_training_flags",
     "inductor_cache_dir",
@@ -119,20 +120,23 @@ def guard_training_flags(paths: Iterable[LocalPath]) -> None:
                     for path in paths))
 
 
-class dynamo_recompile_limit:
-    """Dynamo's per-code-object recompile limit raised to at least ``limit`` while the context is
-    open: set and restored by hand in a plain class (``config.patch`` costs 17 us a call, a
-    generator-based context manager 4, this 2)."""
+class body_compile_settings:
+    """While the context is open: Dynamo's per-code-object recompile limit raised to at least
+    ``limit``, and no duck sizing (``use_duck_shape``): a body traced with dynamic shapes would
+    otherwise guard that two sizes equal at its first call stay equal (a 64 x 64 operand), and
+    compile again at the first call where they differ. Set and restored by hand in a plain class
+    (``config.patch`` costs 17 us a call, a generator-based context manager 4, this 2)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
 
     def __enter__(self) -> None:
-        self.old = torch._dynamo.config.recompile_limit
-        torch._dynamo.config.recompile_limit = max(self.old, self.limit)
+        self.old = torch._dynamo.config.recompile_limit, _fx_config.use_duck_shape
+        torch._dynamo.config.recompile_limit = max(self.old[0], self.limit)
+        _fx_config.use_duck_shape = False
 
     def __exit__(self, *exc: object) -> None:
-        torch._dynamo.config.recompile_limit = self.old
+        torch._dynamo.config.recompile_limit, _fx_config.use_duck_shape = self.old
 
 
 def mark_sourceless_input(node: torch.fx.Node) -> None:

@@ -26,7 +26,7 @@ from typing import Callable, TypeVar
 
 import torch
 
-from ._torch_private import dynamo_recompile_limit
+from ._torch_private import body_compile_settings
 
 F = TypeVar("F", bound=Callable[..., object])
 
@@ -51,7 +51,7 @@ def kernel(fn: F) -> F:
     def run(*args):
         if EAGER or torch.compiler.is_compiling():
             return fn(*args)
-        with dynamo_recompile_limit(RECOMPILE_LIMIT):
+        with body_compile_settings(RECOMPILE_LIMIT):
             return compiled(*args)
 
     run.eager = fn
