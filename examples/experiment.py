@@ -14,6 +14,11 @@ convolution FLOPs so far (from the backend's report), the test accuracy and the 
 Evaluation runs the uncompiled model (the same function: the models have no dropout or batch norm),
 which spares each run an inference compile.
 A run whose loss stops being finite is recorded as diverged, with the step.
+
+``--vcas`` trains the same model, batches, optimizer and seed with VCAS instead (``examples/vcas.py``:
+its controller measures every ``min(100, steps // 50)`` steps, at least 1, on batches of its own),
+eagerly; its record has the same fields, the label ``vcas``, the backward FLOPs of every pass
+(measurements included) and the controller's timeline under ``vcas``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import itertools
 import json
 import math
 import os
@@ -36,8 +42,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import ubcompile
+import vcas
 from ubcompile.auto import LEVELS, RESIDUAL_RANK, AutoController
-from ubcompile.config import AXES, COMPILERS, GRAD_MODES, SKETCHES, SamplingConfig
+from ubcompile.config import AXES, BUDGET_SCALES, COMPILERS, GRAD_MODES, SKETCHES, SamplingConfig
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -84,13 +91,19 @@ def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float) -> torc
 
 
 def add_common_arguments(ap: argparse.ArgumentParser, task_lr: float, task_epochs: int, task_optimizer: str) -> None:
-    ap.add_argument("--exact", action="store_true", help="exact gradients: plain torch.compile (Inductor)")
+    exclusive = ap.add_mutually_exclusive_group()
+    exclusive.add_argument("--exact", action="store_true", help="exact gradients: plain torch.compile (Inductor)")
+    exclusive.add_argument("--vcas", action="store_true",
+                           help="VCAS (examples/vcas.py) at its defaults, eagerly, instead of ubcompile")
     ap.add_argument("--p", type=keep_fraction, default=0.25,
                     help="keep fraction of the sampled gradient products, or 'auto' (chosen per layer from "
                          "measured variance; grad weight, norm sketch)")
     ap.add_argument("--budget", type=float, default=SamplingConfig.budget,
                     help="with --p auto: added variance allowed, summed over the layers, as a fraction of their "
                          "summed SGD variance")
+    ap.add_argument("--budget-scale", choices=BUDGET_SCALES, default=SamplingConfig.budget_scale,
+                    help="with --p auto: the layers' variances summed as they are (global) or each over its "
+                         "layer's squared gradient norm (layer)")
     ap.add_argument("--sketch", choices=SKETCHES, default="norm")
     ap.add_argument("--grad", choices=GRAD_MODES, default="weight")
     ap.add_argument("--axis", choices=AXES, default=None, help="default: the grad mode's default axis")
@@ -120,14 +133,19 @@ def parse_args(argv: Optional[list[str]], doc: str, task_lr: float, task_epochs:
     add_common_arguments(ap, task_lr, task_epochs, task_optimizer)
     if add_arguments is not None:
         add_arguments(ap)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.vcas and ap.parse_args(argv, argparse.Namespace(p=None)).p is not None:  # --p given
+        ap.error("argument --p: not allowed with argument --vcas")
+    return args
 
 
 def label(args: argparse.Namespace) -> str:
     if args.exact:
         return "exact"
+    if args.vcas:
+        return "vcas"
     if args.p == "auto":
-        return f"auto budget={args.budget:g}"
+        return f"auto budget={args.budget:g}" + ("" if args.budget_scale == "global" else f" {args.budget_scale}")
     return f"{args.grad}:{args.sketch} p={args.p:g}"
 
 
@@ -135,7 +153,8 @@ def make_backend(args: argparse.Namespace) -> Any:
     if args.exact:
         return "inductor" if args.compiler == "inductor" else "aot_eager"
     return ubcompile.backend(p=args.p, grad=args.grad, sketch=args.sketch, axis=args.axis, seed=args.seed,
-                             min_dim=args.min_dim, compiler=args.compiler, budget=args.budget)
+                             min_dim=args.min_dim, compiler=args.compiler, budget=args.budget,
+                             budget_scale=args.budget_scale)
 
 
 def exact_backward_flops(task: Task, device: torch.device) -> int:
@@ -189,10 +208,17 @@ def run(task: Task, args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch._dynamo.reset()
+    vcas_flops = exact_backward_flops(task, device) if args.vcas else 0.0
     torch.manual_seed(args.seed)
     model = task.build().to(device)
-    backend = make_backend(args)
-    compiled = torch.compile(model, backend=backend)
+    controller_vcas, measure_batches = None, None
+    if args.vcas:
+        every = max(1, min(vcas.VCASConfig.every, total_steps // 50))
+        controller_vcas = vcas.wrap(model, config=vcas.VCASConfig(every=every), exact_flops=vcas_flops, seed=args.seed)
+        measure_gen = torch.Generator().manual_seed(args.seed + 1)
+        measure_batches = itertools.chain.from_iterable(task.batches(measure_gen) for _ in itertools.count())
+    backend = None if args.vcas else make_backend(args)
+    compiled = model if args.vcas else torch.compile(model, backend=backend)
     opt = make_optimizer(args.optimizer, model.parameters(), args.lr)
     generator = torch.Generator().manual_seed(args.seed)
     eval_every = max(1, task.steps_per_epoch // args.evals_per_epoch)
@@ -206,6 +232,8 @@ def run(task: Task, args: argparse.Namespace) -> dict[str, Any]:
     while len(times) < total_steps and diverged_step is None:
         for x, y in task.batches(generator):
             t0 = time.perf_counter()
+            if controller_vcas is not None:
+                controller_vcas.step(lambda batch: loss_fn(model(batch[0]), batch[1]), measure_batches)
             loss = loss_fn(compiled(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -219,17 +247,19 @@ def run(task: Task, args: argparse.Namespace) -> dict[str, Any]:
                 break
             if len(times) % eval_every == 0 or len(times) == total_steps:
                 recent = losses[-eval_every:]
+                spent = controller_vcas.spent_flops if controller_vcas else auto_flops(backend)
                 curve.append({"step": len(times), "acc": task.evaluate(model), "loss": sum(recent) / len(recent),
-                              "auto_gflop": auto_flops(backend) / 1e9})
+                              "auto_gflop": spent / 1e9})
                 bar.set_postfix(loss=f"{curve[-1]['loss']:.3f}", acc=f"{curve[-1]['acc']:.2f}")
             if len(times) == total_steps:
                 break
     bar.close()
 
-    report = None if args.exact else backend.report()
-    exact_flops = exact_backward_flops(task, device) if args.exact else report.exact_flops
-    # p="auto" products: the controller's count of what they cost, added per curve point below
-    static_flops = exact_flops if args.exact else sum(e.sampled_flops for e in report.entries if not e.adaptive)
+    report = None if args.exact or args.vcas else backend.report()
+    exact_flops = exact_backward_flops(task, device) if args.exact else vcas_flops if args.vcas else report.exact_flops
+    # p="auto" products (or every VCAS pass): the controller's count of what they cost, added per curve point below
+    static_flops = (exact_flops if args.exact else 0.0 if args.vcas
+                    else sum(e.sampled_flops for e in report.entries if not e.adaptive))
     steady = statistics.median(times[1:]) if len(times) > 1 else times[0]
     cumulative = [0.0]
     for t in [steady] + times[1:]:  # the first step's time is mostly compilation: counted as a median step
@@ -240,17 +270,22 @@ def run(task: Task, args: argparse.Namespace) -> dict[str, Any]:
         point["bwd_gflop"] = point["step"] * static_flops / 1e9 + point.pop("auto_gflop")
     sampled_flops = curve[-1]["bwd_gflop"] * 1e9 / max(1, curve[-1]["step"])
     finished = diverged_step is None
+    sampler_config = not (args.exact or args.vcas)
     return {
         "task": task.name, "label": label(args),
-        "config": {"exact": args.exact, "p": None if args.exact else args.p, "budget": args.budget,
-                   "grad": None if args.exact else args.grad, "sketch": None if args.exact else args.sketch,
-                   "axis": None if args.exact else backend.config.axis, "compiler": args.compiler, "optimizer": args.optimizer, "lr": args.lr, "epochs": args.epochs,
-                   "seed": args.seed, "device": str(device)},
+        "config": {"exact": args.exact, "p": args.p if sampler_config else None, "budget": args.budget,
+                   "budget_scale": args.budget_scale,
+                   "grad": args.grad if sampler_config else None, "sketch": args.sketch if sampler_config else None,
+                   "axis": backend.config.axis if sampler_config else None,
+                   "compiler": "eager" if args.vcas else args.compiler, "optimizer": args.optimizer, "lr": args.lr,
+                   "epochs": args.epochs, "seed": args.seed, "device": str(device),
+                   **({"vcas": True} if args.vcas else {})},
         "status": "ok" if finished else "diverged", "diverged_step": diverged_step,
         "final_acc": curve[-1]["acc"] if finished else None,
         "steps_per_epoch": task.steps_per_epoch, "curve": curve,
         "bwd_gflop_per_step": {"exact": exact_flops / 1e9, "sampled": sampled_flops / 1e9},
         "auto": auto_record(backend),
+        **({"vcas": controller_vcas.record()} if args.vcas else {}),
         "median_step_ms": steady * 1e3, "compile_s": times[0] - steady,
         "wall_s": time.perf_counter() - t_start, "env": environment(device),
     }

@@ -13,7 +13,10 @@ configuration already there is skipped, so an interrupted sweep resumes where it
 ``--grid auto`` runs ``p="auto"`` instead (:func:`auto_grid`, into ``auto_runs.jsonl``),
 ``--grid auto-confirm`` the default budget on fresh seeds (:func:`confirm_grid`, into
 ``auto_confirm_runs.jsonl``), ``--grid wide`` exact against the default budget at realistic widths
-(:data:`WIDE`, :func:`wide_grid`, into ``wide_runs.jsonl``) and ``--grid memory`` the memory-saving activation sketch against the norm sketch (:func:`memory_grid`,
+(:data:`WIDE`, :func:`wide_grid`, into ``wide_runs.jsonl``), ``--grid vcas`` VCAS on the confirmation
+seeds (:func:`vcas_grid`, into ``vcas_runs.jsonl``), ``--grid layer-scale`` the GPT's ``p="auto"``
+with each layer's variance over its own gradient (:func:`layer_scale_grid`, into
+``layer_scale_runs.jsonl``) and ``--grid memory`` the memory-saving activation sketch against the norm sketch (:func:`memory_grid`,
 into ``memory_runs.jsonl``), both at exact's epochs.
 
 Runs go to ``--workers`` processes of one thread each, so every run is timed under the same load
@@ -122,6 +125,24 @@ def wide_grid(model: str) -> list[dict[str, Any]]:
     return [{**c, "size": "wide"} for c in confirm_grid(model, WIDE_SEEDS)]
 
 
+BASELINE_SEEDS = 8
+"""Runs per model of the VCAS and layer-scaled grids: the first seeds of :data:`CONFIRM_SEEDS`, whose
+exact and ``p="auto"`` runs are in ``auto_confirm_runs.jsonl`` to pair with."""
+
+
+def vcas_grid(model: str) -> list[dict[str, Any]]:
+    """VCAS (``examples/vcas.py``, its defaults) at exact's learning rate and epochs, on the seeds
+    of the ``p="auto"`` confirmation runs."""
+    lr = importlib.import_module(MODELS[model][0]).LR
+    return [{"model": model, "seed": seed, "lr": lr, "vcas": True} for seed in CONFIRM_SEEDS[model][:BASELINE_SEEDS]]
+
+
+def layer_scale_grid(model: str) -> list[dict[str, Any]]:
+    """``p="auto"`` at the default budget with ``budget_scale="layer"`` on the same seeds."""
+    return [{**c, "budget_scale": "layer"} for c in confirm_grid(model, CONFIRM_SEEDS[model][:BASELINE_SEEDS])
+            if not c.get("exact")]
+
+
 MEMORY_P = 0.25
 
 
@@ -136,15 +157,21 @@ def memory_grid(model: str) -> list[dict[str, Any]]:
 GRIDS = {"main": (grid, "runs.jsonl", tuple(MODELS)), "auto": (auto_grid, "auto_runs.jsonl", AUTO_MODELS),
          "auto-confirm": (confirm_grid, "auto_confirm_runs.jsonl", tuple(CONFIRM_SEEDS)),
          "memory": (memory_grid, "memory_runs.jsonl", AUTO_MODELS),
-         "wide": (wide_grid, "wide_runs.jsonl", tuple(WIDE))}
+         "wide": (wide_grid, "wide_runs.jsonl", tuple(WIDE)),
+         "vcas": (vcas_grid, "vcas_runs.jsonl", tuple(CONFIRM_SEEDS)),
+         "layer-scale": (layer_scale_grid, "layer_scale_runs.jsonl", ("gpt",))}
 """name: (the runs of one model, the records file, the models it covers)."""
 
 
 def key(config: dict[str, Any]) -> tuple:
-    exact = config.get("exact", False)
-    return (config["model"], exact, None if exact else config["p"], None if exact else config["grad"],
-            None if exact else config["sketch"], round(config["lr"], 10), config["seed"],
-            config.get("budget") if config.get("p") == "auto" else None)
+    exact, vcas = config.get("exact", False), config.get("vcas", False)
+    fixed = exact or vcas  # no ubcompile options
+    scale = config.get("budget_scale", SamplingConfig.budget_scale)
+    auto = config.get("p") == "auto"
+    return (config["model"], exact, None if fixed else config["p"], None if fixed else config["grad"],
+            None if fixed else config["sketch"], round(config["lr"], 10), config["seed"],
+            config.get("budget") if auto else None) + ((scale,) if auto and scale != SamplingConfig.budget_scale
+                                                       else ()) + (("vcas",) if vcas else ())
 
 
 def record_key(record: dict[str, Any]) -> tuple:
@@ -162,8 +189,11 @@ def argv(config: dict[str, Any]) -> list[str]:
                       "--evals-per-epoch", "2", "--no-progress"]
     if config.get("exact"):
         return args + ["--exact", "--epochs", str(epochs)]
+    if config.get("vcas"):
+        return args + ["--vcas", "--epochs", str(epochs)]
     if config["p"] == "auto":
-        return args + ["--epochs", str(epochs), "--p", "auto", "--budget", str(config["budget"])]
+        return args + ["--epochs", str(epochs), "--p", "auto", "--budget", str(config["budget"]),
+                       "--budget-scale", config.get("budget_scale", SamplingConfig.budget_scale)]
     factor = 1 if config.get("same_epochs") else SAMPLED_EPOCH_FACTOR
     return args + ["--epochs", str(epochs * factor), "--p", str(config["p"]), "--grad", config["grad"],
                    "--sketch", config["sketch"]]

@@ -134,6 +134,25 @@ def test_controller_samples_noise_dominated_products_and_keeps_exact_when_the_bu
     assert "option used" in loose.table()
 
 
+@pytest.mark.parametrize("scale", ["global", "layer"])
+def test_a_layer_scaled_budget_weighs_each_layer_by_its_own_gradient(scale):
+    """Two noise-dominated layers alike but for a 10x larger gradient in one. Summed as they are
+    (``"global"``), the small layer's variances are 100x cheaper: it takes the most aggressive
+    fraction and the large one stays exact. Each over its own ``||T||^2`` (``"layer"``), they are
+    the same layer and get the same fraction."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 256, generator=gen), torch.randn(256, 32, generator=gen)
+    c = AutoController(budget=1.0, measure_every=10, budget_scale=scale)
+    big, small = c.register("big", (64, 256, 32)), c.register("small", (64, 256, 32))
+    for _ in range(30):
+        c.contraction(x, 10 * y, big, _seed(gen), 0)
+        c.contraction(x, y, small, _seed(gen), 1)
+    c.collect(wait=True)
+    levels = [c.sites[big].current.level, c.sites[small].current.level]
+    assert levels == ([0, len(LEVELS) - 1] if scale == "global" else [levels[0]] * 2)
+    assert levels[0] > 0 or scale == "global"
+
+
 def test_residual_bases_serve_a_few_calls_and_are_made_anew_at_measurements():
     """A site on the residual sketch makes its bases at its first call (a measurement) and then
     every :data:`BASES_EVERY` calls; operands of another dtype get bases of their own."""

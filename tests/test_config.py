@@ -39,6 +39,8 @@ def test_unknown_grad_mode_lists_valid_ones():
 def test_other_options_validated():
     with pytest.raises(ValueError, match="compiler must be one of"):
         ubcompile.backend(compiler="cudagraphs")
+    with pytest.raises(ValueError, match="budget_scale must be one of 'global', 'layer'"):
+        ubcompile.backend(p="auto", budget_scale="adam")
     with pytest.raises(TypeError, match="seed"):
         ubcompile.backend(seed="1")
     with pytest.raises(ValueError, match="min_dim"):

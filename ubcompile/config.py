@@ -37,6 +37,10 @@ so the layer's forward GEMM draws them and only the ``k`` kept rows of ``A`` are
 backward (see :mod:`ubcompile.passes.forward_rows`); linear layers' weight gradients only."""
 
 
+BUDGET_SCALES = ("global", "layer")
+"""How ``p="auto"`` sums the layers' variances against its budget (see :class:`SamplingConfig`)."""
+
+
 def _one_of(name: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
@@ -55,6 +59,11 @@ class SamplingConfig:
         budget: with ``p="auto"``, the sketch's added variance allowed, summed over the sampled
             layers, as a fraction of their summed minibatch-SGD variance (0.1: the smallest budget
             that cut the backward FLOPs by 40% on both experiment models, docs/EXPERIMENTS.md).
+        budget_scale: with ``p="auto"``, how the layers' variances are summed against the budget.
+            ``"global"``: as they are, the sum of squared errors of the whole gradient (what SGD's
+            step sees). ``"layer"``: each over its own layer's squared gradient norm, so that every
+            layer's noise counts relative to its own gradient (what an optimizer that normalises
+            each parameter's update, such as Adam, sees: a small layer's noise is not small after it).
         strict: raise when a rewrite fails, instead of keeping that gradient exact with a warning.
         sample_in_eval: sample gradients in ``eval()`` mode too. By default only a module in
             training mode is sampled; gradients taken in ``eval()`` mode (saliency maps,
@@ -88,6 +97,7 @@ class SamplingConfig:
     compiler: str = "inductor"
     filter: Optional[Callable[[str], bool]] = None
     budget: float = 0.1
+    budget_scale: str = "global"
     strict: bool = False
     measure_every: int = 50
     sample_in_eval: bool = False
@@ -106,6 +116,7 @@ class SamplingConfig:
             object.__setattr__(self, "axis", DEFAULT_AXIS[self.grad])
         _one_of("axis", self.axis, AXES)
         _one_of("compiler", self.compiler, COMPILERS)
+        _one_of("budget_scale", self.budget_scale, BUDGET_SCALES)
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise TypeError(f"seed must be an int or None, got {self.seed!r}")
         if isinstance(self.min_dim, bool) or not isinstance(self.min_dim, int) or self.min_dim < 1:

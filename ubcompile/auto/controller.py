@@ -138,8 +138,9 @@ class AutoSite:
 class AutoController:
     """The per-site state of ``p="auto"`` for one backend; see the module docstring."""
 
-    def __init__(self, budget: float, measure_every: int) -> None:
+    def __init__(self, budget: float, measure_every: int, budget_scale: str = "global") -> None:
         self.budget = budget
+        self.budget_scale = budget_scale
         self.measure_every = measure_every
         self.sites: list[AutoSite] = []
         self._keys: dict[SiteId, int] = {}
@@ -270,11 +271,21 @@ class AutoController:
         measured = [s for s in self.sites if s.domain == domain and self.live(s) and s.measurements
                     and math.isfinite(s.measurements[-1].sgd_variance)]
         last = [s.measurements[-1] for s in measured]
-        allowance = self.budget * sum(max(0.0, m.sgd_variance) for m in last)
+        units = [self._unit(m) for m in last]
+        allowance = self.budget * sum(u * max(0.0, m.sgd_variance) for u, m in zip(units, last))
         allowed = [[i for i, o in enumerate(s.options) if o.level <= s.ceiling] for s in measured]
-        points = [[(s.costs[0] - s.costs[i], m.variances[i]) for i in keep] for s, m, keep in zip(measured, last, allowed)]
+        points = [[(s.costs[0] - s.costs[i], u * m.variances[i]) for i in keep]
+                  for s, m, u, keep in zip(measured, last, units, allowed)]
         for site, keep, choice in zip(measured, allowed, allocate(points, allowance)):
             site.set_option(keep[choice])
+
+    def _unit(self, measurement: Measurement) -> float:
+        """The weight of a site's variances in the budget: 1 (``budget_scale="global"``), or one over
+        its gradient's squared norm ``||T||^2`` (``"layer"``: each layer's noise relative to its own
+        gradient, as an optimizer that normalises each parameter's update sees it; 0 for a zero gradient)."""
+        if self.budget_scale == "global":
+            return 1.0
+        return 1.0 / measurement.grad_sq_norm if measurement.grad_sq_norm > 0 else 0.0
 
     @property
     def exact_flops(self) -> float:

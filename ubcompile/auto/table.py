@@ -27,7 +27,8 @@ def controller_table(controller: AutoController) -> str:
     headers = ["module", "M x n x N", "calls", "measured", "option used (share of calls)", "now",
                "V_sketch/V_sgd now", "spikes", "FLOPs vs exact"]
     ratio = controller.spent_flops / controller.exact_flops if controller.exact_flops else 1.0
-    summary = (f'p="auto": budget {controller.budget:g} (sum of V_sketch <= budget * sum of V_sgd), measured every '
+    scaled = "" if controller.budget_scale == "global" else ", each over its layer's ||T||^2"
+    summary = (f'p="auto": budget {controller.budget:g} (sum of V_sketch <= budget * sum of V_sgd{scaled}), measured every '
                f"{controller.measure_every} calls; the norm sketch at fractions {', '.join(f'{p:g}' for p in LEVELS[1:])}, "
                f"or with a rank-{RESIDUAL_RANK} part exact (+r{RESIDUAL_RANK}), chosen at run time inside "
                f"one compiled op (no recompilation); controlled weight-gradient FLOPs "
