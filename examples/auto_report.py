@@ -12,7 +12,9 @@ For ``--grid auto`` (``python examples/sweep.py --grid auto``) it writes under `
   layer over training, and test accuracy against backward FLOPs for exact and every budget.
 
 For ``--grid auto-confirm`` (the default budget on fresh seeds): ``auto-confirm.md``, the same
-table. For ``--grid memory`` (``python examples/sweep.py --grid memory``): ``memory.md``, the same
+table; ``--grid wide`` (the realistic widths): ``wide.md`` and ``wide_fractions.png``; ``--grid vcas``
+and ``--grid layer-scale``: ``vcas.md`` and ``layer-scale.md``, with the exact and ``p="auto"`` runs of
+``auto-confirm`` on the same seeds. For ``--grid memory`` (``python examples/sweep.py --grid memory``): ``memory.md``, the same
 table for the norm and activation sketches at ``p = 0.25``.
 """
 
@@ -38,10 +40,12 @@ DEFAULT_LABEL = f"auto budget={SamplingConfig.budget:g}"
 
 
 def auto_labels(records: list[Record]) -> list[str]:
-    """``exact``, the fixed fractions, and the budgets the records ran, in increasing order."""
+    """``exact``, the fixed fractions (and VCAS), and the budgets the records ran, in increasing
+    order, each global before layer-scaled."""
     fixed = sorted({r["label"] for r in records if not r["config"].get("exact") and r["config"]["p"] != "auto"})
-    budgets = sorted({r["config"]["budget"] for r in records if r["config"].get("p") == "auto"})
-    return ["exact", *fixed] + [f"auto budget={b:g}" for b in budgets]
+    auto = {(r["config"]["budget"], r["config"].get("budget_scale") or "global", r["label"])
+            for r in records if r["config"].get("p") == "auto"}
+    return ["exact", *fixed] + [label for *_, label in sorted(auto)]
 
 
 def memory_labels() -> list[str]:
@@ -94,13 +98,15 @@ def model_table(model: str, records: list[Record], labels: list[str]) -> str:
         if not runs:
             continue
         finals = [r["final_acc"] for r in runs if r["status"] == "ok"]
-        flops = statistics.mean(r["bwd_gflop_per_step"]["sampled"] / r["bwd_gflop_per_step"]["exact"] for r in runs)
+        flops = f'{statistics.mean(r["bwd_gflop_per_step"]["sampled"] / r["bwd_gflop_per_step"]["exact"] for r in runs):.3f}'
+        if all("training_flop_ratio" in r.get("vcas", {}) for r in runs):  # VCAS: its measurements' passes apart
+            flops += f' ({statistics.mean(r["vcas"]["training_flop_ratio"] for r in runs):.3f} in training steps)'
         step = statistics.median(r["median_step_ms"] for r in runs) / exact_step
         time = reached_time(runs, target)
         seeds = [r["config"]["seed"] for r in runs]
         lines.append(f"| {label} | {min(seeds)}-{max(seeds)} | {mean_se(finals)} "
                      f"| {mean_se(paired_differences(runs, exact)) if label != 'exact' else '-'} "
-                     f"| {flops:.3f} | {step:.2f} | {fmt_time(time, exact_time, len(runs))} "
+                     f"| {flops} | {step:.2f} | {fmt_time(time, exact_time, len(runs))} "
                      f"| {sum(r['status'] != 'ok' for r in runs)} of {len(runs)} |")
     return "\n".join(lines) + "\n"
 
@@ -136,15 +142,28 @@ def plot(records_by_model: dict[str, list[Record]], path: pathlib.Path) -> None:
     plt.close(fig)
 
 
+PAIRED = {"vcas": "auto-confirm", "layer-scale": "auto-confirm"}
+"""Grids whose runs are compared with another grid's runs of the same seeds (exact, ``p="auto"``)."""
+
+
+def with_pairs(records: dict[str, list[Record]], path: pathlib.Path) -> dict[str, list[Record]]:
+    """``records`` and, for each model, the runs in ``path`` of the seeds they have."""
+    paired = records_by_model(path, records)
+    return {m: runs + [r for r in paired.get(m, []) if r["config"]["seed"] in {q["config"]["seed"] for q in runs}]
+            for m, runs in records.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--grid", choices=["auto", "auto-confirm", "memory"], default="auto")
+    ap.add_argument("--grid", choices=["auto", "auto-confirm", "memory", "wide", "vcas", "layer-scale"], default="auto")
     ap.add_argument("--out", type=pathlib.Path, default=sweep.ROOT / "docs" / "experiments")
     args = ap.parse_args()
     _, filename, models = sweep.GRIDS[args.grid]
     records = records_by_model(args.out / filename, models)
-    if args.grid == "auto":
-        plot(records, args.out / "auto_fractions.png")
+    if args.grid in PAIRED:
+        records = with_pairs(records, args.out / sweep.GRIDS[PAIRED[args.grid]][1])
+    if args.grid in ("auto", "wide"):
+        plot(records, args.out / f"{args.grid}_fractions.png")
     tables = [model_table(m, runs, memory_labels() if args.grid == "memory" else auto_labels(runs))
               for m, runs in records.items()]
     write_tables(tables, args.out / f"{args.grid}.md")

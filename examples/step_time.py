@@ -1,6 +1,7 @@
 """Training-step time of the sweep's models, exact against sampled, measured quietly in one process.
 
     python examples/step_time.py [--models mlp bagnet vit gpt] [--p 0.25] [--rounds 5] [--steps 20] [--configs p=auto]
+        [--wide]
 
 The sweep (``examples/sweep.py``) times every run while another run occupies the second core, so
 its step times carry that load's noise. This script compiles, per model, exact, the four
@@ -27,10 +28,11 @@ import sweep
 Step = Callable[[], float]
 
 
-def make_step(model_name: str, config: dict[str, Any]) -> Step:
-    """A compiled training step of the sweep's model under ``config``; the first call compiles."""
-    args = sweep.parse({"model": model_name, **config})
-    task = sweep.task(model_name)
+def make_step(model_name: str, config: dict[str, Any], size: Optional[str] = None) -> Step:
+    """A compiled training step of the sweep's model (at ``size``: ``"wide"`` for :data:`sweep.WIDE`)
+    under ``config``; the first call compiles."""
+    args = sweep.parse({"model": model_name, "size": size, **config})
+    task = sweep.task(model_name, size)
     torch.manual_seed(0)
     model = task.build()
     compiled = torch.compile(model, backend=experiment.make_backend(args))
@@ -50,7 +52,8 @@ def make_step(model_name: str, config: dict[str, Any]) -> Step:
     return step
 
 
-def measure(model_name: str, p: float, rounds: int, steps: int, only: Optional[list[str]] = None) -> dict[str, Any]:
+def measure(model_name: str, p: float, rounds: int, steps: int, only: Optional[list[str]] = None,
+            size: Optional[str] = None) -> dict[str, Any]:
     lr = sweep.importlib.import_module(sweep.MODELS[model_name][0]).LR
     configs = {"exact": {"exact": True}} | {f"{g}:{s} p={p:g}": {"grad": g, "sketch": s, "p": p}
                                            for g in sweep.GRADS for s in sweep.SKETCHES}
@@ -61,13 +64,13 @@ def measure(model_name: str, p: float, rounds: int, steps: int, only: Optional[l
             raise SystemExit(f"unknown configurations {sorted(unknown)}; choose from {list(configs)}")
         configs = {name: c for name, c in configs.items() if name == "exact" or name in only}
     torch._dynamo.reset()
-    fns = {name: make_step(model_name, {"lr": lr, "seed": 0, **c}) for name, c in configs.items()}
+    fns = {name: make_step(model_name, {"lr": lr, "seed": 0, **c}, size) for name, c in configs.items()}
     medians: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             medians[name].append(statistics.median(fn() for _ in range(steps)))
     ratios = {name: sorted(m / e for m, e in zip(medians[name], medians["exact"])) for name in fns}
-    return {"model": model_name, "p": p, "median_step_s": medians, "ratio_to_exact": ratios}
+    return {"model": model_name, "size": size, "p": p, "median_step_s": medians, "ratio_to_exact": ratios}
 
 
 def main() -> None:
@@ -78,10 +81,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--configs", nargs="+", help="time only these besides exact (e.g. 'p=auto' 'weight:norm p=0.25')")
+    ap.add_argument("--wide", action="store_true", help="the realistic widths of sweep.WIDE (vit, gpt)")
     ap.add_argument("--out", default=str(sweep.ROOT / "docs" / "experiments"))
     args = ap.parse_args()
     torch.set_num_threads(1)
-    results = [measure(m, args.p, args.rounds, args.steps, args.configs) for m in args.models]
+    size = "wide" if args.wide else None
+    results = [measure(m, args.p, args.rounds, args.steps, args.configs, size) for m in args.models]
     rows = ["| model | run | step time vs exact, median (range) over rounds | exact step ms |", "|---|---|---|---|"]
     for r in results:
         exact_ms = statistics.median(r["median_step_s"]["exact"]) * 1e3

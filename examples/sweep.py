@@ -180,7 +180,8 @@ def record_key(record: dict[str, Any]) -> tuple:
 
 def sizes(config: dict[str, Any]) -> tuple[str, list[str], int]:
     """The example, its size options and exact's epochs for ``config``'s model at its size."""
-    return (WIDE if config.get("size") == "wide" else MODELS)[config["model"]]
+    wide = config.get("size") == "wide" and config["model"] in WIDE  # the MLP is wide already
+    return (WIDE if wide else MODELS)[config["model"]]
 
 
 def argv(config: dict[str, Any]) -> list[str]:
@@ -206,7 +207,7 @@ def parse(config: dict[str, Any]) -> argparse.Namespace:
 
 
 @functools.lru_cache(maxsize=None)
-def task(model: str, size: Optional[str]) -> experiment.Task:
+def task(model: str, size: Optional[str] = None) -> experiment.Task:
     """The model's data and task at its size, loaded once per worker."""
     module = importlib.import_module(MODELS[model][0])
     return module.build_task(parse({"model": model, "size": size, "exact": True, "lr": module.LR, "seed": 0}))

@@ -193,6 +193,7 @@ class VCAS:
         self.kept: Optional[Tensor] = None  # samples kept by the last SampleA (nonzero_data_index)
         self.steps = self.passes = self.forward_passes = 0
         self.saved_flops = 0.0
+        self.measurement_flops = 0.0  # the part of spent_flops that measurements cost
         self.history: list[dict[str, Any]] = []
 
     # the backward of the swapped layers
@@ -308,7 +309,9 @@ class VCAS:
         measures on ``batches`` (not the step's batch) and updates; then counts the step's pass."""
         self.steps += 1
         if self.steps % self.config.every == 0:
+            before = self.spent_flops
             measured = self.measure(loss_of, batches)
+            self.measurement_flops += self.spent_flops - before
             self.update(measured)
             self.history.append({"step": self.steps, "s": self.s, "act_ratios": self.act_ratios,
                                  "w_ratios": self.w_ratios, "sgd_var": sum(measured.sgd_var),
@@ -326,7 +329,9 @@ class VCAS:
         return {"config": dataclasses.asdict(self.config), "blocks": len(self.act_ratios),
                 "layers": len(self.w_ratios), "backward_passes": self.passes,
                 "measurement_forward_passes": self.forward_passes,
-                "flop_ratio": self.spent_flops / exact if exact else 1.0, "measurements": self.history}
+                "flop_ratio": self.spent_flops / exact if exact else 1.0,
+                "training_flop_ratio": (self.spent_flops - self.measurement_flops) / exact if exact else 1.0,
+                "measurements": self.history}
 
 
 class _SampleA(torch.autograd.Function):
