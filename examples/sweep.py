@@ -125,6 +125,11 @@ def wide_grid(model: str) -> list[dict[str, Any]]:
     return [{**c, "size": "wide"} for c in confirm_grid(model, WIDE_SEEDS)]
 
 
+def wide_layer_grid(model: str) -> list[dict[str, Any]]:
+    """:func:`wide_grid` with ``budget_scale="layer"``, into the same records (its exact runs are shared)."""
+    return [{**c, "budget_scale": "layer"} if c.get("p") == "auto" else c for c in wide_grid(model)]
+
+
 BASELINE_SEEDS = 8
 """Runs per model of the VCAS and layer-scaled grids: the first seeds of :data:`CONFIRM_SEEDS`, whose
 exact and ``p="auto"`` runs are in ``auto_confirm_runs.jsonl`` to pair with."""
@@ -158,6 +163,7 @@ GRIDS = {"main": (grid, "runs.jsonl", tuple(MODELS)), "auto": (auto_grid, "auto_
          "auto-confirm": (confirm_grid, "auto_confirm_runs.jsonl", tuple(CONFIRM_SEEDS)),
          "memory": (memory_grid, "memory_runs.jsonl", AUTO_MODELS),
          "wide": (wide_grid, "wide_runs.jsonl", tuple(WIDE)),
+         "wide-layer": (wide_layer_grid, "wide_runs.jsonl", ("gpt",)),
          "vcas": (vcas_grid, "vcas_runs.jsonl", tuple(CONFIRM_SEEDS)),
          "layer-scale": (layer_scale_grid, "layer_scale_runs.jsonl", ("gpt",))}
 """name: (the runs of one model, the records file, the models it covers)."""
