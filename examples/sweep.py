@@ -14,7 +14,7 @@ configuration already there is skipped, so an interrupted sweep resumes where it
 ``--grid auto-confirm`` the default budget on fresh seeds (:func:`confirm_grid`, into
 ``auto_confirm_runs.jsonl``), ``--grid wide`` exact against the default budget at realistic widths
 (:data:`WIDE`, :func:`wide_grid`, into ``wide_runs.jsonl``), ``--grid vcas`` VCAS on the confirmation
-seeds (:func:`vcas_grid`, into ``vcas_runs.jsonl``), ``--grid layer-scale`` the GPT's ``p="auto"``
+seeds (:func:`vcas_grid`, into ``vcas_runs.jsonl``), ``--grid layer-scale`` ``p="auto"``
 with each layer's variance over its own gradient (:func:`layer_scale_grid`, into
 ``layer_scale_runs.jsonl``) and ``--grid memory`` the memory-saving activation sketch against the norm sketch (:func:`memory_grid`,
 into ``memory_runs.jsonl``), both at exact's epochs.
@@ -165,7 +165,7 @@ GRIDS = {"main": (grid, "runs.jsonl", tuple(MODELS)), "auto": (auto_grid, "auto_
          "wide": (wide_grid, "wide_runs.jsonl", tuple(WIDE)),
          "wide-layer": (wide_layer_grid, "wide_runs.jsonl", ("gpt",)),
          "vcas": (vcas_grid, "vcas_runs.jsonl", tuple(CONFIRM_SEEDS)),
-         "layer-scale": (layer_scale_grid, "layer_scale_runs.jsonl", ("gpt",))}
+         "layer-scale": (layer_scale_grid, "layer_scale_runs.jsonl", tuple(CONFIRM_SEEDS))}
 """name: (the runs of one model, the records file, the models it covers)."""
 
 
