@@ -78,7 +78,9 @@ def paired_differences(runs: list[Record], exact: list[Record]) -> list[float]:
             if r["status"] == "ok" and r["config"]["seed"] in exact_acc]
 
 
-def model_table(model: str, records: list[Record], labels: list[str]) -> str:
+def model_table(model: str, records: list[Record], labels: list[str], timed: bool = True) -> str:
+    """The table of one model's runs; ``timed=False`` leaves out the step and training times (runs
+    made on other days, under other loads: their times do not compare)."""
     groups = by_label(records, exact_lr(model))
     target = exact_target(groups)
     exact = groups["exact"]
@@ -106,7 +108,8 @@ def model_table(model: str, records: list[Record], labels: list[str]) -> str:
         seeds = [r["config"]["seed"] for r in runs]
         lines.append(f"| {label} | {min(seeds)}-{max(seeds)} | {mean_se(finals)} "
                      f"| {mean_se(paired_differences(runs, exact)) if label != 'exact' else '-'} "
-                     f"| {flops} | {step:.2f} | {fmt_time(time, exact_time, len(runs))} "
+                     f"| {flops} | {f'{step:.2f}' if timed else '-'} "
+                     f"| {fmt_time(time, exact_time, len(runs)) if timed else '-'} "
                      f"| {sum(r['status'] != 'ok' for r in runs)} of {len(runs)} |")
     return "\n".join(lines) + "\n"
 
@@ -164,7 +167,8 @@ def main() -> None:
         records = with_pairs(records, args.out / sweep.GRIDS[PAIRED[args.grid]][1])
     if args.grid in ("auto", "wide"):
         plot(records, args.out / f"{args.grid}_fractions.png")
-    tables = [model_table(m, runs, memory_labels() if args.grid == "memory" else auto_labels(runs))
+    tables = [model_table(m, runs, memory_labels() if args.grid == "memory" else auto_labels(runs),
+                          timed=args.grid not in PAIRED)
               for m, runs in records.items()]
     write_tables(tables, args.out / f"{args.grid}.md")
 

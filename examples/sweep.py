@@ -236,12 +236,14 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", type=pathlib.Path, default=ROOT / "docs" / "experiments")
     ap.add_argument("--grid", choices=list(GRIDS), default="main", help="which runs (see above)")
+    ap.add_argument("--seeds", type=int, nargs="+", help="only the grid's runs of these seeds (to split it between machines)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     runs_of, filename, covered = GRIDS[args.grid]
     runs = args.out / filename
     done = {record_key(r) for r in load_records(runs)}
-    todo = [c for m in args.models if m in covered for c in runs_of(m) if key(c) not in done]
+    todo = [c for m in args.models if m in covered for c in runs_of(m)
+            if key(c) not in done and (args.seeds is None or c["seed"] in args.seeds)]
     print(f"{len(todo)} runs to do, {len(done)} already in {runs}", flush=True)
     # One thread per worker, Inductor's kernel compilation included; set before the workers import torch.
     os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
