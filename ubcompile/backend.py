@@ -241,7 +241,8 @@ def backend(*args: Any, **options: Any) -> Backend:
     measurement (README, "Defaults"), samples a fraction ``p`` of the batch/token rows of every
     weight-gradient GEMM with the minimal-variance norm sketch and keeps the propagated gradients
     exact; ``p="auto"`` chooses that fraction per layer during training so that the added variance,
-    summed over the layers, stays within ``budget`` times their minibatch-SGD variance;
+    each over its layer's squared gradient norm and summed over the layers, stays within ``budget``
+    times their minibatch-SGD variance, scaled alike;
     ``grad="both"`` samples a fraction ``p`` of each layer's output features for both of its
     gradient GEMMs (cheaper, noisier: the noise compounds with depth). A module in ``eval()`` mode
     gets exact gradients unless ``sample_in_eval=True``.

@@ -16,7 +16,9 @@ costlier per kept row, much less noisy where the batch's rows lie near a low-dim
   estimated without bias by ``||T_hat||^2 - V_sketch`` from the sampled product itself.
 * **allocate** (after every measurement): the options of all measured sites are chosen together
   (:func:`allocate`) so that their added variances sum to at most ``budget`` times the sum of their
-  SGD variances, with the most FLOPs saved (each option's FLOPs counted in full, bases included):
+  SGD variances, each variance over its layer's ``||T||^2`` (``budget_scale="layer"``, the
+  default: an optimizer that normalises each parameter's update, as Adam does, sees each layer's
+  noise relative to its own gradient) or as it is (``"global"``), with the most FLOPs saved (each option's FLOPs counted in full, bases included):
   noise goes where it buys the most FLOPs, and a layer whose sampling is noisy for little saving
   stays exact. (The paper's trade-off is in the total variance: SGD needs about
   ``1 + sum V_sketch / sum V_sgd`` times the steps.) The uniform sketch is never an option: at the

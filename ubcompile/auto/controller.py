@@ -138,7 +138,7 @@ class AutoSite:
 class AutoController:
     """The per-site state of ``p="auto"`` for one backend; see the module docstring."""
 
-    def __init__(self, budget: float, measure_every: int, budget_scale: str = "global") -> None:
+    def __init__(self, budget: float, measure_every: int, budget_scale: str = "layer") -> None:
         self.budget = budget
         self.budget_scale = budget_scale
         self.measure_every = measure_every
