@@ -169,14 +169,19 @@ GRIDS = {"main": (grid, "runs.jsonl", tuple(MODELS)), "auto": (auto_grid, "auto_
 """name: (the runs of one model, the records file, the models it covers)."""
 
 
+RECORDED_SCALE = "global"
+"""The ``budget_scale`` of a ``p="auto"`` run or record that names none: every record made before
+2026-12-04, when ``"layer"`` became the default. The grids that made them keep it."""
+
+
 def key(config: dict[str, Any]) -> tuple:
     exact, vcas = config.get("exact", False), config.get("vcas", False)
     fixed = exact or vcas  # no ubcompile options
-    scale = config.get("budget_scale", SamplingConfig.budget_scale)
+    scale = config.get("budget_scale", RECORDED_SCALE)
     auto = config.get("p") == "auto"
     return (config["model"], exact, None if fixed else config["p"], None if fixed else config["grad"],
             None if fixed else config["sketch"], round(config["lr"], 10), config["seed"],
-            config.get("budget") if auto else None) + ((scale,) if auto and scale != SamplingConfig.budget_scale
+            config.get("budget") if auto else None) + ((scale,) if auto and scale != RECORDED_SCALE
                                                        else ()) + (("vcas",) if vcas else ())
 
 
@@ -200,7 +205,7 @@ def argv(config: dict[str, Any]) -> list[str]:
         return args + ["--vcas", "--epochs", str(epochs)]
     if config["p"] == "auto":
         return args + ["--epochs", str(epochs), "--p", "auto", "--budget", str(config["budget"]),
-                       "--budget-scale", config.get("budget_scale", SamplingConfig.budget_scale)]
+                       "--budget-scale", config.get("budget_scale", RECORDED_SCALE)]
     factor = 1 if config.get("same_epochs") else SAMPLED_EPOCH_FACTOR
     return args + ["--epochs", str(epochs * factor), "--p", str(config["p"]), "--grad", config["grad"],
                    "--sketch", config["sketch"]]
