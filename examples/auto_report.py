@@ -30,13 +30,22 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+import experiment  # noqa: E402
 import sweep  # noqa: E402
 from sweep_report import by_label, exact_lr, exact_target, reached, records_by_model, write_tables  # noqa: E402
 
 from ubcompile.config import SamplingConfig  # noqa: E402
 
 Record = dict[str, Any]
-DEFAULT_LABEL = f"auto budget={SamplingConfig.budget:g}"
+DEFAULT_LABEL = experiment.auto_label(SamplingConfig.budget, SamplingConfig.budget_scale)
+"""The label of a run at ``p="auto"``'s default options."""
+
+
+def default_run(groups: dict[str, list[Record]]) -> Record:
+    """The first run at the default options, else at the default budget under any scale (the records
+    made before ``"layer"`` became the default)."""
+    labels = [DEFAULT_LABEL] + sorted(label for label in groups if label.startswith(f"auto budget={SamplingConfig.budget:g}"))
+    return next(groups[label][0] for label in labels if groups.get(label))
 
 
 def auto_labels(records: list[Record]) -> list[str]:
@@ -119,7 +128,7 @@ def plot(records_by_model: dict[str, list[Record]], path: pathlib.Path) -> None:
     fig, axes = plt.subplots(2, len(models), figsize=(6 * len(models), 8), squeeze=False)
     for col, model in enumerate(models):
         groups = by_label(records_by_model[model], exact_lr(model))
-        run = groups[DEFAULT_LABEL][0]
+        run = default_run(groups)
         ax = axes[0][col]
         total = run["curve"][-1]["step"]
         for site in (s for s in run["auto"]["sites"] if s["timeline"]):  # (sites of the records before 2026-12-03 of kind "rows" have none)
@@ -129,7 +138,7 @@ def plot(records_by_model: dict[str, list[Record]], path: pathlib.Path) -> None:
             residual = [change[:2] for change in site["timeline"] if change[2] == "residual"]
             if residual:
                 ax.plot(*zip(*residual), "o", color=line.get_color(), markersize=4)
-        ax.set(title=f"{model}: keep fraction per layer ({DEFAULT_LABEL}, seed {run['config']['seed']})\n"
+        ax.set(title=f"{model}: keep fraction per layer ({run['label']}, seed {run['config']['seed']})\n"
                      "o: a change to a residual-sketch option",
                xlabel="training step", ylabel="keep fraction p", yscale="log")
         ax.legend(fontsize=7)

@@ -139,13 +139,19 @@ def parse_args(argv: Optional[list[str]], doc: str, task_lr: float, task_epochs:
     return args
 
 
+def auto_label(budget: float, scale: str) -> str:
+    """The label of a ``p="auto"`` run: its budget, and its ``budget_scale`` unless ``"global"`` (the
+    only scale before 2026-12-04, whose records name none)."""
+    return f"auto budget={budget:g}" + ("" if scale == "global" else f" {scale}")
+
+
 def label(args: argparse.Namespace) -> str:
     if args.exact:
         return "exact"
     if args.vcas:
         return "vcas"
     if args.p == "auto":
-        return f"auto budget={args.budget:g}" + ("" if args.budget_scale == "global" else f" {args.budget_scale}")
+        return auto_label(args.budget, args.budget_scale)
     return f"{args.grad}:{args.sketch} p={args.p:g}"
 
 
