@@ -43,9 +43,10 @@ DEFAULT_LABEL = experiment.auto_label(SamplingConfig.budget, SamplingConfig.budg
 
 def default_run(groups: dict[str, list[Record]]) -> Record:
     """The first run at the default options, else at the default budget under any scale (the records
-    made before ``"layer"`` became the default)."""
-    labels = [DEFAULT_LABEL] + sorted(label for label in groups if label.startswith(f"auto budget={SamplingConfig.budget:g}"))
-    return next(groups[label][0] for label in labels if groups.get(label))
+    made before ``"layer"`` became the default), else the first ``p="auto"`` run."""
+    auto = sorted(label for label in groups if label.startswith("auto budget="))
+    default_budget = [label for label in auto if label.startswith(f"auto budget={SamplingConfig.budget:g}")]
+    return next(groups[label][0] for label in [DEFAULT_LABEL, *default_budget, *auto] if groups.get(label))
 
 
 def auto_labels(records: list[Record]) -> list[str]:
