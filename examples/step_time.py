@@ -57,7 +57,8 @@ def measure(model_name: str, p: float, rounds: int, steps: int, only: Optional[l
     lr = sweep.importlib.import_module(sweep.MODELS[model_name][0]).LR
     configs = {"exact": {"exact": True}} | {f"{g}:{s} p={p:g}": {"grad": g, "sketch": s, "p": p}
                                            for g in sweep.GRADS for s in sweep.SKETCHES}
-    configs["p=auto"] = {"p": "auto", "budget": sweep.SamplingConfig.budget}
+    configs["p=auto"] = {"p": "auto", "budget": sweep.SamplingConfig.budget,
+                         "budget_scale": sweep.SamplingConfig.budget_scale}
     if only is not None:
         unknown = set(only) - set(configs)
         if unknown:
