@@ -163,7 +163,7 @@ GRIDS = {"main": (grid, "runs.jsonl", tuple(MODELS)), "auto": (auto_grid, "auto_
          "auto-confirm": (confirm_grid, "auto_confirm_runs.jsonl", tuple(CONFIRM_SEEDS)),
          "memory": (memory_grid, "memory_runs.jsonl", AUTO_MODELS),
          "wide": (wide_grid, "wide_runs.jsonl", tuple(WIDE)),
-         "wide-layer": (wide_layer_grid, "wide_runs.jsonl", ("gpt",)),
+         "wide-layer": (wide_layer_grid, "wide_runs.jsonl", tuple(WIDE)),
          "vcas": (vcas_grid, "vcas_runs.jsonl", tuple(CONFIRM_SEEDS)),
          "layer-scale": (layer_scale_grid, "layer_scale_runs.jsonl", tuple(CONFIRM_SEEDS))}
 """name: (the runs of one model, the records file, the models it covers)."""
