@@ -148,7 +148,7 @@ def plot(records_by_model: dict[str, list[Record]], path: pathlib.Path) -> None:
             for r in groups.get(label, [])[:1]:
                 ax.plot([pt["bwd_gflop"] for pt in r["curve"]], [pt["acc"] for pt in r["curve"]],
                         "k-" if label == "exact" else "-", label=label)
-        ax.set(title=f"{model}: test accuracy (seed 0)", xlabel="backward GEMM GFLOP", ylabel="test accuracy %")
+        ax.set(title=f"{model}: test accuracy (each run's first seed)", xlabel="backward GEMM GFLOP", ylabel="test accuracy %")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
