@@ -99,6 +99,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ubcompile.sketches.norm import water_fill
+
 Batch = tuple[Tensor, Tensor]
 
 
@@ -117,20 +119,14 @@ class VCASConfig:
 
 
 def keep_probabilities(scores: Tensor, k: int) -> Tensor:
-    """``p_i = min(1, c scores_i)`` with ``sum p_i = k`` (``k <= len(scores)``; zero scores get 0).
+    """``p_i = min(1, c scores_i)`` with ``sum p_i = k`` (zero scores get 0): ubcompile's
+    :func:`~ubcompile.sketches.norm.water_fill`, which is VCAS's ``soft_topk``; all ones for ``k`` at
+    least the count.
 
     Keeping item ``i`` with probability ``p_i`` and scaling it by ``1 / p_i`` is unbiased; these
     ``p`` minimise the added variance ``sum (1/p_i - 1) scores_i^2`` for ``k`` items expected.
     """
-    if k >= len(scores):
-        return torch.ones_like(scores)
-    top = scores.sort(descending=True).values
-    tail = top.flip(0).cumsum(0).flip(0)  # tail[j]: sum of all but the j largest
-    j = torch.arange(k, device=scores.device)
-    # the j largest get probability 1, for the least j at which the rest fit: (k - j) top[j] <= tail[j]
-    first = ((k - j) * top[:k] <= tail[:k]).int().argmax()
-    c = (k - first) / tail[first]
-    return torch.where(scores > 0, (c * scores).clamp(max=1.0), 0.0)
+    return torch.ones_like(scores) if k >= len(scores) else water_fill(scores, k).to(scores.dtype)
 
 
 def weight_sampling_variance(g: Tensor, x: Tensor, ratio: float) -> float:
