@@ -13,7 +13,8 @@ configuration already there is skipped, so an interrupted sweep resumes where it
 ``--grid auto`` runs ``p="auto"`` instead (:func:`auto_grid`, into ``auto_runs.jsonl``),
 ``--grid auto-confirm`` the default budget on fresh seeds (:func:`confirm_grid`, into
 ``auto_confirm_runs.jsonl``), ``--grid wide`` exact against the default budget at realistic widths
-(:data:`WIDE`, :func:`wide_grid`, into ``wide_runs.jsonl``), ``--grid vcas`` VCAS on the confirmation
+(:data:`WIDE`, :func:`wide_grid`, into ``wide_runs.jsonl``; ``--grid wide-stable`` the GPT at a
+learning rate its exact training survives), ``--grid vcas`` VCAS on the confirmation
 seeds (:func:`vcas_grid`, into ``vcas_runs.jsonl``), ``--grid layer-scale`` ``p="auto"``
 with each layer's variance over its own gradient (:func:`layer_scale_grid`, into
 ``layer_scale_runs.jsonl``) and ``--grid memory`` the memory-saving activation sketch against the norm sketch (:func:`memory_grid`,
@@ -131,6 +132,17 @@ def wide_layer_grid(model: str) -> list[dict[str, Any]]:
     return [{**c, "budget_scale": "layer"} if c.get("p") == "auto" else c for c in wide_grid(model)]
 
 
+WIDE_STABLE_LR = 1e-3
+"""The wide GPT's Adam learning rate in :func:`wide_stable_grid`: at the width-64 rate (3e-3) 2 of 8
+exact runs collapsed late (2026-12-04), so the comparison is not one of two trainings that converge."""
+
+
+def wide_stable_grid(model: str) -> list[dict[str, Any]]:
+    """:func:`wide_layer_grid` at :data:`WIDE_STABLE_LR`, into the same records (the learning rate is
+    part of a run's key)."""
+    return [{**c, "lr": WIDE_STABLE_LR} for c in wide_layer_grid(model)]
+
+
 BASELINE_SEEDS = 8
 """Runs per model of the VCAS and layer-scaled grids: the first seeds of :data:`CONFIRM_SEEDS`, whose
 exact and ``p="auto"`` runs are in ``auto_confirm_runs.jsonl`` to pair with."""
@@ -165,6 +177,7 @@ GRIDS = {"main": (grid, "runs.jsonl", tuple(MODELS)), "auto": (auto_grid, "auto_
          "memory": (memory_grid, "memory_runs.jsonl", AUTO_MODELS),
          "wide": (wide_grid, "wide_runs.jsonl", tuple(WIDE)),
          "wide-layer": (wide_layer_grid, "wide_runs.jsonl", tuple(WIDE)),
+         "wide-stable": (wide_stable_grid, "wide_runs.jsonl", ("gpt",)),
          "vcas": (vcas_grid, "vcas_runs.jsonl", tuple(CONFIRM_SEEDS)),
          "layer-scale": (layer_scale_grid, "layer_scale_runs.jsonl", tuple(CONFIRM_SEEDS))}
 """name: (the runs of one model, the records file, the models it covers)."""
