@@ -14,7 +14,7 @@ configuration already there is skipped, so an interrupted sweep resumes where it
 ``--grid auto-confirm`` the default budget on fresh seeds (:func:`confirm_grid`, into
 ``auto_confirm_runs.jsonl``), ``--grid wide`` exact against the default budget at realistic widths
 (:data:`WIDE`, :func:`wide_grid`, into ``wide_runs.jsonl``; ``--grid wide-stable`` the GPT at a
-learning rate its exact training survives), ``--grid vcas`` VCAS on the confirmation
+learning rate its exact training survives, ``--grid wide-vcas`` VCAS on those runs), ``--grid vcas`` VCAS on the confirmation
 seeds (:func:`vcas_grid`, into ``vcas_runs.jsonl``), ``--grid layer-scale`` ``p="auto"``
 with each layer's variance over its own gradient (:func:`layer_scale_grid`, into
 ``layer_scale_runs.jsonl``) and ``--grid memory`` the memory-saving activation sketch against the norm sketch (:func:`memory_grid`,
@@ -143,6 +143,11 @@ def wide_stable_grid(model: str) -> list[dict[str, Any]]:
     return [{**c, "lr": WIDE_STABLE_LR} for c in wide_layer_grid(model)]
 
 
+def wide_vcas_grid(model: str) -> list[dict[str, Any]]:
+    """VCAS (its defaults) on the :func:`wide_stable_grid` runs' model, learning rate and seeds."""
+    return [{"model": model, "seed": seed, "lr": WIDE_STABLE_LR, "size": "wide", "vcas": True} for seed in WIDE_SEEDS]
+
+
 BASELINE_SEEDS = 8
 """Runs per model of the VCAS and layer-scaled grids: the first seeds of :data:`CONFIRM_SEEDS`, whose
 exact and ``p="auto"`` runs are in ``auto_confirm_runs.jsonl`` to pair with."""
@@ -178,6 +183,7 @@ GRIDS = {"main": (grid, "runs.jsonl", tuple(MODELS)), "auto": (auto_grid, "auto_
          "wide": (wide_grid, "wide_runs.jsonl", tuple(WIDE)),
          "wide-layer": (wide_layer_grid, "wide_runs.jsonl", tuple(WIDE)),
          "wide-stable": (wide_stable_grid, "wide_runs.jsonl", ("gpt",)),
+         "wide-vcas": (wide_vcas_grid, "wide_runs.jsonl", ("gpt",)),
          "vcas": (vcas_grid, "vcas_runs.jsonl", tuple(CONFIRM_SEEDS)),
          "layer-scale": (layer_scale_grid, "layer_scale_runs.jsonl", tuple(CONFIRM_SEEDS))}
 """name: (the runs of one model, the records file, the models it covers)."""
