@@ -12,7 +12,8 @@ For ``--grid auto`` (``python examples/sweep.py --grid auto``) it writes under `
   layer over training, and test accuracy against backward FLOPs for exact and every budget.
 
 For ``--grid auto-confirm`` (the default budget on fresh seeds): ``auto-confirm.md``, the same
-table; ``--grid wide`` (the realistic widths): ``wide.md`` and ``wide_fractions.png``; ``--grid vcas``
+table; ``--grid wide`` (the realistic widths): ``wide.md`` and ``wide_fractions.png``; ``--grid wide-stable``:
+``wide-stable.md``, the wide GPT at ``sweep.WIDE_STABLE_LR`` with VCAS (``--grid wide-vcas``); ``--grid vcas``
 and ``--grid layer-scale``: ``vcas.md`` and ``layer-scale.md``, with the exact and ``p="auto"`` runs of
 ``auto-confirm`` on the same seeds. For ``--grid memory`` (``python examples/sweep.py --grid memory``): ``memory.md``, the same
 table for the norm and activation sketches at ``p = 0.25``.
@@ -23,7 +24,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 import statistics
-from typing import Any
+from typing import Any, Optional
 
 import matplotlib
 
@@ -88,10 +89,11 @@ def paired_differences(runs: list[Record], exact: list[Record]) -> list[float]:
             if r["status"] == "ok" and r["config"]["seed"] in exact_acc]
 
 
-def model_table(model: str, records: list[Record], labels: list[str], timed: bool = True) -> str:
-    """The table of one model's runs; ``timed=False`` leaves out the step and training times (runs
-    made on other days, under other loads: their times do not compare)."""
-    groups = by_label(records, exact_lr(model))
+def model_table(model: str, records: list[Record], labels: list[str], timed: bool = True,
+                lr: Optional[float] = None) -> str:
+    """The table of one model's runs at ``lr`` (default: the model's); ``timed=False`` leaves out the
+    step and training times (runs made on other days, under other loads: their times do not compare)."""
+    groups = by_label(records, exact_lr(model) if lr is None else lr)
     target = exact_target(groups)
     exact = groups["exact"]
     exact_time = reached_time(exact, target)
@@ -168,7 +170,8 @@ def with_pairs(records: dict[str, list[Record]], path: pathlib.Path) -> dict[str
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--grid", choices=["auto", "auto-confirm", "memory", "wide", "vcas", "layer-scale"], default="auto")
+    ap.add_argument("--grid", choices=["auto", "auto-confirm", "memory", "wide", "wide-stable", "vcas", "layer-scale"],
+                    default="auto")
     ap.add_argument("--out", type=pathlib.Path, default=sweep.ROOT / "docs" / "experiments")
     args = ap.parse_args()
     _, filename, models = sweep.GRIDS[args.grid]
@@ -177,8 +180,9 @@ def main() -> None:
         records = with_pairs(records, args.out / sweep.GRIDS[PAIRED[args.grid]][1])
     if args.grid in ("auto", "wide"):
         plot(records, args.out / f"{args.grid}_fractions.png")
+    lr = sweep.WIDE_STABLE_LR if args.grid == "wide-stable" else None  # its VCAS runs (wide-vcas) too
     tables = [model_table(m, runs, memory_labels() if args.grid == "memory" else auto_labels(runs),
-                          timed=args.grid not in PAIRED)
+                          timed=args.grid not in PAIRED, lr=lr)
               for m, runs in records.items()]
     write_tables(tables, args.out / f"{args.grid}.md")
 

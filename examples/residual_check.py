@@ -11,9 +11,12 @@ residual sketch (:mod:`ubcompile.sketches.residual`, rank 8, one power iteration
 Poisson variance of each sketch (:mod:`ubcompile.sketches.control`) over the minibatch-SGD
 variance of ``T``, the ratio ``p="auto"``'s budget bounds.
 
-``p="auto"`` makes a site's bases at its measurements and reuses them until the next
+``p="auto"`` makes a site's bases at its measurements and reuses them for a few calls
 (:mod:`ubcompile.auto`): a second table gives the residual sketch's variance at the same ``k`` with
-bases made ``d`` steps earlier, on earlier batches, over its variance with the step's own bases.
+bases made ``d`` steps earlier, on earlier batches, over its variance with the step's own bases. A
+third follows bases refreshed every 5 steps by one power iteration from the last ones
+(:func:`~ubcompile.sketches.residual.tracked_bases`, fresh every 50) against fresh bases on the
+same batch.
 """
 
 from __future__ import annotations
@@ -33,9 +36,10 @@ import fashion_data
 from models import mlp
 from ubcompile.sketches.control import sgd_variance, sketch_variances
 from ubcompile.sketches.norm import contraction_importance, factor_norms
-from ubcompile.sketches.residual import ResidualSplit, residual_flops
+from ubcompile.sketches.residual import ResidualSplit, residual_flops, tracked_bases
 
 P, RANK, BATCH, LR = 0.25, 8, 256, 0.05
+REFRESH, FRESH = 5, 50  # p="auto"'s BASES_EVERY, and its measurement gap once grown
 
 
 def equal_cost_k(m: int, n: int, big_n: int, k: int) -> int:
@@ -68,11 +72,37 @@ def staleness(g: torch.Tensor, a: torch.Tensor, bases: list[ResidualSplit]) -> l
     return [v / variances[0] for v in variances]
 
 
+def tracking_ratio(g: torch.Tensor, a: torch.Tensor, tracked: ResidualSplit, gen: torch.Generator) -> float:
+    """The residual sketch's variance at ``k = P n`` with ``tracked``'s bases over its variance with
+    fresh ones (random probes, one power iteration) made on the same batch."""
+    x, y = g.T.contiguous(), a
+    norms = factor_norms(x, y)
+    k = round(P * x.shape[1])
+    fresh, = sketch_variances(ResidualSplit.of(x, y, RANK, gen).importance(*norms), [k])
+    ours, = sketch_variances(tracked.importance(*norms), [k])
+    return ours / fresh
+
+
 def _record(saved: dict[tuple[str, str], torch.Tensor], name: str, _module: nn.Module,
             inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
     """Keep the layer's input ``A`` and, once the backward reaches it, its output's cotangent ``G``."""
     saved[(name, "a")] = inputs[0].detach()
     output.register_hook(lambda grad: saved.__setitem__((name, "g"), grad.detach()))
+
+
+def tracking_table(tracking: dict[str, list[tuple[int, float]]]) -> str:
+    """Per layer and stretch of training, the spread of :func:`tracking_ratio` over the refreshes."""
+    spans = [(1, FRESH), (FRESH + 1, 3 * FRESH), (3 * FRESH + 1, None)]
+    rows = []
+    for name, ratios in tracking.items():
+        for lo, hi in spans:
+            r = sorted(v for step, v in ratios if step >= lo and (hi is None or step <= hi))
+            if r:
+                rows.append(f"| {lo}-{hi or 'end'} | {name} | {len(r)} | {r[len(r) // 2]:.2f} | {min(r):.2f} | {max(r):.2f} |")
+    return (f"## Bases tracked across refreshes: every {REFRESH} steps one power iteration from the last bases "
+            f"(fresh every {FRESH} steps), residual variance at k = {round(P * BATCH)} over that with fresh bases "
+            "made on the same batch\n\n| steps | layer | refreshes | median | min | max |\n|---|---|---|---|---|---|\n"
+            + "\n".join(rows) + "\n")
 
 
 def main() -> None:
@@ -97,6 +127,8 @@ def main() -> None:
     rows: list[str] = []
     stale_rows: list[str] = []
     history = {name: collections.deque(maxlen=max(args.stale) + 1) for name, _ in hidden}  # newest first
+    tracked: dict[str, ResidualSplit] = {}  # each layer's bases as p="auto" would track them
+    tracking: dict[str, list[tuple[int, float]]] = {name: [] for name, _ in hidden}  # (step, ratio) at each refresh
     step = 0
     while step < max(args.steps):
         for idx in fashion_data.full_batches(len(x_tr), BATCH, batches):
@@ -106,6 +138,13 @@ def main() -> None:
             for name, _ in hidden:
                 g, a = saved[(name, "g")], saved[(name, "a")]
                 history[name].appendleft(ResidualSplit.of(g.T.contiguous(), a, RANK, gen))
+                if (step - 1) % REFRESH == 0:  # refreshed: fresh at a measurement, else tracked
+                    x = g.T.contiguous()
+                    if (step - 1) % FRESH == 0:
+                        tracked[name] = ResidualSplit.of(x, a, RANK, gen)
+                    else:
+                        tracked[name] = ResidualSplit.on_bases(x, a, *tracked_bases(x, a, tracked[name].u, tracked[name].v))
+                        tracking[name].append((step, tracking_ratio(g, a, tracked[name], gen)))
             if step in args.steps:
                 for name, _ in hidden:
                     plain, same, equal, k_equal = ratios(saved[(name, "g")], saved[(name, "a")], gen)
@@ -130,7 +169,8 @@ def main() -> None:
             f"## Bases reused across steps: residual variance at k = {round(P * BATCH)}, bases made d steps earlier, "
             "over its variance with the step's own bases\n\n"
             "| step | layer | " + " | ".join(f"d = {d}" for d in args.stale) + " |\n"
-            "|---|---|" + "---|" * len(args.stale) + "\n" + "\n".join(stale_rows) + "\n")
+            "|---|---|" + "---|" * len(args.stale) + "\n" + "\n".join(stale_rows) + "\n\n"
+            + tracking_table(tracking))
     args.out.write_text(text)
     print(text)
 

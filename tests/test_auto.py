@@ -9,6 +9,7 @@ import ubcompile
 from ubcompile.auto import BASES_EVERY, LEVELS, AutoController, allocate, lower_hull, site_options
 from ubcompile.sketches.control import sample_sq_norms, sgd_variance, sketch_variances
 from ubcompile.sketches.norm import water_fill
+from ubcompile.sketches.residual import tracked_bases
 from ubcompile.testing import assert_unbiased, critical_z
 
 from conftest import mlp
@@ -153,23 +154,27 @@ def test_a_layer_scaled_budget_weighs_each_layer_by_its_own_gradient(scale):
     assert levels[0] > 0 or scale == "global"
 
 
-def test_residual_bases_serve_a_few_calls_and_are_made_anew_at_measurements():
+def test_residual_bases_serve_a_few_calls_then_are_tracked_and_made_anew_at_measurements():
     """A site on the residual sketch makes its bases at its first call (a measurement) and then
-    every :data:`BASES_EVERY` calls; operands of another dtype get bases of their own."""
+    carries them forward every :data:`BASES_EVERY` calls by one power iteration on the call's data;
+    operands of another dtype get bases of their own."""
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(256, 128, generator=gen), torch.randn(128, 256, generator=gen)
     c = AutoController(budget=4.0, measure_every=50)
     c.register("layer", (256, 128, 256))
     site = c.sites[0]
-    made = []
+    made, bases = [], []
     for call in range(12):
         c.contraction(x, y, 0, _seed(gen), 0)
         made.append(site.bases_made)
+        bases.append(site.bases)
         if call == 0:
             c.collect(wait=True)  # the measurement's allocation, then an option of our own
             site.set_option(next(i for i, o in enumerate(site.options) if o.sketch == "residual" and o.level == 3))
             site.next_measure = 10**6  # no measurement: every refresh below is the schedule's
     assert made == [0] * BASES_EVERY + [BASES_EVERY] * BASES_EVERY + [2 * BASES_EVERY] * 2
+    for got, want in zip(bases[BASES_EVERY], tracked_bases(x, y, *bases[0])):
+        assert torch.allclose(got, want, atol=1e-5)
     c.contraction(x.double(), y.double(), 0, _seed(gen), 0)
     assert site.bases[0].dtype == torch.float64 and site.bases_made == 12
 

@@ -6,7 +6,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ubcompile.sketches.matmul import sampled_contraction
 from ubcompile.sketches.norm import contraction_importance, factor_norms, pps_sample
-from ubcompile.sketches.residual import ResidualSplit, residual_contraction, residual_flops, split_flops
+from ubcompile.sketches.residual import (ResidualSplit, coordinate_flops, fused_product, orthonormal_pair, reduced_product,
+                                         residual_contraction, residual_flops, split_flops)
 from ubcompile.testing import assert_unbiased_samples, critical_z, z_scores
 
 M, N_ROWS, N, RANK, K, DRAWS = 24, 40, 20, 4, 8, 2000
@@ -87,6 +88,22 @@ def test_residual_variance_is_far_below_the_norm_sketch_near_low_rank():
     assert dev["residual"].mean() < 0.1 * dev["plain"].mean()
 
 
+@pytest.mark.parametrize("rows", [(24, 40), (40, 24), (16, 16)])
+def test_one_batched_qr_gives_each_factor_of_its_own_qr(rows):
+    """Zero rows padded below leave each ``Q`` factor that of its own matrix (signs included)."""
+    gen = torch.Generator().manual_seed(7)
+    a, b = (torch.randn(n, RANK, generator=gen, dtype=torch.float64) for n in rows)
+    for q, t in zip(orthonormal_pair(a, b), (a, b)):
+        assert torch.allclose(q, torch.linalg.qr(t).Q, atol=1e-12)
+
+
+def test_fused_and_reduced_products_are_the_matrix_product():
+    gen = torch.Generator().manual_seed(8)
+    a, b = torch.randn(M, RANK, generator=gen, dtype=torch.float64), torch.randn(RANK, N, generator=gen, dtype=torch.float64)
+    assert torch.allclose(fused_product(a, b), a @ b)
+    assert torch.allclose(reduced_product(a.mT, a), a.mT @ a) and torch.allclose(reduced_product(b, b.mT), b @ b.mT)
+
+
 @pytest.mark.parametrize("power", [0, 1, 2])
 def test_flops_are_what_the_gemms_count(power):
     x, y = _operands()
@@ -96,8 +113,11 @@ def test_flops_are_what_the_gemms_count(power):
     idx, weights = pps_sample(split.importance(*factor_norms(x, y)), K, gen)
     with FlopCounterMode(display=False) as apply_count:
         residual_contraction(x, y, split, idx, weights)
-    assert split_count.get_total_flops() == split_flops(M, N_ROWS, N, RANK, power)
-    assert split_count.get_total_flops() + apply_count.get_total_flops() == residual_flops(M, N_ROWS, N, RANK, K, power)
+    # not GEMMs: the coordinates (reduced_product), the kept rows' correction and the core's u side (fused_product)
+    reduced, fused = coordinate_flops(M, N_ROWS, N, RANK), 2 * RANK * K * N + 2 * RANK * RANK * M
+    assert split_count.get_total_flops() + reduced == split_flops(M, N_ROWS, N, RANK, power)
+    assert (split_count.get_total_flops() + apply_count.get_total_flops() + reduced + fused
+            == residual_flops(M, N_ROWS, N, RANK, K, power))
 
 
 def test_half_precision_operands_get_their_bases_in_float32():

@@ -3,6 +3,8 @@ and every op a launch. Counted with ``torch.profiler`` over one warm forward and
 compiled MLP: syncs as the ATen ops a host read of a tensor becomes (``.item()``, ``.tolist()``,
 ``float(t)``, ``nonzero``), ops as every ATen event (nested ones included)."""
 
+import collections
+
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -59,3 +61,34 @@ def test_the_ops_a_sampled_gemm_adds_to_a_step_are_the_compiled_draws(options):
     backend = ubcompile.backend(min_dim=16, seed=0, **options)
     added = len(ops_per_step(backend)) - exact
     assert added <= OPS_PER_SAMPLED_GEMM * len(backend.report().sampled), (added, len(backend.report().sampled))
+
+
+OPS_PER_RESIDUAL_CALL = 40
+"""What one ``p="auto"`` call on the residual sketch may dispatch, bases neither made nor tracked:
+the draw's 15 (as above), its product's five GEMMs with their ``resolve_conj`` (17), the
+spike guard's read-back copy; its coordinates and the product's rank-``r`` parts are fused
+loops (37 in all, 2026-12-04). Written with a GEMM for each of its nine products it took 51."""
+
+
+def test_a_residual_sketch_call_dispatches_few_ops():
+    from ubcompile.auto import AutoController
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(256, 128, generator=gen), torch.randn(128, 256, generator=gen)
+    c = AutoController(budget=4.0, measure_every=50)
+    c.register("layer", (256, 128, 256))
+    site = c.sites[0]
+
+    def call():
+        return c.contraction(x, y, 0, torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64, generator=gen), 0)
+
+    call()
+    c.collect(wait=True)
+    site.set_option(next(i for i, o in enumerate(site.options) if o.sketch == "residual" and o.level == 3))
+    site.next_measure = 10**6
+    call()  # its first residual call: the bodies compile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        call()
+    ops = [e.name for e in prof.events() if e.name.startswith("aten::")]
+    assert len(ops) <= OPS_PER_RESIDUAL_CALL, collections.Counter(ops).most_common()
+    assert not [name for name in ops if name in SYNC_OPS]

@@ -13,8 +13,9 @@ from .. import draw_kernels
 from ..readback import Readback
 from ..sketches import keep_count
 from ..sketches.control import sample_norms_flops, sample_sq_norms, sgd_variance_of_sum
-from ..sketches.residual import basis_flops, coordinate_flops
-from .execution import controlled_product, measurement, residual_bases, residual_coordinates, term_norms
+from ..sketches.residual import basis_flops, coordinate_flops, tracking_flops
+from .execution import (controlled_product, measurement, residual_bases, residual_coordinates, term_norms,
+                        tracked_residual_bases)
 from .policy import BASES_EVERY, LEVELS, RESIDUAL_RANK, Option, allocate, site_options
 from .table import controller_table
 
@@ -103,14 +104,17 @@ class AutoSite:
             self._counts = ((n, device), host, host.to(device, non_blocking=True))
         return self._counts[2]
 
-    def bases_serve(self, x: Tensor, y: Tensor) -> bool:
-        """Whether the site's residual-sketch bases may serve this call of ``x @ y``: made fewer than
-        :data:`BASES_EVERY` calls ago, for operands of these sizes, dtype and device."""
+    def bases_fit(self, x: Tensor, y: Tensor) -> bool:
+        """Whether the site has residual-sketch bases for operands of ``x @ y``'s sizes, dtype and device."""
         if self.bases is None:
             return False
         u, v = self.bases
-        return (self.calls - 1 - self.bases_made < BASES_EVERY and u.shape[0] == x.shape[0]
-                and v.shape[0] == y.shape[1] and u.dtype == x.dtype and u.device == x.device)
+        return u.shape[0] == x.shape[0] and v.shape[0] == y.shape[1] and u.dtype == x.dtype and u.device == x.device
+
+    @property
+    def bases_stale(self) -> bool:
+        """Whether the bases have served :data:`BASES_EVERY` calls."""
+        return self.calls - 1 - self.bases_made >= BASES_EVERY
 
     def bind(self, shape: tuple[int, int, int], samples: int) -> None:
         """Take the shape of this call (its options stay the ones of the first) and the rows per
@@ -202,12 +206,18 @@ class AutoController:
     def _split(self, site: AutoSite, x: Tensor, y: Tensor, norms: list[Tensor], seed: Tensor, stream: int,
                fresh: bool) -> tuple[Tensor, ...]:
         """The residual split of this call (``u``, ``v``, ``xu``, ``yv`` and the residual terms'
-        norms) on the site's bases, made anew when ``fresh`` (a measurement), when
-        :data:`BASES_EVERY` calls have used them, or when they no longer fit ``x`` and ``y``."""
-        if fresh or not site.bases_serve(x, y):
+        norms) on the site's bases. They are made anew from random probes when ``fresh`` (a
+        measurement) or when none fit ``x`` and ``y``, and tracked (one power iteration from the
+        last ones, :func:`~ubcompile.sketches.residual.tracked_bases`) once they have served
+        :data:`BASES_EVERY` calls."""
+        if fresh or not site.bases_fit(x, y):
             site.bases = residual_bases(x, y, seed, draw_kernels.stream_of(stream, 1))
             site.bases_made = site.calls - 1
             site.spent_flops += basis_flops(*site.shape, RESIDUAL_RANK)
+        elif site.bases_stale:
+            site.bases = tracked_residual_bases(x, y, *site.bases)
+            site.bases_made = site.calls - 1
+            site.spent_flops += tracking_flops(*site.shape, RESIDUAL_RANK)
         return (*site.bases, *residual_coordinates(x, y, *site.bases, *norms))
 
     def collect(self, wait: bool = False) -> None:

@@ -15,7 +15,7 @@ from ..kernels import kernel
 from ..sketches.control import sketch_variance_vector
 from ..sketches.counter_rng import normal
 from ..sketches.norm import factor_norms
-from ..sketches.residual import ResidualSplit, range_basis, residual_contraction
+from ..sketches.residual import ResidualSplit, range_bases, residual_contraction, tracked_bases
 from .policy import RESIDUAL_RANK
 
 
@@ -46,7 +46,13 @@ def residual_bases(x: Tensor, y: Tensor, seed: Tensor, key: int) -> tuple[Tensor
     """The rank-:data:`RESIDUAL_RANK` bases ``u`` (of ``x``'s columns) and ``v`` (of ``y``'s rows)
     of :class:`~.sketches.residual.ResidualSplit`, from Gaussian probes of the counter generator."""
     probes = normal(seed, key, 2 * x.shape[1] * RESIDUAL_RANK).reshape(2, x.shape[1], RESIDUAL_RANK)
-    return range_basis(x, probes[0]), range_basis(y.mT, probes[1])
+    return range_bases(x, y, probes[0], probes[1])
+
+
+@kernel
+def tracked_residual_bases(x: Tensor, y: Tensor, u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`~.sketches.residual.tracked_bases`, compiled: the bases ``u``, ``v`` carried to this call's data."""
+    return tracked_bases(x, y, u, v)
 
 
 @kernel

@@ -7,7 +7,7 @@ import dataclasses
 import math
 
 from ..sketches import keep_count
-from ..sketches.residual import basis_flops, residual_flops
+from ..sketches.residual import basis_flops, residual_flops, tracking_flops
 
 LEVELS = (1.0, 0.5, 0.35, 0.25, 0.18, 0.12, 0.08, 0.05)
 """The keep fractions a site can use, from exact to the most aggressive."""
@@ -16,10 +16,12 @@ RESIDUAL_RANK = 8
 """Rank ``r`` of each basis of the residual sketch (:mod:`ubcompile.sketches.residual`)."""
 
 BASES_EVERY = 5
-"""Calls a site's residual-sketch bases serve before they are made anew (and at every measurement).
-Bases made 1-5 steps earlier leave the residual variance at 0.96-1.6x that with the step's own on
-the experiments' MLP (10-25 steps: up to 18x early in training; docs/experiments/residual.md), and
-cost a fifth of the range finders' QRs and FLOPs."""
+"""Calls a site's residual-sketch bases serve before they are tracked to the call's data (one power
+iteration from them: :func:`~ubcompile.sketches.residual.tracked_bases`); every measurement makes
+them anew from random probes. On the experiments' MLP (docs/experiments/residual.md) bases made 1-5
+steps earlier leave the residual variance at 1.1-2.7x that with the step's own (10-25 steps: up to
+22x early in training), and bases tracked every 5 steps at 0.62-1.13x (medians 0.79-0.94) that of
+fresh ones on the same batch, for a fifth of the QRs and of tracking's FLOPs."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,27 +43,30 @@ class Option:
 
     def flops(self, m: int, n: int, big_n: int, bases: float = 1 / BASES_EVERY) -> float:
         """GEMM FLOPs of one call on ``(m x n) @ (n x N)``, with ``bases`` times the residual
-        sketch's range finders (by default their share of a call: they serve :data:`BASES_EVERY`)."""
+        sketch's bases tracking (by default its share of a call: they serve :data:`BASES_EVERY`;
+        the fresh bases of a measurement are the measurement's cost)."""
         k = min(n, keep_count(n, self.p))
         if k == n:
             return 2.0 * m * n * big_n
         if self.sketch == "norm":
             return 2.0 * m * k * big_n
-        made = basis_flops(m, n, big_n, RESIDUAL_RANK)
-        return residual_flops(m, n, big_n, RESIDUAL_RANK, k) - made * (1 - bases)
+        made = basis_flops(m, n, big_n, RESIDUAL_RANK)  # counted in residual_flops: replaced by tracking's share
+        return residual_flops(m, n, big_n, RESIDUAL_RANK, k) - made + tracking_flops(m, n, big_n, RESIDUAL_RANK) * bases
 
 
 def site_options(shape: tuple[int, int, int]) -> tuple[Option, ...]:
     """Exact, the norm sketch at every level, and the residual sketch at the levels where it costs
-    less than exact, if its cheapest level costs less than the mildest norm sketch (half the rows):
-    elsewhere (few features against many rows) its bases cost about what they could save, and
-    measuring it would cost more than it ever returns."""
+    less than exact, if its cheapest level costs less than the mildest norm sketch (half the rows)
+    with its bases made fresh at every refresh, as a measurement makes them: elsewhere (few
+    features against many rows) its bases cost about what they could save, and measuring it would
+    cost more than it ever returns."""
     m, n, big_n = shape
     options = [Option("norm", level) for level in range(len(LEVELS))]
     if 2 * RESIDUAL_RANK >= min(m, big_n):
         return tuple(options)
     residual = [Option("residual", level) for level in range(1, len(LEVELS))]
-    if residual[-1].flops(*shape) >= options[1].flops(*shape):
+    fresh = (basis_flops(*shape, RESIDUAL_RANK) - tracking_flops(*shape, RESIDUAL_RANK)) / BASES_EVERY
+    if residual[-1].flops(*shape) + fresh >= options[1].flops(*shape):
         return tuple(options)
     return tuple(options + [o for o in residual if o.flops(*shape) < options[0].flops(*shape)])
 
