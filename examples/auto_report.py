@@ -13,7 +13,8 @@ For ``--grid auto`` (``python examples/sweep.py --grid auto``) it writes under `
 
 For ``--grid auto-confirm`` (the default budget on fresh seeds): ``auto-confirm.md``, the same
 table; ``--grid wide`` (the realistic widths): ``wide.md`` and ``wide_fractions.png``; ``--grid wide-stable``:
-``wide-stable.md``, the wide GPT at ``sweep.WIDE_STABLE_LR`` with VCAS (``--grid wide-vcas``); ``--grid vcas``
+``wide-stable.md``, the wide GPT at ``sweep.WIDE_STABLE_LR`` with VCAS (``--grid wide-vcas`` and
+``wide-vcas-matched``) and ``p="auto"`` minus each VCAS run of the same seed; ``--grid vcas``
 and ``--grid layer-scale``: ``vcas.md`` and ``layer-scale.md``, with the exact and ``p="auto"`` runs of
 ``auto-confirm`` on the same seeds. For ``--grid memory`` (``python examples/sweep.py --grid memory``): ``memory.md``, the same
 table for the norm and activation sketches at ``p = 0.25``.
@@ -89,10 +90,25 @@ def paired_differences(runs: list[Record], exact: list[Record]) -> list[float]:
             if r["status"] == "ok" and r["config"]["seed"] in exact_acc]
 
 
+def versus_vcas(groups: dict[str, list[Record]]) -> list[str]:
+    """The lines of a table: the default ``p="auto"`` run's final accuracy minus each VCAS run's
+    (every ``tau``) of the same seed; none without both."""
+    auto = groups.get(DEFAULT_LABEL, [])
+    vcas = sorted(label for label in groups if label.startswith("vcas"))
+    if not auto or not vcas:
+        return []
+    lines = ["", f"| {DEFAULT_LABEL} minus, same seed | seeds | mean ± s.e. |", "|---|---|---|"]
+    for label in vcas:
+        seeds = sorted({r["config"]["seed"] for r in auto} & {r["config"]["seed"] for r in groups[label]})
+        lines.append(f"| {label} | {min(seeds)}-{max(seeds)} | {mean_se(paired_differences(auto, groups[label]))} |")
+    return lines
+
+
 def model_table(model: str, records: list[Record], labels: list[str], timed: bool = True,
-                lr: Optional[float] = None) -> str:
+                lr: Optional[float] = None, versus: bool = False) -> str:
     """The table of one model's runs at ``lr`` (default: the model's); ``timed=False`` leaves out the
-    step and training times (runs made on other days, under other loads: their times do not compare)."""
+    step and training times (runs made on other days, under other loads: their times do not compare);
+    ``versus`` adds :func:`versus_vcas`."""
     groups = by_label(records, exact_lr(model) if lr is None else lr)
     target = exact_target(groups)
     exact = groups["exact"]
@@ -123,7 +139,7 @@ def model_table(model: str, records: list[Record], labels: list[str], timed: boo
                      f"| {flops} | {f'{step:.2f}' if timed else '-'} "
                      f"| {fmt_time(time, exact_time, len(runs)) if timed else '-'} "
                      f"| {sum(r['status'] != 'ok' for r in runs)} of {len(runs)} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + (versus_vcas(groups) if versus else [])) + "\n"
 
 
 def plot(records_by_model: dict[str, list[Record]], path: pathlib.Path) -> None:
@@ -180,9 +196,9 @@ def main() -> None:
         records = with_pairs(records, args.out / sweep.GRIDS[PAIRED[args.grid]][1])
     if args.grid in ("auto", "wide"):
         plot(records, args.out / f"{args.grid}_fractions.png")
-    lr = sweep.WIDE_STABLE_LR if args.grid == "wide-stable" else None  # its VCAS runs (wide-vcas) too
+    lr = sweep.WIDE_STABLE_LR if args.grid == "wide-stable" else None  # its VCAS runs (wide-vcas, -matched) too
     tables = [model_table(m, runs, memory_labels() if args.grid == "memory" else auto_labels(runs),
-                          timed=args.grid not in PAIRED, lr=lr)
+                          timed=args.grid not in PAIRED, lr=lr, versus=args.grid == "wide-stable")
               for m, runs in records.items()]
     write_tables(tables, args.out / f"{args.grid}.md")
 

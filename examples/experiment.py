@@ -17,7 +17,8 @@ A run whose loss stops being finite is recorded as diverged, with the step.
 
 ``--vcas`` trains the same model, batches, optimizer and seed with VCAS instead (``examples/vcas.py``:
 its controller measures every ``min(100, steps // 50)`` steps, at least 1, on batches of its own),
-eagerly; its record has the same fields, the label ``vcas``, the backward FLOPs of every pass
+eagerly; ``--vcas-tau`` sets the variance it allows (both of its rules). Its record has the same
+fields, the label ``vcas`` (``vcas tau=T`` off the default), the backward FLOPs of every pass
 (measurements included) and the controller's timeline under ``vcas``.
 """
 
@@ -95,6 +96,9 @@ def add_common_arguments(ap: argparse.ArgumentParser, task_lr: float, task_epoch
     exclusive.add_argument("--exact", action="store_true", help="exact gradients: plain torch.compile (Inductor)")
     exclusive.add_argument("--vcas", action="store_true",
                            help="VCAS (examples/vcas.py) at its defaults, eagerly, instead of ubcompile")
+    ap.add_argument("--vcas-tau", type=float, default=vcas.VCASConfig.act_tau,
+                    help="with --vcas: the variance VCAS allows, for both its activation and its weight rule "
+                         "(act_var_tau and w_var_tau), relative to the SGD variance; larger samples harder")
     ap.add_argument("--p", type=keep_fraction, default=0.25,
                     help="keep fraction of the sampled gradient products, or 'auto' (chosen per layer from "
                          "measured variance; grad weight, norm sketch)")
@@ -136,6 +140,8 @@ def parse_args(argv: Optional[list[str]], doc: str, task_lr: float, task_epochs:
     args = ap.parse_args(argv)
     if args.vcas and ap.parse_args(argv, argparse.Namespace(p=None)).p is not None:  # --p given
         ap.error("argument --p: not allowed with argument --vcas")
+    if not args.vcas and args.vcas_tau != vcas.VCASConfig.act_tau:
+        ap.error("argument --vcas-tau: only with argument --vcas")
     return args
 
 
@@ -149,7 +155,7 @@ def label(args: argparse.Namespace) -> str:
     if args.exact:
         return "exact"
     if args.vcas:
-        return "vcas"
+        return "vcas" if args.vcas_tau == vcas.VCASConfig.act_tau else f"vcas tau={args.vcas_tau:g}"
     if args.p == "auto":
         return auto_label(args.budget, args.budget_scale)
     return f"{args.grad}:{args.sketch} p={args.p:g}"
@@ -220,7 +226,8 @@ def run(task: Task, args: argparse.Namespace) -> dict[str, Any]:
     controller_vcas, measure_batches = None, None
     if args.vcas:
         every = max(1, min(vcas.VCASConfig.every, total_steps // 50))
-        controller_vcas = vcas.wrap(model, config=vcas.VCASConfig(every=every), exact_flops=vcas_flops, seed=args.seed)
+        vcas_config = vcas.VCASConfig(every=every, act_tau=args.vcas_tau, w_tau=args.vcas_tau)
+        controller_vcas = vcas.wrap(model, config=vcas_config, exact_flops=vcas_flops, seed=args.seed)
         measure_gen = torch.Generator().manual_seed(args.seed + 1)
         measure_batches = itertools.chain.from_iterable(task.batches(measure_gen) for _ in itertools.count())
     backend = None if args.vcas else make_backend(args)
@@ -285,7 +292,7 @@ def run(task: Task, args: argparse.Namespace) -> dict[str, Any]:
                    "axis": backend.config.axis if sampler_config else None,
                    "compiler": "eager" if args.vcas else args.compiler, "optimizer": args.optimizer, "lr": args.lr,
                    "epochs": args.epochs, "seed": args.seed, "device": str(device),
-                   **({"vcas": True} if args.vcas else {})},
+                   **({"vcas": True, "vcas_tau": args.vcas_tau} if args.vcas else {})},
         "status": "ok" if finished else "diverged", "diverged_step": diverged_step,
         "final_acc": curve[-1]["acc"] if finished else None,
         "steps_per_epoch": task.steps_per_epoch, "curve": curve,

@@ -138,6 +138,29 @@ def test_sweep_grid():
         assert (args.exact, args.lr, args.seed, args.threads) == (c.get("exact", False), c["lr"], c["seed"], 1)
 
 
+def test_a_vcas_run_off_its_default_tau_is_a_run_of_its_own():
+    run = {"model": "gpt", "lr": sweep.WIDE_STABLE_LR, "seed": 100, "size": "wide", "vcas": True}
+    assert sweep.key(run) == sweep.key({**run, "vcas_tau": sweep.DEFAULT_VCAS_TAU})  # older records name no tau
+    assert sweep.key({**run, "vcas_tau": 0.25}) != sweep.key(run)
+    args = sweep.parse({**run, "vcas_tau": 0.25})
+    assert (args.vcas, args.vcas_tau, experiment.label(args)) == (True, 0.25, "vcas tau=0.25")
+    assert experiment.label(sweep.parse(run)) == "vcas"
+    matched = sweep.GRIDS["wide-vcas-matched"][0]("gpt")
+    assert [c["seed"] for c in matched] == list(sweep.WIDE_SEEDS)
+    assert {c["vcas_tau"] for c in matched} == {sweep.MATCHED_VCAS_TAU} != {sweep.DEFAULT_VCAS_TAU}
+
+
+def test_auto_minus_each_vcas_run_of_the_same_seed():
+    def runs(label, accs):
+        return [{"label": label, "status": "ok", "final_acc": acc, "config": {"seed": seed}}
+                for seed, acc in zip((100, 101, 102), accs)]
+    groups = {auto_report.DEFAULT_LABEL: runs(auto_report.DEFAULT_LABEL, [30.0, 31.0, 32.0]),
+              "vcas": runs("vcas", [29.0, 31.0, 33.0]), "vcas tau=0.25": runs("vcas tau=0.25", [29.0, 30.0])}
+    assert auto_report.versus_vcas(groups)[3:] == ["| vcas | 100-102 | 0.00 ± 0.58 |",
+                                                   "| vcas tau=0.25 | 100-101 | 1.00 ± 0.00 |"]
+    assert auto_report.versus_vcas({"vcas": groups["vcas"]}) == []
+
+
 def test_report_draws_plots_and_tables(mlp_records, tmp_path, monkeypatch):
     lr = fashion_mlp.LR
     assert [sweep.record_key(r) for r in mlp_records] == [
