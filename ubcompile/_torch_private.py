@@ -122,21 +122,27 @@ def guard_training_flags(paths: Iterable[LocalPath]) -> None:
 
 class body_compile_settings:
     """While the context is open: Dynamo's per-code-object recompile limit raised to at least
-    ``limit``, and no duck sizing (``use_duck_shape``): a body traced with dynamic shapes would
-    otherwise guard that two sizes equal at its first call stay equal (a 64 x 64 operand), and
-    compile again at the first call where they differ. Set and restored by hand in a plain class
+    ``limit``, no duck sizing (``use_duck_shape``) and parameters' sizes as dynamic as any tensor's
+    (``force_parameter_static_shapes``). A body traced with dynamic shapes would otherwise guard
+    that two sizes equal at its first call stay equal (a 64 x 64 operand), and compile again at the
+    first call where they differ; and an operand that is a layer's weight (``G W``, the propagated
+    gradient) would be traced at its static size, compiling the body again for every weight shape
+    of the model (5-10 s each on a 2-core CPU). Set and restored by hand in a plain class
     (``config.patch`` costs 17 us a call, a generator-based context manager 4, this 2)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
 
     def __enter__(self) -> None:
-        self.old = torch._dynamo.config.recompile_limit, _fx_config.use_duck_shape
-        torch._dynamo.config.recompile_limit = max(self.old[0], self.limit)
+        dynamo = torch._dynamo.config
+        self.old = dynamo.recompile_limit, _fx_config.use_duck_shape, dynamo.force_parameter_static_shapes
+        dynamo.recompile_limit = max(self.old[0], self.limit)
         _fx_config.use_duck_shape = False
+        dynamo.force_parameter_static_shapes = False
 
     def __exit__(self, *exc: object) -> None:
-        torch._dynamo.config.recompile_limit, _fx_config.use_duck_shape = self.old
+        dynamo = torch._dynamo.config
+        dynamo.recompile_limit, _fx_config.use_duck_shape, dynamo.force_parameter_static_shapes = self.old
 
 
 def mark_sourceless_input(node: torch.fx.Node) -> None:

@@ -253,7 +253,8 @@ class AutoController:
         group = site.group
         sq_sum = sq_norm if group == 1 else sample_sq_norms(x, y, group).sum().reshape(1)
         site.spent_flops += sample_norms_flops(m, n, big_n, group)
-        stats = measurement(out, sq_sum, site.keep_counts(n, x.device), a, a if split is None else split[-1])
+        importances = torch.stack([a, a if split is None else split[-1]])
+        stats = measurement(out, sq_sum, site.keep_counts(n, x.device), importances)
         self.readback.post(stats, ("measure", key, site.calls - 1, n // group, site.option))
         if not site.due:
             site.ceiling = min(len(LEVELS) - 1, site.ceiling + 1)

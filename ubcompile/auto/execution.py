@@ -30,15 +30,17 @@ def term_norms(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 @kernel
-def measurement(out: Tensor, sq_sum: Tensor, ks: Tensor, norm: Tensor, residual: Tensor) -> Tensor:
+def measurement(out: Tensor, sq_sum: Tensor, ks: Tensor, importances: Tensor) -> Tensor:
     """A measurement's statistics as one float64 vector: ``sum_i ||s_i||^2`` (``sq_sum``, shape
     ``(1,)``), ``||T_hat||^2`` of the call's product ``out``, then ``V_sketch`` at each keep count
-    ``ks`` (one per :data:`~.policy.LEVELS`) of the norm sketch and of the residual sketch
-    (``residual``: its importances; a site without the residual sketch passes ``norm`` again). One
-    signature, so one compilation: with the counts computed inside from the symbolic ``n``, and the
-    residual optional, the body took 4 s to trace again at each warm start, per variant."""
-    return torch.cat([sq_sum.double(), out.double().square().sum().reshape(1), sketch_variance_vector(norm, ks),
-                      sketch_variance_vector(residual, ks)])
+    ``ks`` (one per :data:`~.policy.LEVELS`) of the norm sketch and of the residual sketch, from
+    ``importances``: the norm sketch's in row 0, the residual sketch's in row 1 (a site without the
+    residual sketch repeats row 0). One signature, so one compilation: with the counts computed
+    inside from the symbolic ``n`` the body took 4 s to trace again at each warm start, per variant,
+    and with the two rows as two arguments Dynamo compiled it again for the site that passed one
+    tensor twice."""
+    return torch.cat([sq_sum.double(), out.double().square().sum().reshape(1),
+                      sketch_variance_vector(importances[0], ks), sketch_variance_vector(importances[1], ks)])
 
 
 @kernel
