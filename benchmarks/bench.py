@@ -293,10 +293,17 @@ def model_size(name: str, args: argparse.Namespace, device: torch.device) -> Siz
 
 
 def warm_size(size: Size) -> Size:
-    """A small size of the same family: width 64, one block, at least 64 sampled rows per product
-    (``min_dim``'s default), shapes unlike any benchmarked size so that no model kernel is shared."""
-    return Size(64, 1, 64 if not (size.tokens or size.image) else 2, tokens=min(size.tokens, 64),
-                image=min(size.image, 8))
+    """A small size of the same family, whose sampled products call every op body the benchmarked
+    size calls, with shapes unlike any benchmarked size so that no model kernel is shared: width
+    128 and 2 blocks (propagated gradients, whose operands' layout differs from a weight gradient's,
+    and the residual sketch of ``p="auto"``, offered from about 128 features on 256 rows), 256 rows
+    per product, and at least 16 images (4 kept at ``p=0.25``: a body first called with one kept
+    index is compiled for that count alone)."""
+    if size.tokens:
+        return Size(128, 2, 4, tokens=min(size.tokens, 64))
+    if size.image:
+        return Size(128, 2, 16, image=min(size.image, 8))
+    return Size(128, 2, 256)
 
 
 def warm_bodies(name: str, size: Size, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:

@@ -6,6 +6,7 @@
 #    step run under torch.cuda.set_sync_debug_mode("error"); exact with and without
 #    mode="reduce-overhead" (ubcompile refuses reduce-overhead: README "Compile options").
 # 2. The benchmark suite on CUDA, bf16: step and backward time against exact, 5 rounds.
+# 3. One sampled weight-gradient product against exact by width (where sampling starts to pay).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-benchmarks/results/gpu}
@@ -21,3 +22,5 @@ mkdir -p "$out"
 python benchmarks/bench.py --device cuda --dtype bfloat16 --rounds 5 \
   --variant "grad=weight,sketch=norm,p=0.25" --variant "grad=both,sketch=uniform,p=0.25" --variant "p=auto" \
   --csv "$out/gpu_suite.csv" --json "$out/gpu_suite.json" 2>&1 | tee "$out/bench.txt"
+python benchmarks/break_even.py --device cuda --dtype bfloat16 --rows 8192 32768 \
+  --json "$out/break_even.json" 2>&1 | tee "$out/break_even.txt"

@@ -60,3 +60,18 @@ def test_parse_variant():
     assert bench.parse_variant("p=auto,key=(1, 2)") == {"p": "auto", "key": (1, 2)}
     with pytest.raises(argparse.ArgumentTypeError, match="key=value"):
         bench.parse_variant("grad")
+
+
+def test_break_even_runs_and_finds_the_narrowest_paying_width(tmp_path):
+    """``benchmarks/break_even.py`` at toy sizes (timings are not checked), and its summary on
+    given ratios: the narrowest width from which every wider one pays."""
+    import break_even
+
+    rows = break_even.main(["--rows", "64", "--widths", "8", "16", "--rounds", "1", "--json", str(tmp_path / "b.json")])
+    assert [(r["rows"], r["width"], r["k"]) for r in rows] == [(64, 8, 16), (64, 16, 16)]
+    assert all(r["norm_us"] > 0 and r["uniform_us"] > 0 for r in rows)
+    assert json.loads((tmp_path / "b.json").read_text())["rows"] == rows
+    ratios = [(64, 1.4), (128, 0.9), (192, 1.01), (256, 0.8), (512, 0.5)]
+    given = [{"rows": 2048, "width": w, "norm_ratio": r} for w, r in ratios]
+    assert break_even.break_even(given, 2048, "norm") == 256
+    assert break_even.break_even(given[:1], 2048, "norm") is None

@@ -1,0 +1,124 @@
+"""Where a sampled GEMM starts to pay: one weight-gradient product, sampled against exact, by width.
+
+    python benchmarks/break_even.py                                   # CPU, float32
+    python benchmarks/break_even.py --device cuda --dtype bfloat16    # a GPU
+    python benchmarks/break_even.py --rows 2048 8192 --widths 64 128 256 512 --p 0.25 --sketch norm uniform
+
+A linear layer of width ``d`` (``d`` inputs, ``d`` outputs) on ``rows`` batch/token rows has the
+weight gradient ``G^T A``: ``(d x rows) @ (rows x d)``, ``2 rows d^2`` FLOPs, with ``G^T`` a transposed
+view as in the backward graph. The sampled op (``torch.ops.ubcompile.sampled_gemm``, what the pass
+inserts under the default ``grad="weight"``) reads both operands for the terms' norms (``"norm"``;
+``"uniform"`` reads nothing), draws ``k = ceil(p rows)`` rows, gathers them and multiplies:
+``2 k d^2`` FLOPs plus about ``rows (2 d)`` elements read and a fixed cost per call. The FLOPs it
+saves grow as ``d^2``, what it adds as ``d``: below some width it costs more than it saves.
+
+Each round times one call of the exact ``mm`` and one of each sketch on the same warm operands
+(interleaved; medians over ``--rounds``). Operands read cold in a real step make the exact product
+a little slower too, so these ratios are the op's own cost, not a step's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Any, Callable, Optional
+
+import torch
+
+import ubcompile  # noqa: F401  (registers torch.ops.ubcompile)
+from ubcompile.estimator_ops import CONTRACTED
+from ubcompile.sketches import keep_count
+
+
+def timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
+    """Seconds one call of ``fn`` takes on ``device`` (CUDA: between events, after a synchronize)."""
+    if device.type != "cuda":
+        def host(fn: Callable[[], object]) -> float:
+            start = time.perf_counter()
+            fn()
+            return time.perf_counter() - start
+        return host
+
+    def gpu(fn: Callable[[], object]) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    return gpu
+
+
+def measure(rows: int, width: int, p: float, sketches: list[str], rounds: int, device: torch.device,
+            dtype: torch.dtype) -> dict[str, Any]:
+    """Median seconds of the exact product and of each sketch's sampled op, one shape."""
+    gen = torch.Generator(device=device).manual_seed(rows * width)
+    g = torch.randn(rows, width, device=device, dtype=dtype, generator=gen)
+    a = torch.randn(rows, width, device=device, dtype=dtype, generator=gen)
+    seed = torch.tensor(12345, device=device)
+    k = keep_count(rows, p)
+    calls = {"exact": lambda: torch.mm(g.t(), a)}
+    for sketch in sketches:
+        calls[sketch] = (lambda s: lambda: torch.ops.ubcompile.sampled_gemm(g.t(), a, CONTRACTED, s, k, seed, 0, [], []))(sketch)
+    time_of = timer(device)
+    for fn in calls.values():  # compile the op bodies, warm the caches
+        fn(), fn()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            times[name].append(time_of(fn))
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    return {"rows": rows, "width": width, "k": k, "exact_us": 1e6 * medians["exact"],
+            **{f"{s}_us": 1e6 * medians[s] for s in sketches},
+            **{f"{s}_ratio": medians[s] / medians["exact"] for s in sketches}}
+
+
+def break_even(results: list[dict[str, Any]], rows: int, sketch: str) -> Optional[int]:
+    """The narrowest width from which on every measured width's ratio is below 1 (``None``: none)."""
+    widths = sorted((r["width"], r[f"{sketch}_ratio"]) for r in results if r["rows"] == rows)
+    paying = None
+    for width, ratio in reversed(widths):
+        if ratio >= 1:
+            break
+        paying = width
+    return paying
+
+
+def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--rows", type=int, nargs="+", default=[2048, 8192])
+    ap.add_argument("--widths", type=int, nargs="+", default=[32, 64, 96, 128, 192, 256, 384, 512, 768, 1024])
+    ap.add_argument("--p", type=float, default=0.25)
+    ap.add_argument("--sketch", nargs="+", default=["norm", "uniform"], choices=["norm", "uniform"])
+    ap.add_argument("--rounds", type=int, default=21)
+    ap.add_argument("--json", help="write the machine, arguments and rows to this JSON file")
+    args = ap.parse_args(argv)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    results = [measure(rows, width, args.p, args.sketch, args.rounds, device, dtype)
+               for rows in args.rows for width in args.widths]
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"{where}, torch {torch.__version__}, {args.dtype}, p={args.p}, {time.strftime('%Y-%m-%d')}; "
+          f"medians of {args.rounds} interleaved rounds\n")
+    print("| rows | width | exact us | " + " | ".join(f"{s} us | {s} / exact" for s in args.sketch) + " |")
+    print("|---" * (3 + 2 * len(args.sketch)) + "|")
+    for r in results:
+        cells = " | ".join(f"{r[f'{s}_us']:.0f} | {r[f'{s}_ratio']:.2f}" for s in args.sketch)
+        print(f"| {r['rows']} | {r['width']} | {r['exact_us']:.0f} | {cells} |")
+    print()
+    for rows in args.rows:
+        for s in args.sketch:
+            print(f"rows {rows}, {s}: pays (ratio < 1) from width {break_even(results, rows, s)} on")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": where, "torch": torch.__version__, "args": vars(args), "rows": results}, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()
