@@ -55,6 +55,16 @@ def test_inductor_modes_compile_and_sample(mode):
     assert backend.report().sampled
 
 
+@pytest.mark.parametrize("options", [{}, {"grad": "both", "sketch": "uniform"}, {"grad": "both", "sketch": "lowrank", "p": 0.1},
+                                     {"sketch": "activation"}, {"p": "auto"}])
+def test_every_mode_compiles_one_whole_graph(options):
+    """``fullgraph=True``: the sampled ops, the seed input and the controlled op break no graph, in any mode."""
+    model, x = setup()
+    backend = ubcompile.backend(min_dim=16, **options)
+    weight_grads(torch.compile(model, backend=backend, fullgraph=True), model, x)
+    assert backend.report().sampled and len(backend.graphs) == 1
+
+
 @pytest.mark.parametrize("options, mode, message", [
     ({}, "reduce-overhead", "CUDA graphs, which cannot replay"),
     ({"compiler": "eager"}, "max-autotune", "compiler='eager' runs the graphs op by op"),
