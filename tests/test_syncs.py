@@ -92,3 +92,34 @@ def test_a_residual_sketch_call_dispatches_few_ops():
     ops = [e.name for e in prof.events() if e.name.startswith("aten::")]
     assert len(ops) <= OPS_PER_RESIDUAL_CALL, collections.Counter(ops).most_common()
     assert not [name for name in ops if name in SYNC_OPS]
+
+
+OPS_PER_NORM_CALL = 26
+"""What one ``p="auto"`` call on the norm sketch may dispatch when it does not measure: one compiled
+body (the terms' norms, the draw, the gathers and the GEMM) and the spike guard's read-back copy:
+24 ATen ops in all on 2026-12-07. Run as the norms' body, the draw's body and an eager product, it
+dispatched 34."""
+
+
+def test_a_norm_sketch_call_dispatches_few_ops():
+    from ubcompile.auto import AutoController
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 512, generator=gen), torch.randn(512, 64, generator=gen)
+    c = AutoController(budget=4.0, measure_every=50)
+    c.register("layer", (64, 512, 64))
+    site = c.sites[0]
+
+    def call():
+        return c.contraction(x, y, 0, torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64, generator=gen), 0)
+
+    call()
+    c.collect(wait=True)
+    site.set_option(next(i for i, o in enumerate(site.options) if o.sketch == "norm" and o.level == 3))
+    site.next_measure = 10**6
+    call()  # its first norm-sketch call: the body compiles
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        call()
+    ops = [e.name for e in prof.events() if e.name.startswith("aten::")]
+    assert len(ops) <= OPS_PER_NORM_CALL, collections.Counter(ops).most_common()
+    assert not [name for name in ops if name in SYNC_OPS]

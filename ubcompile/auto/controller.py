@@ -14,8 +14,8 @@ from ..readback import Readback
 from ..sketches import keep_count
 from ..sketches.control import sample_norms_flops, sample_sq_norms, sgd_variance_of_sum
 from ..sketches.residual import basis_flops, coordinate_flops, tracking_flops
-from .execution import (controlled_product, measurement, residual_bases, residual_coordinates, term_norms,
-                        tracked_residual_bases)
+from .execution import (controlled_product, measurement, norm_sketched_call, residual_bases, residual_coordinates,
+                        term_norms, tracked_residual_bases)
 from .policy import BASES_EVERY, LEVELS, RESIDUAL_RANK, Option, allocate, site_options
 from .table import controller_table
 
@@ -186,13 +186,16 @@ class AutoController:
         site.bind((x.shape[0], x.shape[1], y.shape[1]), x.shape[1] if samples is None else samples)
         site.calls += 1
         site.exact_flops += site.costs[0]
-        *norms, a, sq_norm = term_norms(x, y)
-        self.readback.post(sq_norm, ("guard", key, site.calls - 1))
-        self._unread.add(key)
         site.uses[site.option] += 1
         site.spent_flops += site.call_costs[site.option]
         k = min(x.shape[1], keep_count(x.shape[1], site.p))
         measuring = site.due or site.calls - 1 >= site.next_measure
+        if not measuring and site.current.sketch == "norm" and k < x.shape[1]:
+            out, sq_norm = norm_sketched_call(x, y, k, seed, draw_kernels.stream_of(stream, 0))
+            self._post_guard(key, site, sq_norm)
+            return out
+        *norms, a, sq_norm = term_norms(x, y)
+        self._post_guard(key, site, sq_norm)
         residual = site.current.sketch == "residual" and k < x.shape[1]
         split = self._split(site, x, y, norms, seed, stream, fresh=measuring) if residual or (
             measuring and site.has_residual) else None
@@ -202,6 +205,11 @@ class AutoController:
         if measuring:
             self._measure(key, x, y, a, sq_norm, split, out)
         return out
+
+    def _post_guard(self, key: int, site: AutoSite, sq_norm: Tensor) -> None:
+        """Send this call's ``sum_j a_j^2`` to the spike guard (:meth:`_guard`), read from a later call."""
+        self.readback.post(sq_norm, ("guard", key, site.calls - 1))
+        self._unread.add(key)
 
     def _split(self, site: AutoSite, x: Tensor, y: Tensor, norms: list[Tensor], seed: Tensor, stream: int,
                fresh: bool) -> tuple[Tensor, ...]:

@@ -30,6 +30,19 @@ def term_norms(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 @kernel
+def norm_sketched_call(x: Tensor, y: Tensor, k: int, seed: Tensor, key: int) -> tuple[Tensor, Tensor]:
+    """A call on the norm sketch that neither measures nor uses the residual sketch, the most
+    common call, compiled whole: ``x @ y`` from ``k`` of its ``n`` contracted rows, drawn from the
+    terms' norms ``a_j`` (:func:`term_norms`) by the stream ``key`` of ``seed``, and ``sum_j a_j^2``
+    (shape ``(1,)``) for the spike guard. One body where :func:`term_norms`, the draw and the eager
+    product were three calls: each call of a compiled body costs about 85 us on a CPU core
+    (Dynamo's guards, the wrapper), whatever its size."""
+    *_, a, sq_norm = term_norms(x, y)
+    idx, weights = draw_kernels.pps(a, k, seed, key)
+    return sketched_product(x, y, idx, weights, CONTRACTED), sq_norm
+
+
+@kernel
 def measurement(out: Tensor, sq_sum: Tensor, ks: Tensor, importances: Tensor) -> Tensor:
     """A measurement's statistics as one float64 vector: ``sum_i ||s_i||^2`` (``sq_sum``, shape
     ``(1,)``), ``||T_hat||^2`` of the call's product ``out``, then ``V_sketch`` at each keep count
