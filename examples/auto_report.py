@@ -12,9 +12,9 @@ For ``--grid auto`` (``python examples/sweep.py --grid auto``) it writes under `
   layer over training, and test accuracy against backward FLOPs for exact and every budget.
 
 For ``--grid auto-confirm`` (the default budget on fresh seeds): ``auto-confirm.md``, the same
-table; ``--grid wide`` (the realistic widths): ``wide.md`` and ``wide_fractions.png``; ``--grid wide-stable``:
-``wide-stable.md``, the wide GPT at ``sweep.WIDE_STABLE_LR`` with VCAS (``--grid wide-vcas`` and
-``wide-vcas-matched``) and ``p="auto"`` minus each VCAS run of the same seed; ``--grid vcas``
+table; ``--grid wide`` (the realistic widths): ``wide.md`` and ``wide_fractions.png``, with the ViT's VCAS runs
+(``--grid wide-vcas`` and ``wide-vcas-matched``); ``--grid wide-stable``: ``wide-stable.md``, the wide GPT at
+``sweep.WIDE_STABLE_LR`` with its VCAS runs; both add ``p="auto"`` minus each VCAS run of the same seed; ``--grid vcas``
 and ``--grid layer-scale``: ``vcas.md`` and ``layer-scale.md``, with the exact and ``p="auto"`` runs of
 ``auto-confirm`` on the same seeds. For ``--grid memory`` (``python examples/sweep.py --grid memory``): ``memory.md``, the same
 table for the norm and activation sketches at ``p = 0.25``.
@@ -198,7 +198,7 @@ def main() -> None:
         plot(records, args.out / f"{args.grid}_fractions.png")
     lr = sweep.WIDE_STABLE_LR if args.grid == "wide-stable" else None  # its VCAS runs (wide-vcas, -matched) too
     tables = [model_table(m, runs, memory_labels() if args.grid == "memory" else auto_labels(runs),
-                          timed=args.grid not in PAIRED, lr=lr, versus=args.grid == "wide-stable")
+                          timed=args.grid not in PAIRED, lr=lr, versus=args.grid in ("wide", "wide-stable"))
               for m, runs in records.items()]
     write_tables(tables, args.out / f"{args.grid}.md")
 

@@ -14,8 +14,9 @@ configuration already there is skipped, so an interrupted sweep resumes where it
 ``--grid auto-confirm`` the default budget on fresh seeds (:func:`confirm_grid`, into
 ``auto_confirm_runs.jsonl``), ``--grid wide`` exact against the default budget at realistic widths
 (:data:`WIDE`, :func:`wide_grid`, into ``wide_runs.jsonl``; ``--grid wide-stable`` the GPT at a
-learning rate its exact training survives, ``--grid wide-vcas`` VCAS on those runs, ``--grid
-wide-vcas-matched`` VCAS at the ``tau`` that matches ``p="auto"``'s backward FLOPs there), ``--grid vcas`` VCAS on the confirmation
+learning rate its exact training survives, ``--grid wide-vcas`` VCAS on the GPT's runs there and on the
+ViT's ``wide-layer`` runs, ``--grid wide-vcas-matched`` VCAS at the ``tau`` that matches ``p="auto"``'s
+backward FLOPs on each, :data:`MATCHED_VCAS_TAU`), ``--grid vcas`` VCAS on the confirmation
 seeds (:func:`vcas_grid`, into ``vcas_runs.jsonl``), ``--grid layer-scale`` ``p="auto"``
 with each layer's variance over its own gradient (:func:`layer_scale_grid`, into
 ``layer_scale_runs.jsonl``) and ``--grid memory`` the memory-saving activation sketch against the norm sketch (:func:`memory_grid`,
@@ -140,24 +141,43 @@ WIDE_STABLE_LR = 1e-3
 exact runs collapsed late (2026-12-04), so the comparison is not one of two trainings that converge."""
 
 
+WIDE_STABLE_MODELS = ("gpt",)
+"""The models :func:`wide_stable_grid` runs: those whose exact training at their own learning rate is
+unstable at width 256."""
+
+
 def wide_stable_grid(model: str) -> list[dict[str, Any]]:
     """:func:`wide_layer_grid` at :data:`WIDE_STABLE_LR`, into the same records (the learning rate is
     part of a run's key)."""
     return [{**c, "lr": WIDE_STABLE_LR} for c in wide_layer_grid(model)]
 
 
+def wide_vcas_lr(model: str) -> float:
+    """The learning rate of the width-256 ``p="auto"`` runs VCAS is paired with: :data:`WIDE_STABLE_LR`
+    for the :data:`WIDE_STABLE_MODELS` (:func:`wide_stable_grid`), else the model's own
+    (:func:`wide_layer_grid`)."""
+    return WIDE_STABLE_LR if model in WIDE_STABLE_MODELS else importlib.import_module(MODELS[model][0]).LR
+
+
 def wide_vcas_grid(model: str, tau: float = DEFAULT_VCAS_TAU) -> list[dict[str, Any]]:
-    """VCAS (its defaults, or variance allowance ``tau``) on the :func:`wide_stable_grid` runs' model,
-    learning rate and seeds."""
-    return [{"model": model, "seed": seed, "lr": WIDE_STABLE_LR, "size": "wide", "vcas": True, "vcas_tau": tau}
+    """VCAS (its defaults, or variance allowance ``tau``) on the width-256 ``p="auto"`` runs' model,
+    learning rate (:func:`wide_vcas_lr`) and seeds."""
+    return [{"model": model, "seed": seed, "lr": wide_vcas_lr(model), "size": "wide", "vcas": True, "vcas_tau": tau}
             for seed in WIDE_SEEDS]
 
 
-MATCHED_VCAS_TAU = 0.8
-"""The ``tau`` at which VCAS's training steps spend about the backward FLOPs ``p="auto"`` spends on the
-:func:`wide_stable_grid` runs (0.659 of exact's). Found on seed 100 (2026-12-07): its training steps
-spent 0.887 of exact's at the default 0.025, 0.747 at 0.25 and 0.653 at 0.8 (0.8 taken; the runs in
-``wide_vcas_calibration_runs.jsonl``, the one at 0.8 also in the grid's records; docs/EXPERIMENTS.md)."""
+MATCHED_VCAS_TAU = {"gpt": 0.8, "vit": 0.006}
+"""Model: the ``tau`` at which VCAS's training steps spend about the backward FLOPs ``p="auto"`` spends
+on the width-256 runs at :func:`wide_vcas_lr`, found on seed 100 (2026-12-07; the runs in
+``wide_vcas_calibration_runs.jsonl``, the one at the chosen ``tau`` also in the grid's records;
+docs/EXPERIMENTS.md). The GPT (``p="auto"``: 0.659 of exact's): 0.887 of exact's at the default 0.025,
+0.747 at 0.25 and 0.653 at 0.8. The ViT (``p="auto"``: 0.577): 0.500 at the
+default 0.025, 0.549 at 0.01 and 0.578 at 0.006 (taken)."""
+
+
+def wide_vcas_matched_grid(model: str) -> list[dict[str, Any]]:
+    """:func:`wide_vcas_grid` at the model's :data:`MATCHED_VCAS_TAU`."""
+    return wide_vcas_grid(model, MATCHED_VCAS_TAU[model])
 
 
 BASELINE_SEEDS = 8
@@ -194,9 +214,9 @@ GRIDS = {"main": (grid, "runs.jsonl", tuple(MODELS)), "auto": (auto_grid, "auto_
          "memory": (memory_grid, "memory_runs.jsonl", AUTO_MODELS),
          "wide": (wide_grid, "wide_runs.jsonl", tuple(WIDE)),
          "wide-layer": (wide_layer_grid, "wide_runs.jsonl", tuple(WIDE)),
-         "wide-stable": (wide_stable_grid, "wide_runs.jsonl", ("gpt",)),
-         "wide-vcas": (wide_vcas_grid, "wide_runs.jsonl", ("gpt",)),
-         "wide-vcas-matched": (functools.partial(wide_vcas_grid, tau=MATCHED_VCAS_TAU), "wide_runs.jsonl", ("gpt",)),
+         "wide-stable": (wide_stable_grid, "wide_runs.jsonl", WIDE_STABLE_MODELS),
+         "wide-vcas": (wide_vcas_grid, "wide_runs.jsonl", tuple(MATCHED_VCAS_TAU)),
+         "wide-vcas-matched": (wide_vcas_matched_grid, "wide_runs.jsonl", tuple(MATCHED_VCAS_TAU)),
          "vcas": (vcas_grid, "vcas_runs.jsonl", tuple(CONFIRM_SEEDS)),
          "layer-scale": (layer_scale_grid, "layer_scale_runs.jsonl", tuple(CONFIRM_SEEDS))}
 """name: (the runs of one model, the records file, the models it covers)."""

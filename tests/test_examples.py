@@ -147,7 +147,28 @@ def test_a_vcas_run_off_its_default_tau_is_a_run_of_its_own():
     assert experiment.label(sweep.parse(run)) == "vcas"
     matched = sweep.GRIDS["wide-vcas-matched"][0]("gpt")
     assert [c["seed"] for c in matched] == list(sweep.WIDE_SEEDS)
-    assert {c["vcas_tau"] for c in matched} == {sweep.MATCHED_VCAS_TAU} != {sweep.DEFAULT_VCAS_TAU}
+    assert {c["vcas_tau"] for c in matched} == {sweep.MATCHED_VCAS_TAU["gpt"]} != {sweep.DEFAULT_VCAS_TAU}
+
+
+def test_the_wide_vcas_grids_pair_each_model_with_its_p_auto_runs():
+    """Each model's VCAS runs at the learning rate and seeds of its width-256 ``p="auto"`` runs (the GPT's at
+    ``WIDE_STABLE_LR``, the ViT's at its own), at its own matched ``tau``; the GPT's keys are those of its
+    records made before the ViT was added (2026-12-07)."""
+    auto = {m: {(c["lr"], c["seed"]) for c in sweep.GRIDS[g][0](m) if c.get("p") == "auto"}
+            for m, g in (("gpt", "wide-stable"), ("vit", "wide-layer"))}
+    for model in ("gpt", "vit"):
+        for grid, tau in (("wide-vcas", sweep.DEFAULT_VCAS_TAU), ("wide-vcas-matched", sweep.MATCHED_VCAS_TAU[model])):
+            assert model in sweep.GRIDS[grid][2]
+            runs = sweep.GRIDS[grid][0](model)
+            assert {(c["lr"], c["seed"]) for c in runs} == auto[model]
+            for c in runs:
+                args = sweep.parse(c)
+                assert (args.vcas, args.vcas_tau, args.dim) == (True, tau, 256)
+    assert sweep.GRIDS["wide-vcas-matched"][0]("vit")[0]["lr"] == fashion_vit.LR != sweep.WIDE_STABLE_LR
+    assert sweep.key(sweep.GRIDS["wide-vcas-matched"][0]("gpt")[0]) == (
+        "gpt", False, None, None, None, sweep.WIDE_STABLE_LR, 100, None, "vcas", 0.8)
+    assert sweep.key(sweep.GRIDS["wide-vcas"][0]("gpt")[0]) == (
+        "gpt", False, None, None, None, sweep.WIDE_STABLE_LR, 100, None, "vcas")
 
 
 def test_auto_minus_each_vcas_run_of_the_same_seed():
