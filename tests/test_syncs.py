@@ -69,31 +69,6 @@ the draw's 15 (as above), its product's five GEMMs with their ``resolve_conj`` (
 spike guard's read-back copy; its coordinates and the product's rank-``r`` parts are fused
 loops (37 in all, 2026-12-04). Written with a GEMM for each of its nine products it took 51."""
 
-
-def test_a_residual_sketch_call_dispatches_few_ops():
-    from ubcompile.auto import AutoController
-
-    gen = torch.Generator().manual_seed(0)
-    x, y = torch.randn(256, 128, generator=gen), torch.randn(128, 256, generator=gen)
-    c = AutoController(budget=4.0, measure_every=50)
-    c.register("layer", (256, 128, 256))
-    site = c.sites[0]
-
-    def call():
-        return c.contraction(x, y, 0, torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64, generator=gen), 0)
-
-    call()
-    c.collect(wait=True)
-    site.set_option(next(i for i, o in enumerate(site.options) if o.sketch == "residual" and o.level == 3))
-    site.next_measure = 10**6
-    call()  # its first residual call: the bodies compile
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        call()
-    ops = [e.name for e in prof.events() if e.name.startswith("aten::")]
-    assert len(ops) <= OPS_PER_RESIDUAL_CALL, collections.Counter(ops).most_common()
-    assert not [name for name in ops if name in SYNC_OPS]
-
-
 OPS_PER_NORM_CALL = 26
 """What one ``p="auto"`` call on the norm sketch may dispatch when it does not measure: one compiled
 body (the terms' norms, the draw, the gathers and the GEMM) and the spike guard's read-back copy:
@@ -101,13 +76,17 @@ body (the terms' norms, the draw, the gathers and the GEMM) and the spike guard'
 dispatched 34."""
 
 
-def test_a_norm_sketch_call_dispatches_few_ops():
+@pytest.mark.parametrize("sketch, shape, bound", [("residual", (256, 128, 256), OPS_PER_RESIDUAL_CALL),
+                                                  ("norm", (64, 512, 64), OPS_PER_NORM_CALL)])
+def test_a_controlled_call_dispatches_few_ops(sketch, shape, bound):
+    """A site set to ``sketch`` at level 3, measuring no more: the ATen ops of one warm call."""
     from ubcompile.auto import AutoController
 
     gen = torch.Generator().manual_seed(0)
-    x, y = torch.randn(64, 512, generator=gen), torch.randn(512, 64, generator=gen)
+    (m, n, big_n) = shape
+    x, y = torch.randn(m, n, generator=gen), torch.randn(n, big_n, generator=gen)
     c = AutoController(budget=4.0, measure_every=50)
-    c.register("layer", (64, 512, 64))
+    c.register("layer", shape)
     site = c.sites[0]
 
     def call():
@@ -115,11 +94,11 @@ def test_a_norm_sketch_call_dispatches_few_ops():
 
     call()
     c.collect(wait=True)
-    site.set_option(next(i for i, o in enumerate(site.options) if o.sketch == "norm" and o.level == 3))
+    site.set_option(next(i for i, o in enumerate(site.options) if o.sketch == sketch and o.level == 3))
     site.next_measure = 10**6
-    call()  # its first norm-sketch call: the body compiles
+    call()  # its first call on this option: the bodies compile
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         call()
     ops = [e.name for e in prof.events() if e.name.startswith("aten::")]
-    assert len(ops) <= OPS_PER_NORM_CALL, collections.Counter(ops).most_common()
+    assert len(ops) <= bound, collections.Counter(ops).most_common()
     assert not [name for name in ops if name in SYNC_OPS]
