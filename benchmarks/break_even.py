@@ -27,29 +27,19 @@ from typing import Any, Callable, Optional
 
 import torch
 
+import bench
 import ubcompile  # noqa: F401  (registers torch.ops.ubcompile)
 from ubcompile.estimator_ops import CONTRACTED
 from ubcompile.sketches import keep_count
 
 
-def timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
-    """Seconds one call of ``fn`` takes on ``device`` (CUDA: between events, after a synchronize)."""
-    if device.type != "cuda":
-        def host(fn: Callable[[], object]) -> float:
-            start = time.perf_counter()
-            fn()
-            return time.perf_counter() - start
-        return host
-
-    def gpu(fn: Callable[[], object]) -> float:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    return gpu
+def time_of(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds one call of ``fn`` takes, the device synchronized before and after."""
+    bench.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    bench.synchronize(device)
+    return time.perf_counter() - start
 
 
 def measure(rows: int, width: int, p: float, sketches: list[str], rounds: int, device: torch.device,
@@ -63,13 +53,12 @@ def measure(rows: int, width: int, p: float, sketches: list[str], rounds: int, d
     calls = {"exact": lambda: torch.mm(g.t(), a)}
     for sketch in sketches:
         calls[sketch] = (lambda s: lambda: torch.ops.ubcompile.sampled_gemm(g.t(), a, CONTRACTED, s, k, seed, 0, [], []))(sketch)
-    time_of = timer(device)
     for fn in calls.values():  # compile the op bodies, warm the caches
         fn(), fn()
     times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(rounds):
         for name, fn in calls.items():
-            times[name].append(time_of(fn))
+            times[name].append(time_of(fn, device))
     medians = {name: statistics.median(t) for name, t in times.items()}
     return {"rows": rows, "width": width, "k": k, "exact_us": 1e6 * medians["exact"],
             **{f"{s}_us": 1e6 * medians[s] for s in sketches},
@@ -102,9 +91,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     results = [measure(rows, width, args.p, args.sketch, args.rounds, device, dtype)
                for rows in args.rows for width in args.widths]
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"{where}, torch {torch.__version__}, {args.dtype}, p={args.p}, {time.strftime('%Y-%m-%d')}; "
-          f"medians of {args.rounds} interleaved rounds\n")
+    where = bench.machine(device, dtype)
+    print(f"{where}, p={args.p}; medians of {args.rounds} interleaved rounds\n")
     print("| rows | width | exact us | " + " | ".join(f"{s} us | {s} / exact" for s in args.sketch) + " |")
     print("|---" * (3 + 2 * len(args.sketch)) + "|")
     for r in results:
@@ -113,7 +101,9 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     print()
     for rows in args.rows:
         for s in args.sketch:
-            print(f"rows {rows}, {s}: pays (ratio < 1) from width {break_even(results, rows, s)} on")
+            width = break_even(results, rows, s)
+            print(f"rows {rows}, {s}: " + (f"pays (ratio < 1) from width {width} on" if width else
+                                            "does not pay at the widest width measured"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": where, "torch": torch.__version__, "args": vars(args), "rows": results}, f, indent=1)

@@ -34,9 +34,11 @@ def norm_sketched_call(x: Tensor, y: Tensor, k: int, seed: Tensor, key: int) -> 
     """A call on the norm sketch that neither measures nor uses the residual sketch, the most
     common call, compiled whole: ``x @ y`` from ``k`` of its ``n`` contracted rows, drawn from the
     terms' norms ``a_j`` (:func:`term_norms`) by the stream ``key`` of ``seed``, and ``sum_j a_j^2``
-    (shape ``(1,)``) for the spike guard. One body where :func:`term_norms`, the draw and the eager
-    product were three calls: each call of a compiled body costs about 85 us on a CPU core
-    (Dynamo's guards, the wrapper), whatever its size."""
+    (shape ``(1,)``) for the spike guard: ``sampled_gemm``'s norm path
+    (:func:`~ubcompile.estimator_ops.drawn_product`) with the guard's sum, which that op has no use
+    for. One body where :func:`term_norms`, the draw and the eager product were three calls: each
+    call of a compiled body costs about 85 us on a CPU core (Dynamo's guards, the wrapper),
+    whatever its size."""
     *_, a, sq_norm = term_norms(x, y)
     idx, weights = draw_kernels.pps(a, k, seed, key)
     return sketched_product(x, y, idx, weights, CONTRACTED), sq_norm
