@@ -3,6 +3,7 @@
     python benchmarks/break_even.py                                   # CPU, float32
     python benchmarks/break_even.py --device cuda --dtype bfloat16    # a GPU
     python benchmarks/break_even.py --rows 2048 8192 --widths 64 128 256 512 --p 0.25 --sketch norm uniform
+    python benchmarks/break_even.py --rows 256 1024 4096 --widths 64 256 1024 64x256 --fit   # the cost model
 
 A linear layer of width ``d`` (``d`` inputs, ``d`` outputs) on ``rows`` batch/token rows has the
 weight gradient ``G^T A``: ``(d x rows) @ (rows x d)``, ``2 rows d^2`` FLOPs, with ``G^T`` a transposed
@@ -12,6 +13,11 @@ inserts under the default ``grad="weight"``) reads both operands for the terms' 
 ``2 k d^2`` FLOPs plus about ``rows (2 d)`` elements read and a fixed cost per call. The FLOPs it
 saves grow as ``d^2``, what it adds as ``d``: below some width it costs more than it saves.
 
+A width ``XxY`` times a layer of ``Y`` inputs and ``X`` outputs. ``--fit`` fits
+:class:`ubcompile.cost_model.CostModel`'s constants to the timings (least squares in relative error) and
+prints them with the ratio the model predicts beside each measured one: the rule that keeps narrow
+products exact (``min_speedup``) reads them from ``ubcompile/cost_model.py``.
+
 Each round times one call of the exact ``mm`` and one of each sketch on the same warm operands
 (interleaved; medians over ``--rounds``). Operands read cold in a real step make the exact product
 a little slower too, so these ratios are the op's own cost, not a step's.
@@ -20,6 +26,7 @@ a little slower too, so these ratios are the op's own cost, not a step's.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -29,6 +36,7 @@ import torch
 
 import bench
 import ubcompile  # noqa: F401  (registers torch.ops.ubcompile)
+from ubcompile.cost_model import CostModel, predicted_speedup
 from ubcompile.estimator_ops import CONTRACTED
 from ubcompile.sketches import keep_count
 
@@ -42,12 +50,19 @@ def time_of(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def measure(rows: int, width: int, p: float, sketches: list[str], rounds: int, device: torch.device,
+def shape(text: str) -> tuple[int, int]:
+    """``"D"`` or ``"XxY"``: the weight gradient's ``(outputs, inputs)``."""
+    x, _, y = text.partition("x")
+    return int(x), int(y or x)
+
+
+def measure(rows: int, width: tuple[int, int], p: float, sketches: list[str], rounds: int, device: torch.device,
             dtype: torch.dtype) -> dict[str, Any]:
     """Median seconds of the exact product and of each sketch's sampled op, one shape."""
-    gen = torch.Generator(device=device).manual_seed(rows * width)
-    g = torch.randn(rows, width, device=device, dtype=dtype, generator=gen)
-    a = torch.randn(rows, width, device=device, dtype=dtype, generator=gen)
+    x, y = width
+    gen = torch.Generator(device=device).manual_seed(rows * x * y)
+    g = torch.randn(rows, x, device=device, dtype=dtype, generator=gen)
+    a = torch.randn(rows, y, device=device, dtype=dtype, generator=gen)
     seed = torch.tensor(12345, device=device)
     k = keep_count(rows, p)
     calls = {"exact": lambda: torch.mm(g.t(), a)}
@@ -60,14 +75,14 @@ def measure(rows: int, width: int, p: float, sketches: list[str], rounds: int, d
         for name, fn in calls.items():
             times[name].append(time_of(fn, device))
     medians = {name: statistics.median(t) for name, t in times.items()}
-    return {"rows": rows, "width": width, "k": k, "exact_us": 1e6 * medians["exact"],
+    return {"rows": rows, "width": x if x == y else None, "x": x, "y": y, "k": k, "exact_us": 1e6 * medians["exact"],
             **{f"{s}_us": 1e6 * medians[s] for s in sketches},
             **{f"{s}_ratio": medians[s] / medians["exact"] for s in sketches}}
 
 
 def break_even(results: list[dict[str, Any]], rows: int, sketch: str) -> Optional[int]:
     """The narrowest width from which on every measured width's ratio is below 1 (``None``: none)."""
-    widths = sorted((r["width"], r[f"{sketch}_ratio"]) for r in results if r["rows"] == rows)
+    widths = sorted((r["width"], r[f"{sketch}_ratio"]) for r in results if r["rows"] == rows and r["width"])
     paying = None
     for width, ratio in reversed(widths):
         if ratio >= 1:
@@ -76,16 +91,33 @@ def break_even(results: list[dict[str, Any]], rows: int, sketch: str) -> Optiona
     return paying
 
 
+def fit(results: list[dict[str, Any]], sketch: str) -> CostModel:
+    """The :class:`CostModel` of ``sketch`` that fits ``results``: ``per_mac_us`` the median of the exact
+    products' time per multiply-add; ``fixed_us`` and ``per_element_us`` the least-squares fit, in
+    relative error, of each op's time less the kept share of the exact product's to
+    ``fixed + per_element * rows * (x + y)``."""
+    per_mac = statistics.median(r["exact_us"] / (r["rows"] * r["x"] * r["y"]) for r in results)
+    weights = torch.tensor([1 / r[f"{sketch}_us"] for r in results], dtype=torch.float64)
+    design = torch.tensor([[1.0, r["rows"] * (r["x"] + r["y"])] for r in results], dtype=torch.float64)
+    overhead = torch.tensor([r[f"{sketch}_us"] - r["k"] / r["rows"] * r["exact_us"] for r in results],
+                            dtype=torch.float64)
+    coef = torch.linalg.lstsq(design * weights[:, None], (overhead * weights)[:, None]).solution[:, 0]
+    return CostModel(fixed_us=round(coef[0].item(), 1), per_element_us=float(f"{coef[1].item():.3g}"),
+                     per_mac_us=float(f"{per_mac:.3g}"))
+
+
 def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--rows", type=int, nargs="+", default=[2048, 8192])
-    ap.add_argument("--widths", type=int, nargs="+", default=[32, 64, 96, 128, 192, 256, 384, 512, 768, 1024])
+    ap.add_argument("--widths", type=shape, nargs="+", default=[32, 64, 96, 128, 192, 256, 384, 512, 768, 1024],
+                    metavar="D|XxY")
     ap.add_argument("--p", type=float, default=0.25)
     ap.add_argument("--sketch", nargs="+", default=["norm", "uniform"], choices=["norm", "uniform"])
     ap.add_argument("--rounds", type=int, default=21)
+    ap.add_argument("--fit", action="store_true", help="fit and print each sketch's cost model")
     ap.add_argument("--json", help="write the machine, arguments and rows to this JSON file")
     args = ap.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -97,16 +129,22 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     print("|---" * (3 + 2 * len(args.sketch)) + "|")
     for r in results:
         cells = " | ".join(f"{r[f'{s}_us']:.0f} | {r[f'{s}_ratio']:.2f}" for s in args.sketch)
-        print(f"| {r['rows']} | {r['width']} | {r['exact_us']:.0f} | {cells} |")
+        print(f"| {r['rows']} | {r['x']}x{r['y']} | {r['exact_us']:.0f} | {cells} |")
     print()
     for rows in args.rows:
         for s in args.sketch:
             width = break_even(results, rows, s)
             print(f"rows {rows}, {s}: " + (f"pays (ratio < 1) from width {width} on" if width else
                                             "does not pay at the widest width measured"))
+    models = {s: fit(results, s) for s in args.sketch} if args.fit else {}
+    for s, model in models.items():
+        predicted = " ".join(f"{r['rows']}x{r['x']}x{r['y']}: {r[f'{s}_ratio']:.2f}/"
+                             f"{1 / predicted_speedup(model, r['rows'], r['k'], r['x'], r['y']):.2f}" for r in results)
+        print(f"\n{s}: {model}\n  measured/modelled op / exact: {predicted}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": where, "torch": torch.__version__, "args": vars(args), "rows": results}, f, indent=1)
+            json.dump({"machine": where, "torch": torch.__version__, "args": vars(args), "rows": results,
+                       "fit": {s: dataclasses.asdict(m) for s, m in models.items()}}, f, indent=1)
     return results
 
 

@@ -112,6 +112,11 @@ def add_common_arguments(ap: argparse.ArgumentParser, task_lr: float, task_epoch
     ap.add_argument("--grad", choices=GRAD_MODES, default="weight")
     ap.add_argument("--axis", choices=AXES, default=None, help="default: the grad mode's default axis")
     ap.add_argument("--min-dim", type=int, default=64, help="products with a smaller dimension stay exact")
+    ap.add_argument("--min-speedup", type=float, default=0.0,
+                    help="the backend's cost rule (SamplingConfig.min_speedup). Default 0: no rule, every "
+                         "product the other rules allow is sampled, as in every recorded experiment (they "
+                         "measure the estimators); 1 is the backend's default, products sampling would slow "
+                         "down stay exact")
     ap.add_argument("--compiler", choices=COMPILERS, default="inductor",
                     help="eager: the same graphs run op by op (aot_eager for --exact), no Inductor compile")
     ap.add_argument("--optimizer", choices=OPTIMIZERS, default=task_optimizer,
@@ -165,7 +170,7 @@ def make_backend(args: argparse.Namespace) -> Any:
     if args.exact:
         return "inductor" if args.compiler == "inductor" else "aot_eager"
     return ubcompile.backend(p=args.p, grad=args.grad, sketch=args.sketch, axis=args.axis, seed=args.seed,
-                             min_dim=args.min_dim, compiler=args.compiler, budget=args.budget,
+                             min_dim=args.min_dim, min_speedup=args.min_speedup, compiler=args.compiler, budget=args.budget,
                              budget_scale=args.budget_scale)
 
 

@@ -260,6 +260,8 @@ def argv(config: dict[str, Any]) -> list[str]:
                       "--evals-per-epoch", "2", "--no-progress"]
     if config.get("exact"):
         return args + ["--exact", "--epochs", str(epochs)]
+    if "min_speedup" in config:
+        args += ["--min-speedup", repr(config["min_speedup"])]
     if config.get("vcas"):
         return args + ["--vcas", "--vcas-tau", repr(config.get("vcas_tau", DEFAULT_VCAS_TAU)), "--epochs", str(epochs)]
     if config["p"] == "auto":

@@ -68,6 +68,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256, help="per rank")
     parser.add_argument("--p", type=float, default=0.25)
     parser.add_argument("--compiler", default="inductor", choices=["inductor", "eager"])
+    parser.add_argument("--min-speedup", type=float, default=1.0,
+                        help="the backend's cost rule; 0 samples every product (on a CPU the default sizes are too "
+                             "small for sampling to pay)")
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -77,7 +80,7 @@ def main() -> None:
     if cuda:
         torch.cuda.set_device(device)
     torch.manual_seed(0)  # the same initial weights on every rank
-    backend = ubcompile.backend(p=args.p, compiler=args.compiler)
+    backend = ubcompile.backend(p=args.p, compiler=args.compiler, min_speedup=args.min_speedup)
     model = shard(Model(args.width, args.depth, classes=10).to(device), backend)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     teacher = torch.randn(args.width, 10, generator=torch.Generator().manual_seed(1)).to(device)

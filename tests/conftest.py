@@ -14,7 +14,7 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from ubcompile import draw_kernels, kernels
+from ubcompile import cost_model, draw_kernels, kernels
 from ubcompile.estimator_ops import sampled_size, sketched_conv_grads, sketched_product
 from ubcompile.sketches.conv import ConvGeometry
 
@@ -40,6 +40,16 @@ def op_bodies(request, monkeypatch):
     about five minutes. tests/test_kernels.py checks that the two agree; the tests that count ops
     and syncs, and some of the unbiasedness tests, run the compiled ones."""
     monkeypatch.setattr(kernels, "EAGER", request.node.get_closest_marker("compiled_kernels") is None)
+
+
+@pytest.fixture(autouse=True)
+def cost_rule(request, monkeypatch):
+    """No cost models, so no cost rule (``min_speedup``), except in tests marked ``cost_rule``
+    (tests/test_cost_rule.py). The tests study the estimators on models of width 8-128 and batches
+    of 16-256, which the CPU's fitted model would keep exact; a test run in a subprocess of its own
+    passes ``min_speedup=0`` instead."""
+    if request.node.get_closest_marker("cost_rule") is None:
+        monkeypatch.setattr(cost_model, "MODELS", {})
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ def bench_run(tmp_path_factory):
     """The rows of one run over every model, and the folder of its JSON and CSV files."""
     out = tmp_path_factory.mktemp("bench")
     argv = ["--model", *MODELS, "--width", "64", "--batch", "8", "--tokens", "16", "--image", "8", "--blocks", "1",
-            "--rounds", "1", "--compiler", "eager", "--variant", "grad=both, p=0.5, min_dim=8",
+            "--rounds", "1", "--compiler", "eager", "--variant", "grad=both, p=0.5, min_dim=8, min_speedup=0",
             "--json", str(out / "rows.json"), "--csv", str(out / "rows.csv")]
     return bench.main(argv), out
 
@@ -29,7 +29,7 @@ def bench_run(tmp_path_factory):
 def test_rows_per_model_and_variant(bench_run):
     rows, _ = bench_run
     assert [(r["model"], r["variant"]) for r in rows] == [
-        (m, v) for m in MODELS for v in ("exact aot_eager", "grad=both p=0.5 min_dim=8")]
+        (m, v) for m in MODELS for v in ("exact aot_eager", "grad=both p=0.5 min_dim=8 min_speedup=0")]
 
 
 def test_exact_row_is_one_and_values_plausible(bench_run):
@@ -75,3 +75,20 @@ def test_break_even_runs_and_finds_the_narrowest_paying_width(tmp_path):
     given = [{"rows": 2048, "width": w, "norm_ratio": r} for w, r in ratios]
     assert break_even.break_even(given, 2048, "norm") == 256
     assert break_even.break_even(given[:1], 2048, "norm") is None
+
+
+def test_break_even_fit_recovers_a_known_cost_model():
+    """Timings made by a known :class:`CostModel` (with a rectangular shape) give it back."""
+    import break_even
+    from ubcompile.cost_model import CostModel
+
+    truth = CostModel(fixed_us=150.0, per_element_us=0.0004, per_mac_us=1e-05)
+    shapes = [(rows, x, y) for rows in (256, 1024, 4096) for x, y in ((64, 64), (256, 256), (64, 256), (1024, 1024))]
+    results = [{"rows": r, "x": x, "y": y, "k": r // 4, "exact_us": truth.exact_us(r, x, y),
+                "norm_us": truth.sampled_us(r, r // 4, x, y)} for r, x, y in shapes]
+    fitted = break_even.fit(results, "norm")
+    assert fitted.fixed_us == pytest.approx(truth.fixed_us, rel=1e-3)
+    assert fitted.per_element_us == pytest.approx(truth.per_element_us, rel=1e-2)
+    assert fitted.per_mac_us == pytest.approx(truth.per_mac_us, rel=1e-2)
+    doubled = [{**r, "norm_us": r["norm_us"] + 150.0} for r in results]  # a fixed cost it must see
+    assert break_even.fit(doubled, "norm").fixed_us == pytest.approx(300.0, rel=1e-3)

@@ -3,9 +3,12 @@
 import pathlib
 import re
 
+import pytest
+
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
 
+@pytest.mark.cost_rule  # as a user runs them: the examples' sizes pay on a CPU
 def test_readme_examples_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the snapshot example writes its file
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)

@@ -160,7 +160,7 @@ def _run(recipe: str, x: torch.Tensor, draws: int) -> dict:
 
     torch.manual_seed(0)
     model = Model()
-    backend = ubcompile.backend(p=0.25, seed=0, compiler="eager", **ONLY_BLOCKS)
+    backend = ubcompile.backend(p=0.25, seed=0, compiler="eager", min_speedup=0, **ONLY_BLOCKS)
     step = _build(recipe, model, backend)
     names = list(exact)
     accumulators = dict(zip(names, gradient_accumulators([exact[n] for n in names])))
@@ -284,7 +284,7 @@ def test_sampler_states_restore_on_the_same_or_another_number_of_ranks(monkeypat
     saved, continued = {}, {}
     for rank in range(2):
         monkeypatch.setattr(sampler_module, "_rank", lambda rank=rank: rank)
-        backend = ubcompile.backend(seed=0)
+        backend = ubcompile.backend(seed=0, min_speedup=0)
         _draw(backend)
         saved[rank] = backend.state_dict()
         continued[rank] = _draw(backend)
@@ -292,7 +292,7 @@ def test_sampler_states_restore_on_the_same_or_another_number_of_ranks(monkeypat
         draws = []
         for rank in range(world):
             monkeypatch.setattr(sampler_module, "_rank", lambda rank=rank: rank)
-            resumed = ubcompile.backend(seed=0)
+            resumed = ubcompile.backend(seed=0, min_speedup=0)
             resumed.load_state_dict(saved[rank % len(saved)])
             draws.append(_draw(resumed))
             if rank in continued:

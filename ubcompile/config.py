@@ -84,6 +84,16 @@ class SamplingConfig:
             convolution's sample one per output position. Under ``axis="features"`` a 10-way
             classifier head stays exact (its few kept features would not pay for the gathers); the
             dims not sampled do not count.
+        min_speedup: cost rule. A GEMM is sampled only if its device's cost model
+            (:mod:`ubcompile.cost_model`, fitted to ``benchmarks/break_even.py``'s timings) predicts
+            the sampled op at least this many times faster than the exact GEMM; under ``p="auto"``, at
+            the controller's lowest fraction. The default 1.0 keeps exact every product sampling
+            would slow down: on a CPU, one whose two unsampled dims are narrow (about 192 at 2048
+            rows) or that has few rows. ``0`` turns the rule off (sample every product the other
+            rules allow: to study the estimators at small sizes). No rule applies to convolutions,
+            to the projection sketches (judged by their FLOPs), to the activation sketch (which
+            saves memory, not time) or on a device type with no fitted
+            model (today: every type but ``"cpu"``; ``break_even.py --device cuda --fit`` fits one).
         compiler: one of :data:`COMPILERS`.
         filter: ``filter(module_path) -> bool`` chooses the layers to sample; a gradient of a layer
             it rejects stays exact. ``module_path`` is the layer's dotted path in the compiled
@@ -97,6 +107,7 @@ class SamplingConfig:
     axis: Optional[str] = None
     seed: Optional[int] = None
     min_dim: int = 64
+    min_speedup: float = 1.0
     compiler: str = "inductor"
     filter: Optional[Callable[[str], bool]] = None
     budget: float = 0.1
@@ -124,6 +135,10 @@ class SamplingConfig:
             raise TypeError(f"seed must be an int or None, got {self.seed!r}")
         if isinstance(self.min_dim, bool) or not isinstance(self.min_dim, int) or self.min_dim < 1:
             raise ValueError(f"min_dim must be a positive int, got {self.min_dim!r}")
+        if isinstance(self.min_speedup, bool) or not isinstance(self.min_speedup, numbers.Real) or not (
+                math.isfinite(self.min_speedup) and self.min_speedup >= 0):
+            raise ValueError(f"min_speedup must be a finite real number >= 0, got {self.min_speedup!r}")
+        object.__setattr__(self, "min_speedup", float(self.min_speedup))
         if self.filter is not None and not callable(self.filter):
             raise TypeError(f"filter must be a callable module_path -> bool or None, got {self.filter!r}")
         if isinstance(self.budget, bool) or not isinstance(self.budget, numbers.Real) or not (

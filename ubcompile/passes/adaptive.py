@@ -83,7 +83,7 @@ def plan_adaptive(site: GemmSite, config: SamplingConfig) -> Union[AdaptiveRewri
     if site.role is Role.GRAD_INPUT:
         return "p='auto' keeps propagated gradients exact: their noise would reach every earlier layer"
     n = size_hint(site.cotangent.meta["val"].shape[-2])
-    reason = decline(config, site.role, module_path(site.node), n)
+    reason = decline(config, site.role, module_path(site.node), n, product=site.product(ROWS))
     if reason is not None:
         return reason
     if site.node.target is not aten.mm.default or site.contracted != ROWS:

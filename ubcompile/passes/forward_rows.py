@@ -102,7 +102,7 @@ def plan_forward_rows(site: GemmSite, config: SamplingConfig,
                       dependent: set[torch.fx.Node]) -> Union[ForwardRowsRewrite, str]:
     """The activation-sketch rewrite of ``site``, or the reason it stays exact."""
     n = size_hint(site.cotangent.meta["val"].shape[-2])
-    reason = decline(config, site.role, module_path(site.node), n)
+    reason = decline(config, site.role, module_path(site.node), n, product=site.product(ROWS))
     if reason is not None:
         return reason
     activation = site.node.args[1]

@@ -31,7 +31,7 @@ from ..sketches import keep_count
 from ..sketches.axis import axis_sketch
 from ..sketches.matmul import sketched_matmul
 from .graph import FEATURES, ROWS, GradientFlow, Role, Unmatched, module_path, shape_of
-from .rules import AXIS_BY_NAME, SKETCH_TABLE, DrawKey, decline
+from .rules import AXIS_BY_NAME, SKETCH_TABLE, DrawKey, Product, decline
 
 aten = torch.ops.aten
 
@@ -54,6 +54,16 @@ class GemmSite:
         """The matrix dim (0 rows, 1 columns) of the output that runs along ``axis`` of G."""
         assert axis != self.contracted
         return self.cotangent_arg
+
+    def out_dim(self, axis: int) -> Optional[int]:
+        """The output dim sampling ``axis`` of G runs along, or ``None`` when the GEMM contracts it."""
+        return None if axis == self.contracted else self.output_dim(axis)
+
+    def product(self, axis: int) -> Product:
+        """The GEMM's sizes, with ``axis`` of G as the sampled dim, for the cost rule."""
+        m, inner, n_out = gemm_dims(self.node)
+        s, x, y = {None: (inner, m, n_out), 0: (m, inner, n_out), 1: (n_out, m, inner)}[self.out_dim(axis)]
+        return Product(self.node.meta["val"].device.type, s, x, y, gemm_batch(self.node))
 
 
 def _swaps_last_two(node: torch.fx.Node) -> bool:
@@ -144,7 +154,7 @@ class GemmRewrite:
     @property
     def out_dim(self) -> Optional[int]:
         """The output dim the sampled axis runs along, or ``None`` when the GEMM contracts it."""
-        return None if self.axis == self.site.contracted else self.site.output_dim(self.axis)
+        return self.site.out_dim(self.axis)
 
     @property
     def draw_key(self) -> DrawKey:
@@ -203,7 +213,7 @@ def plan_gemm(site: GemmSite, config: SamplingConfig) -> Union[GemmRewrite, str]
     """The rewrite for ``site`` under ``config``, or the reason it stays exact."""
     axis = AXIS_BY_NAME[config.axis]
     n = size_hint(site.cotangent.meta["val"].shape[axis - 2])
-    reason = decline(config, site.role, module_path(site.node), n)
+    reason = decline(config, site.role, module_path(site.node), n, product=site.product(axis))
     if reason is not None:
         return reason
     k = keep_count(n, config.p)

@@ -2,7 +2,8 @@
 
 A row of :data:`RULES` says that, under that ``grad`` mode, gradients of that role are sampled
 along the configured axis of the layer's cotangent ``G``. :func:`decline` applies the table and
-the policy (``filter``, ``min_dim``, ``p``) and gives the reason when a gradient stays exact.
+the policy (``filter``, ``min_dim``, ``p``, ``min_speedup``) and gives the reason when a gradient
+stays exact.
 Each sketch family is one row of :data:`SKETCH_TABLE`: how it draws from the operands of the node
 being rewritten. A diagonal sketch is drawn inside the op that computes the rewritten product
 (each family's ``drawing_estimator``); a projection is its own op, for which the family supplies
@@ -19,7 +20,9 @@ import torch
 import torch.fx
 from torch import Tensor
 
+from ..auto import LEVELS
 from ..config import SamplingConfig
+from ..cost_model import model_for, predicted_speedup
 from ..sketches import keep_count
 from .graph import FEATURES, ROWS, Role
 
@@ -81,6 +84,18 @@ class Sampled(Protocol):
         """The cotangent: fixes the draw's device and orders it after the cotangent exists."""
 
 
+class Product(NamedTuple):
+    """A GEMM's sizes as the cost rule sees them (:mod:`ubcompile.cost_model`): the sampled dim's
+    length ``s``, the other two dims ``x`` and ``y``, the number of products of a ``bmm``, and the
+    device type, at their example values."""
+
+    device: str
+    s: int
+    x: int
+    y: int
+    batch: int = 1
+
+
 def sample_size(n: int, p: float, strata: int = 1) -> int:
     """``k``: ``keep_count`` of each of ``strata`` equal blocks of the ``n`` indices, summed."""
     return strata * keep_count(n // strata, p)
@@ -125,6 +140,21 @@ def _too_small(config: SamplingConfig, span: int) -> Optional[str]:
     return f"its sampled axis spans {span} rows/columns of the GEMM, below min_dim={config.min_dim}" if span < config.min_dim else None
 
 
+def _too_slow(config: SamplingConfig, product: Product, strata: int) -> Optional[str]:
+    """Why sampling ``product`` would not pay on its device, by the device's cost model: under
+    ``p="auto"`` at the controller's lowest fraction (a product that could pay at some fraction is
+    left to the controller)."""
+    model = model_for(product.device, config.sketch)
+    if config.min_speedup == 0 or model is None:
+        return None
+    k = sample_size(product.s, LEVELS[-1] if config.adaptive else config.p, strata)
+    speedup = predicted_speedup(model, product.s, k, product.x, product.y, product.batch)
+    if speedup >= config.min_speedup:
+        return None
+    return (f"sampled, it would take {1 / speedup:.1f}x the exact GEMM's time on {product.device} "
+            f"(ubcompile.cost_model), below min_speedup={config.min_speedup:g}")
+
+
 def excluded(config: SamplingConfig, module: str, span: int) -> Optional[str]:
     """Why the user's policy keeps a product of ``module`` exact: ``filter``, or ``min_dim`` on
     ``span``, the sampled axis's length in rows of the (implicit) GEMM; ``None`` if it allows it."""
@@ -132,13 +162,14 @@ def excluded(config: SamplingConfig, module: str, span: int) -> Optional[str]:
 
 
 def decline(config: SamplingConfig, role: Role, module: str, n: int, strata: int = 1,
-            span: Optional[int] = None) -> Optional[str]:
+            span: Optional[int] = None, product: Optional[Product] = None) -> Optional[str]:
     """Why a gradient of ``role`` in ``module`` stays exact under ``config``, or ``None`` to sample it.
 
     ``n`` is the length of the axis to sample (drawn in ``strata`` equal blocks) and ``span`` its
     length in rows of the gradient's (implicit) GEMM, ``n`` unless one index spans several (a
     convolution's sample spans its positions), at their example values: a dynamic batch is judged
     by its compiled size. ``min_dim`` tests ``span`` alone: the other dims of the GEMM are not sampled.
+    ``product``, where given, is judged by the cost rule (``min_speedup``).
     """
     not_in_mode = f"grad={config.grad!r} keeps {role.value} exact" if (config.grad, role) not in RULES else None
     reason = _filtered(config, module) or not_in_mode or _too_small(config, n if span is None else span)
@@ -147,4 +178,4 @@ def decline(config: SamplingConfig, role: Role, module: str, n: int, strata: int
     if not config.adaptive and sample_size(n, config.p, strata) >= n:
         per_block = f" ({n // strata} in each of {strata} groups)" if strata > 1 else ""
         return f"p={config.p} keeps all {n} {config.axis}{per_block}"
-    return None
+    return _too_slow(config, product, strata) if product is not None else None
