@@ -17,7 +17,8 @@ configuration already there is skipped, so an interrupted sweep resumes where it
 learning rate its exact training survives, ``--grid wide-vcas`` VCAS on the GPT's runs there and on the
 ViT's ``wide-layer`` runs, ``--grid wide-vcas-matched`` VCAS at the ``tau`` that matches ``p="auto"``'s
 backward FLOPs on each, :data:`MATCHED_VCAS_TAU`), ``--grid vcas`` VCAS on the confirmation
-seeds (:func:`vcas_grid`, into ``vcas_runs.jsonl``), ``--grid layer-scale`` ``p="auto"``
+seeds (:func:`vcas_grid`, into ``vcas_runs.jsonl``; ``--grid vcas-matched`` at the ``tau`` that matches
+``p="auto"``'s backward FLOPs there, :data:`MATCHED_VCAS_TAU_CONFIRM`), ``--grid layer-scale`` ``p="auto"``
 with each layer's variance over its own gradient (:func:`layer_scale_grid`, into
 ``layer_scale_runs.jsonl``) and ``--grid memory`` the memory-saving activation sketch against the norm sketch (:func:`memory_grid`,
 into ``memory_runs.jsonl``), both at exact's epochs.
@@ -192,6 +193,19 @@ def vcas_grid(model: str) -> list[dict[str, Any]]:
     return [{"model": model, "seed": seed, "lr": lr, "vcas": True} for seed in CONFIRM_SEEDS[model][:BASELINE_SEEDS]]
 
 
+MATCHED_VCAS_TAU_CONFIRM = {"mlp": 0.017}
+"""Model: the ``tau`` at which VCAS's training steps spend about the backward FLOPs ``p="auto"``
+(``budget_scale="layer"``, :func:`layer_scale_grid`) spends on :func:`vcas_grid`'s runs, found on seed
+16 (2026-12-07; the runs in ``vcas_calibration_runs.jsonl``; docs/EXPERIMENTS.md). The MLP
+(``p="auto"``: 0.551 of exact's on seed 16, 0.553 over seeds 16-23): 0.515 at the default 0.025, 0.533
+at 0.02, 0.546 at 0.017 (taken), 0.542 at 0.016, 0.559 at 0.015 and 0.581 at 0.01."""
+
+
+def vcas_matched_grid(model: str) -> list[dict[str, Any]]:
+    """:func:`vcas_grid` at the model's :data:`MATCHED_VCAS_TAU_CONFIRM`."""
+    return [{**c, "vcas_tau": MATCHED_VCAS_TAU_CONFIRM[model]} for c in vcas_grid(model)]
+
+
 def layer_scale_grid(model: str) -> list[dict[str, Any]]:
     """``p="auto"`` at the default budget with ``budget_scale="layer"`` on the same seeds."""
     return [{**c, "budget_scale": "layer"} for c in confirm_grid(model, CONFIRM_SEEDS[model][:BASELINE_SEEDS])
@@ -218,6 +232,7 @@ GRIDS = {"main": (grid, "runs.jsonl", tuple(MODELS)), "auto": (auto_grid, "auto_
          "wide-vcas": (wide_vcas_grid, "wide_runs.jsonl", tuple(MATCHED_VCAS_TAU)),
          "wide-vcas-matched": (wide_vcas_matched_grid, "wide_runs.jsonl", tuple(MATCHED_VCAS_TAU)),
          "vcas": (vcas_grid, "vcas_runs.jsonl", tuple(CONFIRM_SEEDS)),
+         "vcas-matched": (vcas_matched_grid, "vcas_runs.jsonl", tuple(MATCHED_VCAS_TAU_CONFIRM)),
          "layer-scale": (layer_scale_grid, "layer_scale_runs.jsonl", tuple(CONFIRM_SEEDS))}
 """name: (the runs of one model, the records file, the models it covers)."""
 

@@ -171,6 +171,21 @@ def test_the_wide_vcas_grids_pair_each_model_with_its_p_auto_runs():
         "gpt", False, None, None, None, sweep.WIDE_STABLE_LR, 100, None, "vcas")
 
 
+def test_the_matched_vcas_grid_pairs_the_mlp_with_its_layer_scaled_runs():
+    """The MLP's VCAS runs at its matched ``tau``: the seeds and learning rate of ``vcas`` and ``layer-scale``,
+    into ``vcas_runs.jsonl`` beside VCAS's default runs, each with a key of its own."""
+    assert sweep.GRIDS["vcas-matched"][1:] == (sweep.GRIDS["vcas"][1], ("mlp",))
+    runs = sweep.GRIDS["vcas-matched"][0]("mlp")
+    default, auto = sweep.GRIDS["vcas"][0]("mlp"), sweep.GRIDS["layer-scale"][0]("mlp")
+    assert [(c["lr"], c["seed"]) for c in runs] == [(c["lr"], c["seed"]) for c in default] == [
+        (c["lr"], c["seed"]) for c in auto]
+    assert not {sweep.key(c) for c in runs} & {sweep.key(c) for c in default}
+    for c in runs:
+        args = sweep.parse(c)
+        assert (args.vcas, args.vcas_tau, args.width) == (True, sweep.MATCHED_VCAS_TAU_CONFIRM["mlp"], 1024)
+    assert sweep.key(runs[0]) == ("mlp", False, None, None, None, fashion_mlp.LR, 16, None, "vcas", 0.017)
+
+
 def test_auto_minus_each_vcas_run_of_the_same_seed():
     def runs(label, accs):
         return [{"label": label, "status": "ok", "final_acc": acc, "config": {"seed": seed}}
