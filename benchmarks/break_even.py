@@ -38,6 +38,7 @@ import bench
 import ubcompile  # noqa: F401  (registers torch.ops.ubcompile)
 from ubcompile.cost_model import CostModel, predicted_speedup
 from ubcompile.estimator_ops import CONTRACTED
+from ubcompile.sketches.conv import BATCH
 from ubcompile.sketches import keep_count
 
 
@@ -56,9 +57,29 @@ def shape(text: str) -> tuple[int, int]:
     return int(x), int(y or x)
 
 
+def medians_of(calls: dict[str, Callable[[], object]], rounds: int, device: torch.device) -> dict[str, float]:
+    """Median seconds of each call over ``rounds`` interleaved rounds, after two warm-up calls each
+    (which compile the op bodies)."""
+    for fn in calls.values():
+        fn(), fn()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            times[name].append(time_of(fn, device))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def record(medians: dict[str, float], sketches: list[str], s: int, k: int, x: int, y: int) -> dict[str, Any]:
+    """One shape's timings, with the sampled dim ``s`` (``k`` kept) and the other two, ``x`` and ``y``,
+    of the product's (implicit) GEMM: what :class:`CostModel` is fitted to."""
+    return {"s": s, "k": k, "x": x, "y": y, "exact_us": 1e6 * medians["exact"],
+            **{f"{name}_us": 1e6 * medians[name] for name in sketches},
+            **{f"{name}_ratio": medians[name] / medians["exact"] for name in sketches}}
+
+
 def measure(rows: int, width: tuple[int, int], p: float, sketches: list[str], rounds: int, device: torch.device,
             dtype: torch.dtype) -> dict[str, Any]:
-    """Median seconds of the exact product and of each sketch's sampled op, one shape."""
+    """The exact weight gradient ``G^T A`` against each sketch's ``sampled_gemm``, one shape."""
     x, y = width
     gen = torch.Generator(device=device).manual_seed(rows * x * y)
     g = torch.randn(rows, x, device=device, dtype=dtype, generator=gen)
@@ -68,16 +89,40 @@ def measure(rows: int, width: tuple[int, int], p: float, sketches: list[str], ro
     calls = {"exact": lambda: torch.mm(g.t(), a)}
     for sketch in sketches:
         calls[sketch] = (lambda s: lambda: torch.ops.ubcompile.sampled_gemm(g.t(), a, CONTRACTED, s, k, seed, 0, [], []))(sketch)
-    for fn in calls.values():  # compile the op bodies, warm the caches
-        fn(), fn()
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name, fn in calls.items():
-            times[name].append(time_of(fn, device))
-    medians = {name: statistics.median(t) for name, t in times.items()}
-    return {"rows": rows, "width": x if x == y else None, "x": x, "y": y, "k": k, "exact_us": 1e6 * medians["exact"],
-            **{f"{s}_us": 1e6 * medians[s] for s in sketches},
-            **{f"{s}_ratio": medians[s] / medians["exact"] for s in sketches}}
+    return {"rows": rows, "width": x if x == y else None,
+            **record(medians_of(calls, rounds, device), sketches, rows, k, x, y)}
+
+
+def conv_shape(text: str) -> tuple[int, ...]:
+    """``"B,C_in,C_out,HW,K[,STRIDE]"``: batch, channels, input height = width, kernel size, stride."""
+    parts = tuple(int(v) for v in text.split(","))
+    if len(parts) not in (5, 6):
+        raise argparse.ArgumentTypeError(f"expected B,C_in,C_out,HW,K[,STRIDE], got {text!r}")
+    return parts if len(parts) == 6 else (*parts, 1)
+
+
+def measure_conv(shape: tuple[int, ...], p: float, sketches: list[str], rounds: int, device: torch.device,
+                 dtype: torch.dtype) -> dict[str, Any]:
+    """A 2-D convolution's exact weight gradient (``convolution_backward``) against each sketch's
+    ``sampled_conv_backward`` on its batch (the default ``grad="weight"``), one shape; padding
+    ``K // 2``."""
+    batch, c_in, c_out, hw, kernel, stride = shape
+    gen = torch.Generator(device=device).manual_seed(batch * c_in * c_out * hw)
+    x = torch.randn(batch, c_in, hw, hw, device=device, dtype=dtype, generator=gen)
+    w = torch.randn(c_out, c_in, kernel, kernel, device=device, dtype=dtype, generator=gen)
+    geometry = ([stride] * 2, [kernel // 2 if stride == 1 else 0] * 2, [1, 1], False, [0, 0], 1)
+    out = torch.nn.functional.conv2d(x, w, stride=geometry[0], padding=geometry[1])
+    g = torch.randn(out.shape, device=device, dtype=dtype, generator=gen)
+    seed = torch.tensor(12345, device=device)
+    k = keep_count(batch, p)
+    calls = {"exact": lambda: torch.ops.aten.convolution_backward(g, x, w, None, *geometry, [False, True, False])}
+    for sketch in sketches:
+        calls[sketch] = (lambda s: lambda: torch.ops.ubcompile.sampled_conv_backward(
+            g, x, w, *geometry, BATCH, [False, True], s, k, 1, seed, 0))(sketch)
+    positions = out.shape[2] * out.shape[3]
+    return {"conv": ",".join(map(str, shape)),
+            **record(medians_of(calls, rounds, device), sketches, batch * positions, k * positions, c_out,
+                     c_in * kernel * kernel)}
 
 
 def break_even(results: list[dict[str, Any]], rows: int, sketch: str) -> Optional[int]:
@@ -95,11 +140,11 @@ def fit(results: list[dict[str, Any]], sketch: str) -> CostModel:
     """The :class:`CostModel` of ``sketch`` that fits ``results``: ``per_mac_us`` the median of the exact
     products' time per multiply-add; ``fixed_us`` and ``per_element_us`` the least-squares fit, in
     relative error, of each op's time less the kept share of the exact product's to
-    ``fixed + per_element * rows * (x + y)``."""
-    per_mac = statistics.median(r["exact_us"] / (r["rows"] * r["x"] * r["y"]) for r in results)
+    ``fixed + per_element * s * (x + y)``."""
+    per_mac = statistics.median(r["exact_us"] / (r["s"] * r["x"] * r["y"]) for r in results)
     weights = torch.tensor([1 / r[f"{sketch}_us"] for r in results], dtype=torch.float64)
-    design = torch.tensor([[1.0, r["rows"] * (r["x"] + r["y"])] for r in results], dtype=torch.float64)
-    overhead = torch.tensor([r[f"{sketch}_us"] - r["k"] / r["rows"] * r["exact_us"] for r in results],
+    design = torch.tensor([[1.0, r["s"] * (r["x"] + r["y"])] for r in results], dtype=torch.float64)
+    overhead = torch.tensor([r[f"{sketch}_us"] - r["k"] / r["s"] * r["exact_us"] for r in results],
                             dtype=torch.float64)
     coef = torch.linalg.lstsq(design * weights[:, None], (overhead * weights)[:, None]).solution[:, 0]
     return CostModel(fixed_us=round(coef[0].item(), 1), per_element_us=float(f"{coef[1].item():.3g}"),
@@ -117,29 +162,34 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     ap.add_argument("--p", type=float, default=0.25)
     ap.add_argument("--sketch", nargs="+", default=["norm", "uniform"], choices=["norm", "uniform"])
     ap.add_argument("--rounds", type=int, default=21)
+    ap.add_argument("--conv", type=conv_shape, nargs="+", metavar="B,C_in,C_out,HW,K[,STRIDE]",
+                    help="time these 2-D convolutions' weight gradients instead of GEMMs")
     ap.add_argument("--fit", action="store_true", help="fit and print each sketch's cost model")
     ap.add_argument("--json", help="write the machine, arguments and rows to this JSON file")
     args = ap.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    results = [measure(rows, width, args.p, args.sketch, args.rounds, device, dtype)
-               for rows in args.rows for width in args.widths]
+    if args.conv:
+        results = [measure_conv(shape, args.p, args.sketch, args.rounds, device, dtype) for shape in args.conv]
+    else:
+        results = [measure(rows, width, args.p, args.sketch, args.rounds, device, dtype)
+                   for rows in args.rows for width in args.widths]
     where = bench.machine(device, dtype)
     print(f"{where}, p={args.p}; medians of {args.rounds} interleaved rounds\n")
-    print("| rows | width | exact us | " + " | ".join(f"{s} us | {s} / exact" for s in args.sketch) + " |")
+    print("| shape | s x (x, y) | exact us | " + " | ".join(f"{s} us | {s} / exact" for s in args.sketch) + " |")
     print("|---" * (3 + 2 * len(args.sketch)) + "|")
     for r in results:
         cells = " | ".join(f"{r[f'{s}_us']:.0f} | {r[f'{s}_ratio']:.2f}" for s in args.sketch)
-        print(f"| {r['rows']} | {r['x']}x{r['y']} | {r['exact_us']:.0f} | {cells} |")
+        print(f"| {r.get('conv') or r['rows']} | {r['s']} x ({r['x']}, {r['y']}) | {r['exact_us']:.0f} | {cells} |")
     print()
-    for rows in args.rows:
+    for rows in [] if args.conv else args.rows:
         for s in args.sketch:
             width = break_even(results, rows, s)
             print(f"rows {rows}, {s}: " + (f"pays (ratio < 1) from width {width} on" if width else
                                             "does not pay at the widest width measured"))
     models = {s: fit(results, s) for s in args.sketch} if args.fit else {}
     for s, model in models.items():
-        predicted = " ".join(f"{r['rows']}x{r['x']}x{r['y']}: {r[f'{s}_ratio']:.2f}/"
-                             f"{1 / predicted_speedup(model, r['rows'], r['k'], r['x'], r['y']):.2f}" for r in results)
+        predicted = " ".join(f"{r['s']}x{r['x']}x{r['y']}: {r[f'{s}_ratio']:.2f}/"
+                             f"{1 / predicted_speedup(model, r['s'], r['k'], r['x'], r['y']):.2f}" for r in results)
         print(f"\n{s}: {model}\n  measured/modelled op / exact: {predicted}")
     if args.json:
         with open(args.json, "w") as f:

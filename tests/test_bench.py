@@ -84,7 +84,7 @@ def test_break_even_fit_recovers_a_known_cost_model():
 
     truth = CostModel(fixed_us=150.0, per_element_us=0.0004, per_mac_us=1e-05)
     shapes = [(rows, x, y) for rows in (256, 1024, 4096) for x, y in ((64, 64), (256, 256), (64, 256), (1024, 1024))]
-    results = [{"rows": r, "x": x, "y": y, "k": r // 4, "exact_us": truth.exact_us(r, x, y),
+    results = [{"s": r, "x": x, "y": y, "k": r // 4, "exact_us": truth.exact_us(r, x, y),
                 "norm_us": truth.sampled_us(r, r // 4, x, y)} for r, x, y in shapes]
     fitted = break_even.fit(results, "norm")
     assert fitted.fixed_us == pytest.approx(truth.fixed_us, rel=1e-3)

@@ -13,7 +13,7 @@ from conftest import loss_of, mlp
 
 pytestmark = pytest.mark.cost_rule
 
-CPU_NORM = MODELS["cpu"]["norm"]
+CPU_NORM = MODELS["cpu"]["gemm", "norm"]
 
 
 def test_sampling_pays_from_a_width_that_falls_as_the_rows_grow():
@@ -27,19 +27,19 @@ def test_sampling_pays_from_a_width_that_falls_as_the_rows_grow():
 
 
 def test_no_model_no_rule():
-    assert model_for("cuda", "norm") is None  # not measured yet
-    assert model_for("cpu", "lowrank") is None and model_for("cpu", "activation") is None
-    narrow = Product("cuda", s=256, x=8, y=8)
+    assert model_for("cuda", "gemm", "norm") is None  # not measured yet
+    assert model_for("cpu", "gemm", "lowrank") is None and model_for("cpu", "gemm", "activation") is None
+    narrow = Product("cuda", "gemm", s=256, x=8, y=8)
     assert decline(SamplingConfig(min_dim=16), Role.GRAD_WEIGHT, "0", 256, product=narrow) is None
 
 
 @pytest.mark.parametrize("min_speedup, sampled", [(1.0, False), (0.0, True)])
 def test_a_narrow_product_is_kept_exact_unless_the_rule_is_off(min_speedup, sampled):
-    narrow = Product("cpu", s=256, x=32, y=32)
+    narrow = Product("cpu", "gemm", s=256, x=32, y=32)
     config = SamplingConfig(min_dim=16, min_speedup=min_speedup)
     reason = decline(config, Role.GRAD_WEIGHT, "0", 256, product=narrow)
     assert (reason is None) == sampled
-    assert sampled or ("the exact GEMM's time on cpu" in reason and "min_speedup=1" in reason)
+    assert sampled or ("the exact gemm's time on cpu" in reason and "min_speedup=1" in reason)
 
 
 def report(width, rows=1024, **options):
@@ -53,6 +53,19 @@ def test_narrow_layers_stay_exact_and_wide_ones_are_sampled():
                                       if e.role == "grad_weight")
     assert {e.module for e in wide.sampled} == {"0", "2", "4"}
     assert "ubcompile.cost_model" in narrow.table()
+
+
+def test_a_patch_embedding_stays_exact_and_a_wide_convolution_is_sampled():
+    """Convolutions are judged as implicit GEMMs by their own fitted model."""
+    def conv_report(conv, x):
+        return ubcompile.explain(conv, x, loss_fn=loss_of, compiler="eager", min_dim=16)
+
+    torch.manual_seed(0)
+    patches = conv_report(torch.nn.Conv2d(1, 64, 7, stride=7), torch.randn(128, 1, 28, 28))
+    wide = conv_report(torch.nn.Conv2d(64, 64, 3, padding=1), torch.randn(32, 64, 28, 28))
+    (patch_weight,) = [e for e in patches.declined if e.role == "conv grad_weight"]
+    assert "the exact conv's time on cpu" in patch_weight.reason
+    assert [e.role for e in wide.sampled] == ["conv grad_weight"]
 
 
 def test_rows_count_too():

@@ -84,15 +84,15 @@ class SamplingConfig:
             convolution's sample one per output position. Under ``axis="features"`` a 10-way
             classifier head stays exact (its few kept features would not pay for the gathers); the
             dims not sampled do not count.
-        min_speedup: cost rule. A GEMM is sampled only if its device's cost model
-            (:mod:`ubcompile.cost_model`, fitted to ``benchmarks/break_even.py``'s timings) predicts
-            the sampled op at least this many times faster than the exact GEMM; under ``p="auto"``, at
-            the controller's lowest fraction. The default 1.0 keeps exact every product sampling
-            would slow down: on a CPU, one whose two unsampled dims are narrow (about 192 at 2048
-            rows) or that has few rows. ``0`` turns the rule off (sample every product the other
-            rules allow: to study the estimators at small sizes). No rule applies to convolutions,
-            to the projection sketches (judged by their FLOPs), to the activation sketch (which
-            saves memory, not time) or on a device type with no fitted
+        min_speedup: cost rule. A GEMM or convolution gradient is sampled only if its device's cost
+            model (:mod:`ubcompile.cost_model`, fitted to ``benchmarks/break_even.py``'s timings)
+            predicts the sampled op at least this many times faster than the exact one; under
+            ``p="auto"``, at the controller's lowest fraction. The default 1.0 keeps exact every
+            product sampling would slow down: on a CPU, a GEMM whose two unsampled dims are narrow
+            (about 192 at 2048 rows) or that has few rows, or a patch embedding. ``0`` turns the rule
+            off (sample every product the other rules allow: to study the estimators at small
+            sizes). No rule applies to the projection sketches (judged by their FLOPs), to the
+            activation sketch (which saves memory, not time) or on a device type with no fitted
             model (today: every type but ``"cpu"``; ``break_even.py --device cuda --fit`` fits one).
         compiler: one of :data:`COMPILERS`.
         filter: ``filter(module_path) -> bool`` chooses the layers to sample; a gradient of a layer

@@ -1,7 +1,9 @@
 """Whether a sampled GEMM runs faster than the exact one: a cost model per device, from measurement.
 
 A sampled product keeps ``k`` of the ``s`` entries of one dim of a GEMM whose other two dims are
-``x`` and ``y`` (``batch`` such products for a ``bmm``). Its exact time is one multiply-add rate
+``x`` and ``y`` (``batch`` such products for a ``bmm``; a convolution's gradient is an implicit GEMM,
+``s`` its batch samples' output positions, ``x`` its output channels, ``y`` its input channels times
+the kernel's size). Its exact time is one multiply-add rate
 times the work; the sampled op adds a fixed cost per call and a cost per operand element it reads
 along the sampled dim (the norms, the gathers), and keeps ``k / s`` of the work::
 
@@ -10,9 +12,9 @@ along the sampled dim (the norms, the gathers), and keeps ``k / s`` of the work:
 
 So sampling saves ``(1 - k/s) t_exact``, which grows as ``x y``, against costs that grow as ``x + y``
 plus a constant: a narrow product, or one over few rows, runs slower sampled than exact. The
-constants are fitted to ``benchmarks/break_even.py``'s timings of the op against ``mm`` (its
-``--fit`` prints them); a device type with no measured model has no rule (every product the other
-rules allow is sampled).
+constants are fitted, per op family (``sampled_gemm``, ``sampled_conv_backward``) and sketch, to
+``benchmarks/break_even.py``'s timings of the op against the exact one (its ``--fit`` prints them);
+a device type with no measured model has no rule (every product the other rules allow is sampled).
 """
 
 from __future__ import annotations
@@ -38,27 +40,32 @@ class CostModel:
         return self.fixed_us + self.per_element_us * batch * s * (x + y) + k / s * self.exact_us(s, x, y, batch)
 
 
-MODELS: dict[str, dict[str, CostModel]] = {
+MODELS: dict[str, dict[tuple[str, str], CostModel]] = {
     # Fitted 2026-12-07 on an Intel Xeon (2 cores), torch 2.13.0+cpu, float32, one thread:
     # python benchmarks/break_even.py --rows 256 512 1024 2048 4096 --widths 64 128 192 256 384 512 768 1024
     #   64x256 256x64 256x1024 1024x256 --fit (benchmarks/RESULTS.md). The norm sketch's model serves
     #   p="auto" too (the controller costs more per call: its decision is the optimistic one).
     "cpu": {
-        "norm": CostModel(fixed_us=161.5, per_element_us=0.000442, per_mac_us=9.77e-06),
-        "uniform": CostModel(fixed_us=119.3, per_element_us=0.00024, per_mac_us=9.77e-06),
+        ("gemm", "norm"): CostModel(fixed_us=161.5, per_element_us=0.000442, per_mac_us=9.77e-06),
+        ("gemm", "uniform"): CostModel(fixed_us=119.3, per_element_us=0.00024, per_mac_us=9.77e-06),
+        # python benchmarks/break_even.py --conv (12 convolutions: 7x7 patch embeddings, 3x3 at 16-512
+        #   channels) --fit: the decision (faster or not) is right on all 12; the ratio is off by up to 2x
+        #   on the patch embeddings, whose exact backward runs at half the median rate.
+        ("conv", "norm"): CostModel(fixed_us=476.6, per_element_us=7.51e-05, per_mac_us=1.22e-05),
+        ("conv", "uniform"): CostModel(fixed_us=338.1, per_element_us=4.65e-06, per_mac_us=1.22e-05),
     },
 }
-"""Device type (``torch.device.type``): sketch family: its fitted :class:`CostModel`."""
+"""Device type (``torch.device.type``): (op family, sketch family): its fitted :class:`CostModel`."""
 
 FAMILY = {"norm": "norm", "uniform": "uniform"}
 """Sketch: the family whose cost model it follows. Projections (``"lowrank"``, ``"gaussian"``) are
 judged by their FLOPs instead, and the activation sketch, which is there to save memory, not at all."""
 
 
-def model_for(device_type: str, sketch: str) -> Optional[CostModel]:
-    """The cost model of ``sketch`` on ``device_type``, or ``None`` where none was measured."""
-    family = FAMILY.get(sketch)
-    return MODELS.get(device_type, {}).get(family) if family is not None else None
+def model_for(device_type: str, op: str, sketch: str) -> Optional[CostModel]:
+    """The cost model of ``sketch`` in op family ``op`` (``"gemm"``, ``"conv"``) on ``device_type``, or
+    ``None`` where none was measured."""
+    return MODELS.get(device_type, {}).get((op, FAMILY.get(sketch)))
 
 
 def predicted_speedup(model: CostModel, s: int, k: int, x: int, y: int, batch: int = 1) -> float:

@@ -29,7 +29,7 @@ from ..sketches.axis import axis_sketch
 from ..estimator_ops import sampled_conv_backward, sketched_conv_backward
 from ..sketches.conv import BATCH, CHANNELS, SKETCHED_VJPS, ConvGeometry
 from .graph import FEATURES, ROWS, GradientFlow, Role, module_path, shape_of
-from .rules import AXIS_BY_NAME, SKETCH_TABLE, DrawKey, decline, sample_size
+from .rules import AXIS_BY_NAME, SKETCH_TABLE, DrawKey, Product, decline, sample_size
 
 aten = torch.ops.aten
 
@@ -73,13 +73,24 @@ def _sizes(site: ConvSite) -> tuple[int, int, int]:
     return size_hint(g[0]), size_hint(g[1]), positions
 
 
+def _gemm_sizes(site: ConvSite) -> tuple[int, int, int]:
+    """``(rows, channels of G, per_channel)`` of the implicit GEMMs: a row per batch sample and
+    position, and a weight slice's size (input channels times the kernel's size, per group)."""
+    batch, channels, positions = _sizes(site)
+    return batch * positions, channels, math.prod(size_hint(d) for d in shape_of(site.node.args[2])) // channels
+
+
 def conv_dims(site: ConvSite, output: int) -> tuple[int, int, int]:
     """``(M, K, N)`` of the implicit GEMM of gradient ``output`` (0: input, 1: weight)."""
-    batch, channels, positions = _sizes(site)
-    per_channel = math.prod(size_hint(d) for d in shape_of(site.node.args[2])) // channels
-    if output == 0:
-        return batch * positions, channels, per_channel
-    return channels, batch * positions, per_channel
+    rows, channels, per_channel = _gemm_sizes(site)
+    return (rows, channels, per_channel) if output == 0 else (channels, rows, per_channel)
+
+
+def conv_product(site: ConvSite, g_axis: int) -> Product:
+    """The implicit GEMM's sizes with ``g_axis`` of ``G`` sampled, for the cost rule."""
+    rows, channels, per_channel = _gemm_sizes(site)
+    s, x = (rows, channels) if g_axis == BATCH else (channels, rows)
+    return Product(site.cotangent.meta["val"].device.type, "conv", s, x, per_channel)
 
 
 def conv_flops(site: ConvSite, output: int) -> int:
@@ -208,7 +219,7 @@ def plan_conv(site: ConvSite, config: SamplingConfig) -> tuple[Optional[ConvRewr
     for output, role in enumerate(site.roles):
         if role is None:
             continue
-        reason = decline(config, role, module_path(site.node), n, strata, span)
+        reason = decline(config, role, module_path(site.node), n, strata, span, conv_product(site, g_axis))
         reason = reason or _linear_only(config) or _geometry_reason(site, g_axis, config.sketch)
         if reason is not None:
             reasons[output] = reason

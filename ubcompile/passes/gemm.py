@@ -63,7 +63,7 @@ class GemmSite:
         """The GEMM's sizes, with ``axis`` of G as the sampled dim, for the cost rule."""
         m, inner, n_out = gemm_dims(self.node)
         s, x, y = {None: (inner, m, n_out), 0: (m, inner, n_out), 1: (n_out, m, inner)}[self.out_dim(axis)]
-        return Product(self.node.meta["val"].device.type, s, x, y, gemm_batch(self.node))
+        return Product(self.node.meta["val"].device.type, "gemm", s, x, y, gemm_batch(self.node))
 
 
 def _swaps_last_two(node: torch.fx.Node) -> bool:

@@ -85,11 +85,12 @@ class Sampled(Protocol):
 
 
 class Product(NamedTuple):
-    """A GEMM's sizes as the cost rule sees them (:mod:`ubcompile.cost_model`): the sampled dim's
-    length ``s``, the other two dims ``x`` and ``y``, the number of products of a ``bmm``, and the
-    device type, at their example values."""
+    """A (implicit) GEMM's sizes as the cost rule sees them (:mod:`ubcompile.cost_model`): the device
+    type, the op family (``"gemm"``, ``"conv"``), the sampled dim's length ``s``, the other two dims
+    ``x`` and ``y``, and the number of products of a ``bmm``, at their example values."""
 
     device: str
+    op: str
     s: int
     x: int
     y: int
@@ -144,14 +145,14 @@ def _too_slow(config: SamplingConfig, product: Product, strata: int) -> Optional
     """Why sampling ``product`` would not pay on its device, by the device's cost model: under
     ``p="auto"`` at the controller's lowest fraction (a product that could pay at some fraction is
     left to the controller)."""
-    model = model_for(product.device, config.sketch)
+    model = model_for(product.device, product.op, config.sketch)
     if config.min_speedup == 0 or model is None:
         return None
     k = sample_size(product.s, LEVELS[-1] if config.adaptive else config.p, strata)
     speedup = predicted_speedup(model, product.s, k, product.x, product.y, product.batch)
     if speedup >= config.min_speedup:
         return None
-    return (f"sampled, it would take {1 / speedup:.1f}x the exact GEMM's time on {product.device} "
+    return (f"sampled, it would take {1 / speedup:.1f}x the exact {product.op}'s time on {product.device} "
             f"(ubcompile.cost_model), below min_speedup={config.min_speedup:g}")
 
 
