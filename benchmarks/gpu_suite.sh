@@ -6,7 +6,9 @@
 #    step run under torch.cuda.set_sync_debug_mode("error"); exact with and without
 #    mode="reduce-overhead" (ubcompile refuses reduce-overhead: README "Compile options").
 # 2. The benchmark suite on CUDA, bf16: step and backward time against exact, 5 rounds.
-# 3. One sampled weight-gradient product against exact by width (where sampling starts to pay).
+# 3. One sampled weight-gradient product, and one convolution's, against exact by size (where
+#    sampling starts to pay), each with the cost model fitted to it: the constants to enter in
+#    ubcompile/cost_model.py's MODELS["cuda"] (until then the cost rule keeps nothing exact on a GPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-benchmarks/results/gpu}
@@ -22,5 +24,9 @@ mkdir -p "$out"
 python benchmarks/bench.py --device cuda --dtype bfloat16 --rounds 5 \
   --variant "grad=weight,sketch=norm,p=0.25" --variant "grad=both,sketch=uniform,p=0.25" --variant "p=auto" \
   --csv "$out/gpu_suite.csv" --json "$out/gpu_suite.json" 2>&1 | tee "$out/bench.txt"
-python benchmarks/break_even.py --device cuda --dtype bfloat16 --rows 8192 32768 \
+python benchmarks/break_even.py --device cuda --dtype bfloat16 --rows 1024 4096 16384 65536 \
+  --widths 256 512 1024 2048 4096 768x3072 3072x768 --fit \
   --json "$out/break_even.json" 2>&1 | tee "$out/break_even.txt"
+python benchmarks/break_even.py --device cuda --dtype bfloat16 --fit \
+  --conv 128,3,64,224,7,2 64,64,64,56,3 64,128,128,28,3 64,256,256,14,3 64,512,512,7,3 256,64,64,28,3 \
+  --json "$out/break_even_conv.json" 2>&1 | tee "$out/break_even_conv.txt"

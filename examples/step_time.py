@@ -1,7 +1,7 @@
 """Training-step time of the sweep's models, exact against sampled, measured quietly in one process.
 
     python examples/step_time.py [--models mlp bagnet vit gpt] [--p 0.25] [--rounds 5] [--steps 20] [--configs p=auto]
-        [--wide] [--min-speedup 1]
+        [--wide] [--min-speedup 1] [--warmup 50]
 
 The sweep (``examples/sweep.py``) times every run while another run occupies the second core, so
 its step times carry that load's noise. This script compiles, per model, exact, the four
@@ -53,7 +53,7 @@ def make_step(model_name: str, config: dict[str, Any], size: Optional[str] = Non
 
 
 def measure(model_name: str, p: float, rounds: int, steps: int, only: Optional[list[str]] = None,
-            size: Optional[str] = None, min_speedup: float = 0.0) -> dict[str, Any]:
+            size: Optional[str] = None, min_speedup: float = 0.0, warmup: int = 0) -> dict[str, Any]:
     lr = sweep.importlib.import_module(sweep.MODELS[model_name][0]).LR
     configs = {"exact": {"exact": True}} | {f"{g}:{s} p={p:g}": {"grad": g, "sketch": s, "p": p}
                                            for g in sweep.GRADS for s in sweep.SKETCHES}
@@ -67,12 +67,15 @@ def measure(model_name: str, p: float, rounds: int, steps: int, only: Optional[l
     torch._dynamo.reset()
     fns = {name: make_step(model_name, {"lr": lr, "seed": 0, "min_speedup": min_speedup, **c}, size)
            for name, c in configs.items()}
+    for fn in fns.values():  # p="auto" measures every few calls early on, then every measure_every
+        for _ in range(warmup):
+            fn()
     medians: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             medians[name].append(statistics.median(fn() for _ in range(steps)))
     ratios = {name: sorted(m / e for m, e in zip(medians[name], medians["exact"])) for name in fns}
-    return {"model": model_name, "size": size, "p": p, "min_speedup": min_speedup, "median_step_s": medians, "ratio_to_exact": ratios}
+    return {"model": model_name, "size": size, "p": p, "min_speedup": min_speedup, "warmup": warmup, "median_step_s": medians, "ratio_to_exact": ratios}
 
 
 def main() -> None:
@@ -86,12 +89,17 @@ def main() -> None:
     ap.add_argument("--min-speedup", type=float, default=0.0,
                     help="the backend's cost rule for every sampled run: 0 (default) samples every product, "
                          "as the experiments do; 1 is the backend's default")
+    ap.add_argument("--warmup", type=int, default=0,
+                    help="untimed steps of every configuration before the rounds: p='auto' measures after "
+                         "calls 0, 5, 15, 35, 75, then every measure_every (50), so its first steps are not "
+                         "its typical ones")
     ap.add_argument("--wide", action="store_true", help="the realistic widths of sweep.WIDE (vit, gpt)")
     ap.add_argument("--out", default=str(sweep.ROOT / "docs" / "experiments"))
     args = ap.parse_args()
     torch.set_num_threads(1)
     size = "wide" if args.wide else None
-    results = [measure(m, args.p, args.rounds, args.steps, args.configs, size, args.min_speedup) for m in args.models]
+    results = [measure(m, args.p, args.rounds, args.steps, args.configs, size, args.min_speedup, args.warmup)
+               for m in args.models]
     rows = ["| model | run | step time vs exact, median (range) over rounds | exact step ms |", "|---|---|---|---|"]
     for r in results:
         exact_ms = statistics.median(r["median_step_s"]["exact"]) * 1e3

@@ -1,5 +1,7 @@
 """The cost rule (``min_speedup``): a product sampling would slow down stays exact, and says why."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -8,6 +10,7 @@ from ubcompile.config import SamplingConfig
 from ubcompile.cost_model import MODELS, CostModel, model_for, predicted_speedup
 from ubcompile.passes.graph import Role
 from ubcompile.passes.rules import Product, decline
+from ubcompile.testing import assert_unbiased
 
 from conftest import loss_of, mlp
 
@@ -101,3 +104,14 @@ def test_model_parts_add_up():
     assert model.exact_us(10, 20, 30) == pytest.approx(60.0)
     assert model.sampled_us(10, 5, 20, 30) == pytest.approx(100 + 0.5 * 10 * 50 + 30.0)
     assert model.sampled_us(10, 5, 20, 30, batch=2) - model.fixed_us == pytest.approx(2 * (250 + 30.0))
+
+
+def test_assert_unbiased_warns_when_nothing_was_sampled():
+    """A test of unbiasedness on a model the cost rule keeps exact would pass vacuously."""
+    model, x = mlp(16, 32, 4), torch.randn(64, 16)
+    with pytest.warns(UserWarning, match="sampled no gradient product"):
+        assert_unbiased(model, loss_of, x, draws=3, backend=ubcompile.backend(compiler="eager"))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*sampled no gradient product")
+        assert_unbiased(model, loss_of, x, draws=3, backend=ubcompile.backend(compiler="eager", min_dim=16,
+                                                                          min_speedup=0))

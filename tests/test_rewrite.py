@@ -149,9 +149,18 @@ def test_uuid_covers_every_option():
         return JointSamplingPass(SamplingConfig(**options), lambda r: None, seed_input=0).uuid()
 
     variants = [uuid(), uuid(p=0.5), uuid(p="auto"), uuid(grad="both"), uuid(seed=1), uuid(min_dim=8),
-                uuid(compiler="eager"), uuid(filter=lambda path: True)]
+                uuid(min_speedup=2), uuid(compiler="eager"), uuid(filter=lambda path: True)]
     assert len(set(variants)) == len(variants)
     assert uuid() == uuid()
+
+
+def test_uuid_covers_the_cost_models(monkeypatch):
+    """A device's fitted model entered at run time changes what the pass keeps exact, so its key."""
+    from ubcompile import cost_model
+
+    before = JointSamplingPass(SamplingConfig(), lambda r: None, seed_input=0).uuid()
+    monkeypatch.setitem(cost_model.MODELS, "cuda", {("gemm", "norm"): cost_model.CostModel(100.0, 1e-6, 1e-9)})
+    assert JointSamplingPass(SamplingConfig(), lambda r: None, seed_input=0).uuid() != before
 
 
 def test_norm_sketch_draws_with_probabilities_from_the_gemm():

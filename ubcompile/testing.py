@@ -16,6 +16,7 @@ import difflib
 import math
 import os
 import pathlib
+import warnings
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -155,6 +156,11 @@ def assert_unbiased(model: torch.nn.Module, loss_fn: Callable[[Any], Tensor], *i
     for _ in range(draws):
         for accumulator, grad in zip(accumulators, torch.autograd.grad(loss_fn(compiled(*inputs)), params)):
             accumulator.add(grad)
+    report = getattr(backend, "report", None)
+    if callable(report) and not report().sampled:
+        warnings.warn("assert_unbiased: the backend sampled no gradient product, so this test says nothing about "
+                      "its estimators; backend.report() gives each product's reason (on a small model on a CPU, "
+                      "usually the cost rule: pass min_speedup=0 to sample it anyway)", stacklevel=2)
     results = {name: accumulator.result(alpha) for (name, _), accumulator in zip(named, accumulators)}
     biased = [f"gradient of {name} looks biased: {result}" for name, result in results.items() if not result.passed]
     if biased:

@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 import torch.fx
 
+from .. import cost_model
 from .._torch_private import CustomGraphPass
 from ..config import SamplingConfig
 from ..report import GemmEntry, GraphReport
@@ -73,8 +74,9 @@ class JointSamplingPass(CustomGraphPass):
 
     def uuid(self) -> str:
         # The graph is a pure function of its inputs (the seed and handle among them): nothing
-        # process-local enters its key.
-        return f"ubcompile-{self.config!r}-{self.parameters}-{_source_hash()}"
+        # process-local enters its key. The cost models decide as the options do (a user may enter
+        # a device's fitted model in the table at run time).
+        return f"ubcompile-{self.config!r}-{self.parameters}-{cost_model.MODELS!r}-{_source_hash()}"
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         start = time.perf_counter()
