@@ -36,6 +36,7 @@ import torch
 
 import bench
 import ubcompile  # noqa: F401  (registers torch.ops.ubcompile)
+from ubcompile.auto import BASES_EVERY, AutoController
 from ubcompile.cost_model import CostModel, predicted_speedup
 from ubcompile.estimator_ops import CONTRACTED
 from ubcompile.sketches.conv import BATCH
@@ -93,6 +94,37 @@ def measure(rows: int, width: tuple[int, int], p: float, sketches: list[str], ro
             **record(medians_of(calls, rounds, device), sketches, rows, k, x, y)}
 
 
+def measure_auto(rows: int, width: tuple[int, int], p: float, rounds: int, device: torch.device,
+                 dtype: torch.dtype) -> dict[str, Any]:
+    """The exact weight gradient against ``p="auto"``'s controlled call held at keep fraction ``p``, on
+    the norm sketch (``auto_norm``) and, where the site offers it, the residual sketch
+    (``auto_residual``), neither measuring; each timed call is :data:`BASES_EVERY` calls (the residual
+    sketch tracks its bases once in that many), divided by them."""
+    x, y = width
+    gen = torch.Generator(device=device).manual_seed(rows * x * y)
+    g = torch.randn(rows, x, device=device, dtype=dtype, generator=gen)
+    a = torch.randn(rows, y, device=device, dtype=dtype, generator=gen)
+    seed = torch.tensor(12345, device=device)
+    calls = {"exact": lambda: [torch.mm(g.t(), a) for _ in range(BASES_EVERY)]}
+    for sketch in ("norm", "residual"):
+        controller = AutoController(budget=0.1, measure_every=10 ** 9)  # one each: an allocation re-chooses every site
+        key = controller.register(sketch, (x, rows, y))
+        site = controller.sites[key]
+        held = [i for i, o in enumerate(site.options) if o.sketch == sketch and o.p == p]
+        if not held:
+            continue
+        controller.contraction(g.t(), a, key, seed, 0)  # the first call measures
+        controller.collect(wait=True)
+        site.set_option(held[0])
+        site.next_measure = 10 ** 12
+        calls[f"auto_{sketch}"] = (lambda controller, key: lambda: [controller.contraction(g.t(), a, key, seed, 0)
+                                                                    for _ in range(BASES_EVERY)])(controller, key)
+    medians = {name: t / BASES_EVERY for name, t in medians_of(calls, rounds, device).items()}
+    names = [name for name in calls if name != "exact"]
+    return {"rows": rows, "width": x if x == y else None,
+            **record(medians, names, rows, keep_count(rows, p), x, y)}
+
+
 def conv_shape(text: str) -> tuple[int, ...]:
     """``"B,C_in,C_out,HW,K[,STRIDE]"``: batch, channels, input height = width, kernel size, stride."""
     parts = tuple(int(v) for v in text.split(","))
@@ -127,7 +159,8 @@ def measure_conv(shape: tuple[int, ...], p: float, sketches: list[str], rounds: 
 
 def break_even(results: list[dict[str, Any]], rows: int, sketch: str) -> Optional[int]:
     """The narrowest width from which on every measured width's ratio is below 1 (``None``: none)."""
-    widths = sorted((r["width"], r[f"{sketch}_ratio"]) for r in results if r["rows"] == rows and r["width"])
+    widths = sorted((r["width"], r[f"{sketch}_ratio"]) for r in results
+                    if r["rows"] == rows and r["width"] and f"{sketch}_ratio" in r)
     paying = None
     for width, ratio in reversed(widths):
         if ratio >= 1:
@@ -164,32 +197,40 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     ap.add_argument("--rounds", type=int, default=21)
     ap.add_argument("--conv", type=conv_shape, nargs="+", metavar="B,C_in,C_out,HW,K[,STRIDE]",
                     help="time these 2-D convolutions' weight gradients instead of GEMMs")
+    ap.add_argument("--auto", action="store_true",
+                    help="time p='auto''s controlled call held at --p (norm and residual sketch) instead of the op")
     ap.add_argument("--fit", action="store_true", help="fit and print each sketch's cost model")
     ap.add_argument("--json", help="write the machine, arguments and rows to this JSON file")
     args = ap.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if args.conv:
         results = [measure_conv(shape, args.p, args.sketch, args.rounds, device, dtype) for shape in args.conv]
+    elif args.auto:
+        results = [measure_auto(rows, width, args.p, args.rounds, device, dtype)
+                   for rows in args.rows for width in args.widths]
     else:
         results = [measure(rows, width, args.p, args.sketch, args.rounds, device, dtype)
                    for rows in args.rows for width in args.widths]
+    sketches = ["auto_norm", "auto_residual"] if args.auto else args.sketch
     where = bench.machine(device, dtype)
     print(f"{where}, p={args.p}; medians of {args.rounds} interleaved rounds\n")
-    print("| shape | s x (x, y) | exact us | " + " | ".join(f"{s} us | {s} / exact" for s in args.sketch) + " |")
-    print("|---" * (3 + 2 * len(args.sketch)) + "|")
+    print("| shape | s x (x, y) | exact us | " + " | ".join(f"{s} us | {s} / exact" for s in sketches) + " |")
+    print("|---" * (3 + 2 * len(sketches)) + "|")
     for r in results:
-        cells = " | ".join(f"{r[f'{s}_us']:.0f} | {r[f'{s}_ratio']:.2f}" for s in args.sketch)
+        cells = " | ".join(f"{r[f'{s}_us']:.0f} | {r[f'{s}_ratio']:.2f}" if f"{s}_us" in r else "- | -"
+                           for s in sketches)
         print(f"| {r.get('conv') or r['rows']} | {r['s']} x ({r['x']}, {r['y']}) | {r['exact_us']:.0f} | {cells} |")
     print()
     for rows in [] if args.conv else args.rows:
-        for s in args.sketch:
+        for s in sketches:
             width = break_even(results, rows, s)
             print(f"rows {rows}, {s}: " + (f"pays (ratio < 1) from width {width} on" if width else
                                             "does not pay at the widest width measured"))
-    models = {s: fit(results, s) for s in args.sketch} if args.fit else {}
+    timed = {s: [r for r in results if f"{s}_us" in r] for s in sketches}
+    models = {s: fit(timed[s], s) for s in sketches if timed[s]} if args.fit else {}
     for s, model in models.items():
         predicted = " ".join(f"{r['s']}x{r['x']}x{r['y']}: {r[f'{s}_ratio']:.2f}/"
-                             f"{1 / predicted_speedup(model, r['s'], r['k'], r['x'], r['y']):.2f}" for r in results)
+                             f"{1 / predicted_speedup(model, r['s'], r['k'], r['x'], r['y']):.2f}" for r in timed[s])
         print(f"\n{s}: {model}\n  measured/modelled op / exact: {predicted}")
     if args.json:
         with open(args.json, "w") as f:

@@ -161,9 +161,10 @@ def label(args: argparse.Namespace) -> str:
         return "exact"
     if args.vcas:
         return "vcas" if args.vcas_tau == vcas.VCASConfig.act_tau else f"vcas tau={args.vcas_tau:g}"
+    rule = f" min_speedup={args.min_speedup:g}" if args.min_speedup else ""  # no rule in every earlier record
     if args.p == "auto":
-        return auto_label(args.budget, args.budget_scale)
-    return f"{args.grad}:{args.sketch} p={args.p:g}"
+        return auto_label(args.budget, args.budget_scale) + rule
+    return f"{args.grad}:{args.sketch} p={args.p:g}" + rule
 
 
 def make_backend(args: argparse.Namespace) -> Any:

@@ -16,7 +16,8 @@ configuration already there is skipped, so an interrupted sweep resumes where it
 (:data:`WIDE`, :func:`wide_grid`, into ``wide_runs.jsonl``; ``--grid wide-stable`` the GPT at a
 learning rate its exact training survives, ``--grid wide-vcas`` VCAS on the GPT's runs there and on the
 ViT's ``wide-layer`` runs, ``--grid wide-vcas-matched`` VCAS at the ``tau`` that matches ``p="auto"``'s
-backward FLOPs on each, :data:`MATCHED_VCAS_TAU`), ``--grid vcas`` VCAS on the confirmation
+backward FLOPs on each, :data:`MATCHED_VCAS_TAU`; ``--grid wide-timed`` ``p="auto"`` there with the
+cost rule on, :func:`wide_timed_grid`), ``--grid vcas`` VCAS on the confirmation
 seeds (:func:`vcas_grid`, into ``vcas_runs.jsonl``; ``--grid vcas-matched`` at the ``tau`` that matches
 ``p="auto"``'s backward FLOPs there, :data:`MATCHED_VCAS_TAU_CONFIRM`), ``--grid layer-scale`` ``p="auto"``
 with each layer's variance over its own gradient (:func:`layer_scale_grid`, into
@@ -181,6 +182,14 @@ def wide_vcas_matched_grid(model: str) -> list[dict[str, Any]]:
     return wide_vcas_grid(model, MATCHED_VCAS_TAU[model])
 
 
+def wide_timed_grid(model: str) -> list[dict[str, Any]]:
+    """``p="auto"`` with the cost rule on (``min_speedup=1``): the controller offers only the options
+    its device's fitted cost models predict faster than exact, priced in time (on this CPU at width
+    256: the norm sketch alone), on the width-256 runs' model, learning rate (:func:`wide_vcas_lr`)
+    and seeds, to pair with their exact runs."""
+    return [{**c, "lr": wide_vcas_lr(model), "min_speedup": 1.0} for c in wide_layer_grid(model) if not c.get("exact")]
+
+
 BASELINE_SEEDS = 8
 """Runs per model of the VCAS and layer-scaled grids: the first seeds of :data:`CONFIRM_SEEDS`, whose
 exact and ``p="auto"`` runs are in ``auto_confirm_runs.jsonl`` to pair with."""
@@ -231,6 +240,7 @@ GRIDS = {"main": (grid, "runs.jsonl", tuple(MODELS)), "auto": (auto_grid, "auto_
          "wide-stable": (wide_stable_grid, "wide_runs.jsonl", WIDE_STABLE_MODELS),
          "wide-vcas": (wide_vcas_grid, "wide_runs.jsonl", tuple(MATCHED_VCAS_TAU)),
          "wide-vcas-matched": (wide_vcas_matched_grid, "wide_runs.jsonl", tuple(MATCHED_VCAS_TAU)),
+         "wide-timed": (wide_timed_grid, "wide_runs.jsonl", tuple(WIDE)),
          "vcas": (vcas_grid, "vcas_runs.jsonl", tuple(CONFIRM_SEEDS)),
          "vcas-matched": (vcas_matched_grid, "vcas_runs.jsonl", tuple(MATCHED_VCAS_TAU_CONFIRM)),
          "layer-scale": (layer_scale_grid, "layer_scale_runs.jsonl", tuple(CONFIRM_SEEDS))}
@@ -250,7 +260,8 @@ def key(config: dict[str, Any]) -> tuple:
     return (config["model"], exact, None if fixed else config["p"], None if fixed else config["grad"],
             None if fixed else config["sketch"], round(config["lr"], 10), config["seed"],
             config.get("budget") if auto else None) + ((scale,) if auto and scale != RECORDED_SCALE
-                                                       else ()) + (vcas_key(config) if vcas else ())
+                                                       else ()) + (vcas_key(config) if vcas else ()) + (
+        ("min_speedup", config["min_speedup"]) if config.get("min_speedup") else ())
 
 
 def vcas_key(config: dict[str, Any]) -> tuple:

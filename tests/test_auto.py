@@ -110,6 +110,35 @@ def test_site_offers_the_residual_sketch_only_where_it_can_pay():
     assert all(o.sketch == "norm" for o in tokens + narrow)
 
 
+def test_options_are_priced_in_time_where_the_device_has_fitted_models(monkeypatch):
+    """With the controlled call's cost models (:mod:`ubcompile.cost_model`), an option predicted
+    slower than exact is never offered and the allocation weighs microseconds saved; without them
+    (no device, or none fitted) the options and their FLOPs are as before."""
+    from ubcompile import cost_model
+    from ubcompile.auto import AutoSite
+    from ubcompile.auto.policy import option_times
+
+    shape = (1024, 256, 1024)
+    by_flops = site_options(shape)
+    assert site_options(shape, "cpu") == by_flops  # conftest: no fitted models
+    slow_residual = {("auto", "norm"): cost_model.CostModel(100.0, 1e-4, 1e-5),
+                     ("auto", "residual"): cost_model.CostModel(100.0, 1e-1, 1e-5)}
+    monkeypatch.setitem(cost_model.MODELS, "cpu", slow_residual)
+    timed = site_options(shape, "cpu")
+    assert [o for o in by_flops if o.sketch == "norm"] == list(timed)  # every norm level saves time here
+    site = AutoSite("m", shape, device="cpu")
+    exact, times = option_times(site.options, shape, "cpu")
+    assert site.savings == tuple(exact - t for t in times) and site.savings[0] == 0
+    assert list(site.savings) == sorted(site.savings)  # fewer rows kept, more time saved
+    flops_site = AutoSite("m", shape)
+    assert flops_site.savings == tuple(flops_site.costs[0] - c for c in flops_site.costs)
+    too_slow = {key: cost_model.CostModel(1e9, 0.0, 1e-5) for key in slow_residual}
+    monkeypatch.setitem(cost_model.MODELS, "cpu", too_slow)
+    assert [o.label for o in site_options(shape, "cpu")] == ["exact"]
+    assert site_options(shape, "cpu", min_speedup=0) == by_flops  # the rule off: FLOPs, every option
+    assert AutoSite("m", shape, device="cpu", min_speedup=0).savings == flops_site.savings
+
+
 def _seed(gen):
     """A call's 0-d seed, as the backend's stream gives one."""
     return torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64, generator=gen)

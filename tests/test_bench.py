@@ -77,6 +77,17 @@ def test_break_even_runs_and_finds_the_narrowest_paying_width(tmp_path):
     assert break_even.break_even(given[:1], 2048, "norm") is None
 
 
+def test_break_even_times_the_controlled_call_and_the_convolution():
+    """``--auto`` and ``--conv`` at toy sizes: one record per shape, a time for each sketch timed."""
+    import break_even
+
+    (auto,) = break_even.main(["--auto", "--rows", "64", "--widths", "32", "--rounds", "1"])
+    assert auto["s"] == 64 and auto["k"] == 16 and auto["auto_norm_us"] > 0
+    (conv,) = break_even.main(["--conv", "8,4,4,8,3", "--rounds", "1"])
+    assert (conv["s"], conv["k"], conv["x"], conv["y"]) == (8 * 64, 2 * 64, 4, 36)
+    assert conv["norm_us"] > 0 and conv["uniform_us"] > 0
+
+
 def test_break_even_fit_recovers_a_known_cost_model():
     """Timings made by a known :class:`CostModel` (with a rectangular shape) give it back."""
     import break_even

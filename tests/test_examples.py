@@ -186,6 +186,22 @@ def test_the_matched_vcas_grid_pairs_the_mlp_with_its_layer_scaled_runs():
     assert sweep.key(runs[0]) == ("mlp", False, None, None, None, fashion_mlp.LR, 16, None, "vcas", 0.017)
 
 
+def test_the_timed_grid_pairs_each_wide_model_with_its_exact_runs_under_a_key_and_label_of_its_own():
+    """``wide-timed``: ``p="auto"`` with the cost rule on, at the learning rates and seeds of the wide
+    runs it is compared with; its key and label name ``min_speedup`` (every earlier record ran without
+    the rule and names none)."""
+    for model in sweep.WIDE:
+        runs = sweep.GRIDS["wide-timed"][0](model)
+        earlier = [c for c in sweep.GRIDS["wide-vcas"][0](model)]
+        assert [(c["lr"], c["seed"]) for c in runs] == [(c["lr"], c["seed"]) for c in earlier]
+        untimed = [{k: v for k, v in c.items() if k != "min_speedup"} for c in runs]
+        assert not {sweep.key(c) for c in runs} & {sweep.key(c) for c in untimed}
+        args = sweep.parse(runs[0])
+        assert (args.p, args.min_speedup) == ("auto", 1.0)
+        assert experiment.label(args) == "auto budget=0.1 layer min_speedup=1"
+        assert experiment.label(sweep.parse(untimed[0])) == "auto budget=0.1 layer"
+
+
 def test_auto_minus_each_vcas_run_of_the_same_seed():
     def runs(label, accs):
         return [{"label": label, "status": "ok", "final_acc": acc, "config": {"seed": seed}}

@@ -42,7 +42,8 @@ class Backend:
 
     def __init__(self, config: SamplingConfig) -> None:
         self.config = config
-        auto = AutoController(config.budget, config.measure_every, config.budget_scale) if config.adaptive else None
+        auto = AutoController(config.budget, config.measure_every, config.budget_scale,
+                              config.min_speedup) if config.adaptive else None
         self.sampler = Sampler(config.seed, auto)
         self.graphs: list[GraphReport] = []
         self._warned: set[Any] = set()

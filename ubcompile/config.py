@@ -87,7 +87,9 @@ class SamplingConfig:
         min_speedup: cost rule. A GEMM or convolution gradient is sampled only if its device's cost
             model (:mod:`ubcompile.cost_model`, fitted to ``benchmarks/break_even.py``'s timings)
             predicts the sampled op at least this many times faster than the exact one; under
-            ``p="auto"``, at the controller's lowest fraction. The default 1.0 keeps exact every
+            ``p="auto"``, at the controller's lowest fraction, and the controller then offers each
+            site only the options predicted that much faster, priced in time
+            (:func:`ubcompile.auto.policy.site_options`; with ``0``, every option, priced in FLOPs). The default 1.0 keeps exact every
             product sampling would slow down: on a CPU, a GEMM whose two unsampled dims are narrow
             (about 192 at 2048 rows) or that has few rows, or a patch embedding. ``0`` turns the rule
             off (sample every product the other rules allow: to study the estimators at small

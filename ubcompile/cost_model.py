@@ -53,13 +53,19 @@ MODELS: dict[str, dict[tuple[str, str], CostModel]] = {
         #   on the patch embeddings, whose exact backward runs at half the median rate.
         ("conv", "norm"): CostModel(fixed_us=476.6, per_element_us=7.51e-05, per_mac_us=1.22e-05),
         ("conv", "uniform"): CostModel(fixed_us=338.1, per_element_us=4.65e-06, per_mac_us=1.22e-05),
+        # python benchmarks/break_even.py --auto --rows 256 512 1024 2048 4096 --widths 128 256 512 1024
+        #   256x768 768x256 256x1024 1024x256 --fit: p="auto"'s controlled call, not measuring, held at
+        #   p = 0.25 on the norm sketch (its fast path) and on the residual sketch (rank-8 part, tracked bases).
+        ("auto", "norm"): CostModel(fixed_us=230.5, per_element_us=0.000372, per_mac_us=9.43e-06),
+        ("auto", "residual"): CostModel(fixed_us=454.9, per_element_us=0.00163, per_mac_us=9.43e-06),
     },
 }
 """Device type (``torch.device.type``): (op family, sketch family): its fitted :class:`CostModel`."""
 
-FAMILY = {"norm": "norm", "uniform": "uniform"}
-"""Sketch: the family whose cost model it follows. Projections (``"lowrank"``, ``"gaussian"``) are
-judged by their FLOPs instead, and the activation sketch, which is there to save memory, not at all."""
+FAMILY = {"norm": "norm", "uniform": "uniform", "residual": "residual"}
+"""Sketch: the family whose cost model it follows (``"residual"``: ``p="auto"``'s residual sketch).
+Projections (``"lowrank"``, ``"gaussian"``) are judged by their FLOPs instead, and the activation
+sketch, which is there to save memory, not at all."""
 
 
 def model_for(device_type: str, op: str, sketch: str) -> Optional[CostModel]:

@@ -51,7 +51,7 @@ def auto_contraction(x: Tensor, y: Tensor, seed: Tensor, handle: Tensor, module:
     stream = stream_of_handle(handle)
     if stream.auto is None:
         raise RuntimeError(f"ubcompile stream {stream.id} has no p='auto' controller")
-    key = stream.auto.register(module, (x.shape[0], x.shape[1], y.shape[1]), stream.domain, ordinal)
+    key = stream.auto.register(module, (x.shape[0], x.shape[1], y.shape[1]), stream.domain, ordinal, x.device.type)
     return stream.auto.contraction(x, y, key, seed, index, samples)
 
 

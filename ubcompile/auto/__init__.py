@@ -18,9 +18,12 @@ costlier per kept row, much less noisy where the batch's rows lie near a low-dim
   (:func:`allocate`) so that their added variances sum to at most ``budget`` times the sum of their
   SGD variances, each variance over its layer's ``||T||^2`` (``budget_scale="layer"``, the
   default: an optimizer that normalises each parameter's update, as Adam does, sees each layer's
-  noise relative to its own gradient) or as it is (``"global"``), with the most FLOPs saved (each option's FLOPs counted in full, bases included):
-  noise goes where it buys the most FLOPs, and a layer whose sampling is noisy for little saving
-  stays exact. (The paper's trade-off is in the total variance: SGD needs about
+  noise relative to its own gradient) or as it is (``"global"``), with the most saved: time, by the
+  device's fitted cost models of the controlled call where there are some and ``min_speedup > 0``
+  (:mod:`ubcompile.cost_model`; an option they predict less than ``min_speedup`` times faster than
+  exact is never offered), else FLOPs (each option's counted in
+  full, bases included): noise goes where it buys the most, and a layer whose sampling is noisy
+  for little saving stays exact. (The paper's trade-off is in the total variance: SGD needs about
   ``1 + sum V_sketch / sum V_sgd`` times the steps.) The uniform sketch is never an option: at the
   same ``k`` the norm sketch's variance is never above it.
 * **sample** (other calls): the chosen option, dense GEMMs of inner size ``k`` (``2 r + k``).

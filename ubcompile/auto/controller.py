@@ -16,7 +16,7 @@ from ..sketches.control import sample_norms_flops, sample_sq_norms, sgd_variance
 from ..sketches.residual import basis_flops, coordinate_flops, tracking_flops
 from .execution import (controlled_product, measurement, norm_sketched_call, residual_bases, residual_coordinates,
                         term_norms, tracked_residual_bases)
-from .policy import BASES_EVERY, LEVELS, RESIDUAL_RANK, Option, allocate, site_options
+from .policy import BASES_EVERY, LEVELS, RESIDUAL_RANK, Option, allocate, option_times, site_options
 from .table import controller_table
 
 SPIKE = 4.0
@@ -54,15 +54,21 @@ class AutoSite:
     are contracted.
 
     ``shape`` and ``group`` are those of its last call (a recompiled graph may change them);
-    ``domain`` is the compiled model it belongs to: each domain has a budget of its own."""
+    ``domain`` is the compiled model it belongs to: each domain has a budget of its own. ``device``
+    (a device type) picks the fitted cost models that price its options in time and offer only
+    those at least ``min_speedup`` times faster than exact (:func:`~.policy.site_options`); without
+    them, with ``None`` or with ``min_speedup = 0``, they are priced in FLOPs."""
 
     module: str
     shape: tuple[int, int, int]
     domain: int = 0
+    device: Optional[str] = None
+    min_speedup: float = 1.0
     group: int = 1  # rows per sample (tokens per sequence); 1 for a plain batch
     options: tuple[Option, ...] = dataclasses.field(init=False)
     costs: tuple[float, ...] = dataclasses.field(init=False)  # GEMM FLOPs of a call with each option, bases amortised
     call_costs: tuple[float, ...] = dataclasses.field(init=False)  # the same without the bases (counted when made)
+    savings: tuple[float, ...] = dataclasses.field(init=False)  # what each option saves: microseconds, else FLOPs
     bases: Optional[tuple[Tensor, Tensor]] = dataclasses.field(default=None, repr=False)  # the residual sketch's u, v
     bases_made: int = 0  # the call that made them
     _counts: Optional[tuple] = dataclasses.field(default=None, init=False, repr=False)  # see keep_counts
@@ -82,13 +88,15 @@ class AutoSite:
     spent_flops: float = 0.0
 
     def __post_init__(self) -> None:
-        self.options = site_options(self.shape)
+        self.options = site_options(self.shape, self.device, self.min_speedup)
         self._price(self.shape)
         self.uses = [0] * len(self.options)
 
     def _price(self, shape: tuple[int, int, int]) -> None:
         self.costs = tuple(o.flops(*shape) for o in self.options)
         self.call_costs = tuple(o.flops(*shape, bases=0) for o in self.options)
+        times = option_times(self.options, shape, self.device) if self.min_speedup > 0 else None
+        self.savings = tuple(times[0] - t for t in times[1]) if times else tuple(self.costs[0] - c for c in self.costs)
 
     @property
     def has_residual(self) -> bool:
@@ -142,9 +150,10 @@ class AutoSite:
 class AutoController:
     """The per-site state of ``p="auto"`` for one backend; see the module docstring."""
 
-    def __init__(self, budget: float, measure_every: int, budget_scale: str = "layer") -> None:
+    def __init__(self, budget: float, measure_every: int, budget_scale: str = "layer", min_speedup: float = 1.0) -> None:
         self.budget = budget
         self.budget_scale = budget_scale
+        self.min_speedup = min_speedup
         self.measure_every = measure_every
         self.sites: list[AutoSite] = []
         self._keys: dict[SiteId, int] = {}
@@ -152,15 +161,17 @@ class AutoController:
         self.readback = Readback()  # the device statistics on their way to the host
         self._unread: set[int] = set()  # sites that posted statistics since the last collect
 
-    def register(self, module: str, shape: tuple[int, int, int], domain: int = 0, ordinal: int = 0) -> int:
+    def register(self, module: str, shape: tuple[int, int, int], domain: int = 0, ordinal: int = 0,
+                 device: Optional[str] = None) -> int:
         """The key of the site ``(domain, module, ordinal)`` (see :data:`SiteId`): the existing
-        one (a recompiled graph has the same products), else a new one, of ``shape``. The compiled
-        op registers at its call, so a graph served by a compile cache finds its sites too."""
+        one (a recompiled graph has the same products), else a new one, of ``shape``, on a device
+        of type ``device``. The compiled op registers at its call, so a graph served by a compile
+        cache finds its sites too."""
         identity = (domain, module, ordinal)
         key = self._keys.get(identity)
         if key is None:
             key = self._keys[identity] = len(self.sites)
-            self.sites.append(AutoSite(module, shape, domain))
+            self.sites.append(AutoSite(module, shape, domain, device, self.min_speedup))
         return key
 
     def live(self, site: AutoSite) -> bool:
@@ -293,7 +304,7 @@ class AutoController:
         units = [self._unit(m) for m in last]
         allowance = self.budget * sum(u * max(0.0, m.sgd_variance) for u, m in zip(units, last))
         allowed = [[i for i, o in enumerate(s.options) if o.level <= s.ceiling] for s in measured]
-        points = [[(s.costs[0] - s.costs[i], u * m.variances[i]) for i in keep]
+        points = [[(s.savings[i], u * m.variances[i]) for i in keep]
                   for s, m, u, keep in zip(measured, last, units, allowed)]
         for site, keep, choice in zip(measured, allowed, allocate(points, allowance)):
             site.set_option(keep[choice])

@@ -6,6 +6,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from typing import Optional
+
+from ..cost_model import model_for
 from ..sketches import keep_count
 from ..sketches.residual import basis_flops, residual_flops, tracking_flops
 
@@ -54,7 +57,7 @@ class Option:
         return residual_flops(m, n, big_n, RESIDUAL_RANK, k) - made + tracking_flops(m, n, big_n, RESIDUAL_RANK) * bases
 
 
-def site_options(shape: tuple[int, int, int]) -> tuple[Option, ...]:
+def flop_options(shape: tuple[int, int, int]) -> tuple[Option, ...]:
     """Exact, the norm sketch at every level, and the residual sketch at the levels where it costs
     less than exact, if its cheapest level costs less than the mildest norm sketch (half the rows)
     with its bases made fresh at every refresh, as a measurement makes them: elsewhere (few
@@ -69,6 +72,34 @@ def site_options(shape: tuple[int, int, int]) -> tuple[Option, ...]:
     if residual[-1].flops(*shape) + fresh >= options[1].flops(*shape):
         return tuple(options)
     return tuple(options + [o for o in residual if o.flops(*shape) < options[0].flops(*shape)])
+
+
+def option_times(options: tuple[Option, ...], shape: tuple[int, int, int],
+                 device: Optional[str]) -> Optional[tuple[float, tuple[float, ...]]]:
+    """The exact product's time and each option's call's, in microseconds, on ``device`` (a device
+    type), by the fitted cost models of the controlled call (:mod:`ubcompile.cost_model`, family
+    ``"auto"``); ``None`` without a device or where a model is missing."""
+    models = {sketch: model_for(device, "auto", sketch) for sketch in {o.sketch for o in options}}
+    if device is None or None in models.values():
+        return None
+    m, n, big_n = shape
+    exact = models["norm"].exact_us(n, m, big_n)
+    return exact, tuple(exact if o.level == 0 else models[o.sketch].sampled_us(n, min(n, keep_count(n, o.p)), m, big_n)
+                        for o in options)
+
+
+def site_options(shape: tuple[int, int, int], device: Optional[str] = None,
+                 min_speedup: float = 1.0) -> tuple[Option, ...]:
+    """The options of a site (:func:`flop_options`), less those its device's fitted cost models
+    (:func:`option_times`) predict less than ``min_speedup`` times faster than the exact product
+    (the cost rule; ``min_speedup = 0`` keeps them all): on a CPU at width 256 the residual
+    sketch's extra passes over the operands cost more time than its FLOPs save."""
+    options = flop_options(shape)
+    times = option_times(options, shape, device) if min_speedup > 0 else None
+    if times is None:
+        return options
+    exact, each = times
+    return tuple(o for o, t in zip(options, each) if o.level == 0 or exact >= min_speedup * t)
 
 
 def lower_hull(points: list[tuple[float, float]]) -> list[int]:

@@ -143,9 +143,11 @@ def _too_small(config: SamplingConfig, span: int) -> Optional[str]:
 
 def _too_slow(config: SamplingConfig, product: Product, strata: int) -> Optional[str]:
     """Why sampling ``product`` would not pay on its device, by the device's cost model: under
-    ``p="auto"`` at the controller's lowest fraction (a product that could pay at some fraction is
-    left to the controller)."""
-    model = model_for(product.device, product.op, config.sketch)
+    ``p="auto"`` the controlled call's, at the controller's lowest fraction (a product that could
+    pay at some fraction is left to the controller, which offers only the options that pay:
+    :func:`ubcompile.auto.policy.site_options`)."""
+    controlled = config.adaptive and product.op == "gemm"
+    model = model_for(product.device, "auto" if controlled else product.op, config.sketch)
     if config.min_speedup == 0 or model is None:
         return None
     k = sample_size(product.s, LEVELS[-1] if config.adaptive else config.p, strata)
