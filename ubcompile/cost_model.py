@@ -3,8 +3,7 @@
 A sampled product keeps ``k`` of the ``s`` entries of one dim of a GEMM whose other two dims are
 ``x`` and ``y`` (``batch`` such products for a ``bmm``; a convolution's gradient is an implicit GEMM,
 ``s`` its batch samples' output positions, ``x`` its output channels, ``y`` its input channels times
-the kernel's size). Its exact time is one multiply-add rate
-times the work; the sampled op adds a fixed cost per call and a cost per operand element it reads
+the kernel's size). Its exact time is one multiply-add rate times the work; the sampled op adds a fixed cost per call and a cost per operand element it reads
 along the sampled dim (the norms, the gathers), and keeps ``k / s`` of the work::
 
     t_exact   = per_mac * batch * s * x * y
@@ -12,9 +11,10 @@ along the sampled dim (the norms, the gathers), and keeps ``k / s`` of the work:
 
 So sampling saves ``(1 - k/s) t_exact``, which grows as ``x y``, against costs that grow as ``x + y``
 plus a constant: a narrow product, or one over few rows, runs slower sampled than exact. The
-constants are fitted, per op family (``sampled_gemm``, ``sampled_conv_backward``) and sketch, to
-``benchmarks/break_even.py``'s timings of the op against the exact one (its ``--fit`` prints them);
-a device type with no measured model has no rule (every product the other rules allow is sampled).
+constants are fitted, per op family (``sampled_gemm``, ``sampled_conv_backward``, and ``p="auto"``'s
+controlled call, ``"auto"``) and sketch, to ``benchmarks/break_even.py``'s timings of the op against
+the exact one (its ``--fit`` prints them); a device type with no measured model has no rule (every
+product the other rules allow is sampled, and ``p="auto"`` prices its options in FLOPs).
 """
 
 from __future__ import annotations
