@@ -21,7 +21,7 @@ cost rule on, :func:`wide_timed_grid`), ``--grid vcas`` VCAS on the confirmation
 seeds (:func:`vcas_grid`, into ``vcas_runs.jsonl``; ``--grid vcas-matched`` at the ``tau`` that matches
 ``p="auto"``'s backward FLOPs there, :data:`MATCHED_VCAS_TAU_CONFIRM`), ``--grid layer-scale`` ``p="auto"``
 with each layer's variance over its own gradient (:func:`layer_scale_grid`, into
-``layer_scale_runs.jsonl``) and ``--grid memory`` the memory-saving activation sketch against the norm sketch (:func:`memory_grid`,
+``layer_scale_runs.jsonl``; ``--grid timed`` the same on the MLP with the cost rule on, :func:`timed_grid`) and ``--grid memory`` the memory-saving activation sketch against the norm sketch (:func:`memory_grid`,
 into ``memory_runs.jsonl``), both at exact's epochs.
 
 Runs go to ``--workers`` processes of one thread each, so every run is timed under the same load
@@ -221,6 +221,12 @@ def layer_scale_grid(model: str) -> list[dict[str, Any]]:
             if not c.get("exact")]
 
 
+def timed_grid(model: str) -> list[dict[str, Any]]:
+    """:func:`layer_scale_grid` with the cost rule on (``min_speedup=1``, as :func:`wide_timed_grid`),
+    into the same records (its key names the rule)."""
+    return [{**c, "min_speedup": 1.0} for c in layer_scale_grid(model)]
+
+
 MEMORY_P = 0.25
 
 
@@ -243,7 +249,8 @@ GRIDS = {"main": (grid, "runs.jsonl", tuple(MODELS)), "auto": (auto_grid, "auto_
          "wide-timed": (wide_timed_grid, "wide_runs.jsonl", tuple(WIDE)),
          "vcas": (vcas_grid, "vcas_runs.jsonl", tuple(CONFIRM_SEEDS)),
          "vcas-matched": (vcas_matched_grid, "vcas_runs.jsonl", tuple(MATCHED_VCAS_TAU_CONFIRM)),
-         "layer-scale": (layer_scale_grid, "layer_scale_runs.jsonl", tuple(CONFIRM_SEEDS))}
+         "layer-scale": (layer_scale_grid, "layer_scale_runs.jsonl", tuple(CONFIRM_SEEDS)),
+         "timed": (timed_grid, "layer_scale_runs.jsonl", ("mlp",))}
 """name: (the runs of one model, the records file, the models it covers)."""
 
 

@@ -186,10 +186,10 @@ def test_the_matched_vcas_grid_pairs_the_mlp_with_its_layer_scaled_runs():
     assert sweep.key(runs[0]) == ("mlp", False, None, None, None, fashion_mlp.LR, 16, None, "vcas", 0.017)
 
 
-def test_the_timed_grid_pairs_each_wide_model_with_its_exact_runs_under_a_key_and_label_of_its_own():
-    """``wide-timed``: ``p="auto"`` with the cost rule on, at the learning rates and seeds of the wide
-    runs it is compared with; its key and label name ``min_speedup`` (every earlier record ran without
-    the rule and names none)."""
+def test_the_timed_grids_pair_each_model_with_its_earlier_runs_under_a_key_and_label_of_their_own():
+    """``wide-timed`` and ``timed``: ``p="auto"`` with the cost rule on, at the learning rates and seeds
+    of the runs it is compared with; its key and label name ``min_speedup`` (every earlier record ran
+    without the rule and names none)."""
     for model in sweep.WIDE:
         runs = sweep.GRIDS["wide-timed"][0](model)
         earlier = [c for c in sweep.GRIDS["wide-vcas"][0](model)]
@@ -200,6 +200,10 @@ def test_the_timed_grid_pairs_each_wide_model_with_its_exact_runs_under_a_key_an
         assert (args.p, args.min_speedup) == ("auto", 1.0)
         assert experiment.label(args) == "auto budget=0.1 layer min_speedup=1"
         assert experiment.label(sweep.parse(untimed[0])) == "auto budget=0.1 layer"
+    timed, layer = sweep.GRIDS["timed"][0]("mlp"), sweep.GRIDS["layer-scale"][0]("mlp")
+    assert sweep.GRIDS["timed"][1] == sweep.GRIDS["layer-scale"][1]
+    assert [(c["lr"], c["seed"]) for c in timed] == [(c["lr"], c["seed"]) for c in layer]
+    assert not {sweep.key(c) for c in timed} & {sweep.key(c) for c in layer}
 
 
 def test_auto_minus_each_vcas_run_of_the_same_seed():
