@@ -308,12 +308,15 @@ def warm_size(size: Size) -> Size:
 
 def warm_bodies(name: str, size: Size, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:
     """One step of every sampled variant on :func:`warm_size`, each with a backend of its own: the
-    ops' bodies are compiled, and no benchmarked backend's report sees the graphs."""
+    ops' bodies are compiled, and no benchmarked backend's report sees the graphs. The cost rule
+    is off there (``min_speedup=0``): it would keep the small size's products exact, and compile
+    no body."""
     small = warm_size(size)
     model = MODELS[name].build(small).to(device=device, dtype=dtype)
     x = torch.randn(MODELS[name].input_shape(small), device=device, dtype=dtype)
     for options in variant_options(args):
-        loss_of(torch.compile(copy.deepcopy(model), backend=make_backend(options, args.compiler))(x)).backward()
+        backend = make_backend({**options, "min_speedup": 0}, args.compiler)
+        loss_of(torch.compile(copy.deepcopy(model), backend=backend)(x)).backward()
 
 
 def run_model(name: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype
