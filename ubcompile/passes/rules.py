@@ -20,7 +20,7 @@ import torch
 import torch.fx
 from torch import Tensor
 
-from ..auto import LEVELS
+from ..auto import site_options
 from ..config import SamplingConfig
 from ..cost_model import model_for, predicted_speedup
 from ..sketches import keep_count
@@ -142,15 +142,20 @@ def _too_small(config: SamplingConfig, span: int) -> Optional[str]:
 
 
 def _too_slow(config: SamplingConfig, product: Product, strata: int) -> Optional[str]:
-    """Why sampling ``product`` would not pay on its device, by the device's cost model: under
-    ``p="auto"`` the controlled call's, at the controller's lowest fraction (a product that could
-    pay at some fraction is left to the controller, which offers only the options that pay:
-    :func:`ubcompile.auto.policy.site_options`)."""
-    controlled = config.adaptive and product.op == "gemm"
-    model = model_for(product.device, "auto" if controlled else product.op, config.sketch)
-    if config.min_speedup == 0 or model is None:
+    """Why sampling ``product`` would not pay on its device, by the device's cost model. Under
+    ``p="auto"`` a GEMM is left to the controller if it has any option besides exact
+    (:func:`ubcompile.auto.policy.site_options`, which offers only those predicted to pay)."""
+    if config.min_speedup == 0:
         return None
-    k = sample_size(product.s, LEVELS[-1] if config.adaptive else config.p, strata)
+    if config.adaptive and product.op == "gemm":
+        if len(site_options((product.x, product.s, product.y), product.device, config.min_speedup)) > 1:
+            return None
+        return (f"no fraction of p='auto' is predicted {config.min_speedup:g}x faster than the exact gemm on "
+                f"{product.device} (ubcompile.cost_model)")
+    model = model_for(product.device, product.op, config.sketch)
+    if model is None:
+        return None
+    k = sample_size(product.s, config.p, strata)
     speedup = predicted_speedup(model, product.s, k, product.x, product.y, product.batch)
     if speedup >= config.min_speedup:
         return None
