@@ -39,7 +39,7 @@ import ubcompile  # noqa: F401  (registers torch.ops.ubcompile)
 from ubcompile.auto import BASES_EVERY, AutoController
 from ubcompile.cost_model import CostModel, predicted_speedup
 from ubcompile.estimator_ops import CONTRACTED
-from ubcompile.sketches.conv import BATCH
+from ubcompile.sketches.conv import BATCH, ConvGeometry
 from ubcompile.sketches import keep_count
 
 
@@ -94,6 +94,25 @@ def measure(rows: int, width: tuple[int, int], p: float, sketches: list[str], ro
             **record(medians_of(calls, rounds, device), sketches, rows, k, x, y)}
 
 
+def held_call(register: Callable[[AutoController], int], call: Callable[[AutoController, int], object],
+              sketch: str, p: float) -> Optional[Callable[[], object]]:
+    """A call of the one site of a fresh controller, held at ``sketch`` keeping ``p`` and never
+    measuring after its first call (which measures); ``None`` where the site does not offer it.
+    ``register`` registers the site and returns its key, ``call`` calls it (one controller per
+    site: an allocation re-chooses every site)."""
+    controller = AutoController(budget=0.1, measure_every=10 ** 9)
+    key = register(controller)
+    site = controller.sites[key]
+    held = [i for i, o in enumerate(site.options) if o.sketch == sketch and o.p == p]
+    if not held:
+        return None
+    call(controller, key)
+    controller.collect(wait=True)
+    site.set_option(held[0])
+    site.next_measure = 10 ** 12
+    return lambda: call(controller, key)
+
+
 def measure_auto(rows: int, width: tuple[int, int], p: float, rounds: int, device: torch.device,
                  dtype: torch.dtype) -> dict[str, Any]:
     """The exact weight gradient against ``p="auto"``'s controlled call held at keep fraction ``p``, on
@@ -107,18 +126,10 @@ def measure_auto(rows: int, width: tuple[int, int], p: float, rounds: int, devic
     seed = torch.tensor(12345, device=device)
     calls = {"exact": lambda: [torch.mm(g.t(), a) for _ in range(BASES_EVERY)]}
     for sketch in ("norm", "residual"):
-        controller = AutoController(budget=0.1, measure_every=10 ** 9)  # one each: an allocation re-chooses every site
-        key = controller.register(sketch, (x, rows, y))
-        site = controller.sites[key]
-        held = [i for i, o in enumerate(site.options) if o.sketch == sketch and o.p == p]
-        if not held:
-            continue
-        controller.contraction(g.t(), a, key, seed, 0)  # the first call measures
-        controller.collect(wait=True)
-        site.set_option(held[0])
-        site.next_measure = 10 ** 12
-        calls[f"auto_{sketch}"] = (lambda controller, key: lambda: [controller.contraction(g.t(), a, key, seed, 0)
-                                                                    for _ in range(BASES_EVERY)])(controller, key)
+        held = held_call(lambda c: c.register(sketch, (x, rows, y)),
+                         lambda c, key: c.contraction(g.t(), a, key, seed, 0), sketch, p)
+        if held is not None:
+            calls[f"auto_{sketch}"] = (lambda held: lambda: [held() for _ in range(BASES_EVERY)])(held)
     medians = {name: t / BASES_EVERY for name, t in medians_of(calls, rounds, device).items()}
     names = [name for name in calls if name != "exact"]
     return {"rows": rows, "width": x if x == y else None,
@@ -134,10 +145,11 @@ def conv_shape(text: str) -> tuple[int, ...]:
 
 
 def measure_conv(shape: tuple[int, ...], p: float, sketches: list[str], rounds: int, device: torch.device,
-                 dtype: torch.dtype) -> dict[str, Any]:
+                 dtype: torch.dtype, auto: bool = False) -> dict[str, Any]:
     """A 2-D convolution's exact weight gradient (``convolution_backward``) against each sketch's
-    ``sampled_conv_backward`` on its batch (the default ``grad="weight"``), one shape; padding
-    ``K // 2``."""
+    ``sampled_conv_backward`` on its batch (the default ``grad="weight"``), or with ``auto``
+    ``p="auto"``'s controlled call held at ``p`` (:func:`held_call`), one shape; padding
+    ``K // 2`` (none when strided)."""
     batch, c_in, c_out, hw, kernel, stride = shape
     gen = torch.Generator(device=device).manual_seed(batch * c_in * c_out * hw)
     x = torch.randn(batch, c_in, hw, hw, device=device, dtype=dtype, generator=gen)
@@ -148,10 +160,15 @@ def measure_conv(shape: tuple[int, ...], p: float, sketches: list[str], rounds: 
     seed = torch.tensor(12345, device=device)
     k = keep_count(batch, p)
     calls = {"exact": lambda: torch.ops.aten.convolution_backward(g, x, w, None, *geometry, [False, True, False])}
-    for sketch in sketches:
+    positions = out.shape[2] * out.shape[3]
+    if auto:
+        calls["auto_norm"] = held_call(
+            lambda c: c.register("conv", (c_out, batch, positions * c_in * kernel * kernel), family="conv", span=positions),
+            lambda c, key: c.conv_weight(g, x, w, ConvGeometry.of(*geometry), key, seed, 0), "norm", p)
+    for sketch in [] if auto else sketches:
         calls[sketch] = (lambda s: lambda: torch.ops.ubcompile.sampled_conv_backward(
             g, x, w, *geometry, BATCH, [False, True], s, k, 1, seed, 0))(sketch)
-    positions = out.shape[2] * out.shape[3]
+    sketches = ["auto_norm"] if auto else sketches
     return {"conv": ",".join(map(str, shape)),
             **record(medians_of(calls, rounds, device), sketches, batch * positions, k * positions, c_out,
                      c_in * kernel * kernel)}
@@ -198,13 +215,14 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     ap.add_argument("--conv", type=conv_shape, nargs="+", metavar="B,C_in,C_out,HW,K[,STRIDE]",
                     help="time these 2-D convolutions' weight gradients instead of GEMMs")
     ap.add_argument("--auto", action="store_true",
-                    help="time p='auto''s controlled call held at --p (norm and residual sketch) instead of the op")
+                    help="time p='auto''s controlled call held at --p (norm and residual sketch; with --conv, "
+                         "the norm sketch on the batch) instead of the op")
     ap.add_argument("--fit", action="store_true", help="fit and print each sketch's cost model")
     ap.add_argument("--json", help="write the machine, arguments and rows to this JSON file")
     args = ap.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if args.conv:
-        results = [measure_conv(shape, args.p, args.sketch, args.rounds, device, dtype) for shape in args.conv]
+        results = [measure_conv(shape, args.p, args.sketch, args.rounds, device, dtype, args.auto) for shape in args.conv]
     elif args.auto:
         results = [measure_auto(rows, width, args.p, args.rounds, device, dtype)
                    for rows in args.rows for width in args.widths]

@@ -9,12 +9,14 @@ For ``--grid auto`` (``python examples/sweep.py --grid auto``) it writes under `
   exact, the training time to exact's mean final accuracy minus 0.5 point relative to exact's
   (means over the runs that reach it, with their count);
 * ``auto_fractions.png``: per model (seed 0, default budget), the keep fraction of each controlled
-  layer over training, and test accuracy against backward FLOPs for exact and every budget.
+  layer over training, and test accuracy against backward FLOPs and against training time for
+  exact and every budget.
 
 For ``--grid auto-confirm`` (the default budget on fresh seeds): ``auto-confirm.md``, the same
 table; ``--grid wide`` (the realistic widths): ``wide.md`` and ``wide_fractions.png``, with the ViT's VCAS runs
 (``--grid wide-vcas`` and ``wide-vcas-matched``); ``--grid wide-stable``: ``wide-stable.md``, the wide GPT at
-``sweep.WIDE_STABLE_LR`` with its VCAS runs; both add ``p="auto"`` minus each VCAS run of the same seed; ``--grid vcas``
+``sweep.WIDE_STABLE_LR`` with its VCAS runs; ``--grid wide-conv``: ``wide-conv.md`` and
+``wide-conv_fractions.png``, the 64-channel BagNet; ``wide`` and ``wide-stable`` add ``p="auto"`` minus each VCAS run of the same seed; ``--grid vcas``
 and ``--grid layer-scale``: ``vcas.md`` and ``layer-scale.md``, with the exact and ``p="auto"`` runs of
 ``auto-confirm`` on the same seeds. For ``--grid memory`` (``python examples/sweep.py --grid memory``): ``memory.md``, the same
 table for the norm and activation sketches at ``p = 0.25``.
@@ -144,7 +146,7 @@ def model_table(model: str, records: list[Record], labels: list[str], timed: boo
 
 def plot(records_by_model: dict[str, list[Record]], path: pathlib.Path) -> None:
     models = list(records_by_model)
-    fig, axes = plt.subplots(2, len(models), figsize=(6 * len(models), 8), squeeze=False)
+    fig, axes = plt.subplots(3, len(models), figsize=(6 * len(models), 12), squeeze=False)
     for col, model in enumerate(models):
         groups = by_label(records_by_model[model], exact_lr(model))
         run = default_run(groups)
@@ -161,13 +163,14 @@ def plot(records_by_model: dict[str, list[Record]], path: pathlib.Path) -> None:
                      "o: a change to a residual-sketch option",
                xlabel="training step", ylabel="keep fraction p", yscale="log")
         ax.legend(fontsize=7)
-        ax = axes[1][col]
-        for label in auto_labels(records_by_model[model]):
-            for r in groups.get(label, [])[:1]:
-                ax.plot([pt["bwd_gflop"] for pt in r["curve"]], [pt["acc"] for pt in r["curve"]],
-                        "k-" if label == "exact" else "-", label=label)
-        ax.set(title=f"{model}: test accuracy (each run's first seed)", xlabel="backward GEMM GFLOP", ylabel="test accuracy %")
-        ax.legend(fontsize=8)
+        for row, (x, xlabel) in enumerate([("bwd_gflop", "backward GEMM GFLOP"), ("time_s", "training time (s)")], 1):
+            ax = axes[row][col]
+            for label in auto_labels(records_by_model[model]):
+                for r in groups.get(label, [])[:1]:
+                    ax.plot([pt[x] for pt in r["curve"]], [pt["acc"] for pt in r["curve"]],
+                            "k-" if label == "exact" else "-", label=label)
+            ax.set(title=f"{model}: test accuracy (each run's first seed)", xlabel=xlabel, ylabel="test accuracy %")
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -186,7 +189,8 @@ def with_pairs(records: dict[str, list[Record]], path: pathlib.Path) -> dict[str
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--grid", choices=["auto", "auto-confirm", "memory", "wide", "wide-stable", "vcas", "layer-scale"],
+    ap.add_argument("--grid", choices=["auto", "auto-confirm", "memory", "wide", "wide-stable", "wide-conv", "vcas",
+                                       "layer-scale"],
                     default="auto")
     ap.add_argument("--out", type=pathlib.Path, default=sweep.ROOT / "docs" / "experiments")
     args = ap.parse_args()
@@ -194,7 +198,7 @@ def main() -> None:
     records = records_by_model(args.out / filename, models)
     if args.grid in PAIRED:
         records = with_pairs(records, args.out / sweep.GRIDS[PAIRED[args.grid]][1])
-    if args.grid in ("auto", "wide"):
+    if args.grid in ("auto", "wide", "wide-conv"):
         plot(records, args.out / f"{args.grid}_fractions.png")
     lr = sweep.WIDE_STABLE_LR if args.grid == "wide-stable" else None  # its VCAS runs (wide-vcas, -matched) too
     tables = [model_table(m, runs, memory_labels() if args.grid == "memory" else auto_labels(runs),

@@ -93,7 +93,7 @@ def main() -> None:
                     help="untimed steps of every configuration before the rounds: p='auto' measures after "
                          "calls 0, 5, 15, 35, 75, then every measure_every (50), so its first steps are not "
                          "its typical ones")
-    ap.add_argument("--wide", action="store_true", help="the realistic widths of sweep.WIDE (vit, gpt)")
+    ap.add_argument("--wide", action="store_true", help="the realistic widths of sweep.WIDE (vit, gpt, bagnet)")
     ap.add_argument("--out", default=str(sweep.ROOT / "docs" / "experiments"))
     args = ap.parse_args()
     torch.set_num_threads(1)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import ubcompile
 from ubcompile.auto import BASES_EVERY, LEVELS, AutoController, allocate, lower_hull, site_options
-from ubcompile.sketches.control import sample_sq_norms, sgd_variance, sketch_variances
+from ubcompile.sketches.control import sample_sq_norms, sgd_variance, sketch_variance_vector, sketch_variances
 from ubcompile.sketches.norm import water_fill
 from ubcompile.sketches.residual import tracked_bases
 from ubcompile.testing import assert_unbiased, critical_z
@@ -40,6 +40,19 @@ def test_sketch_variances_are_the_poisson_formula_and_zero_when_all_kept(zeros):
         weight = torch.where(pi > 0, 1 / pi - 1, 0.0)
         assert v == pytest.approx(float((weight * a.double() ** 2).sum()), rel=1e-9, abs=1e-300)
     assert got[1] <= got[3] <= got[2]
+
+
+def test_sketch_variances_weigh_the_terms_norms_where_the_draw_has_other_weights():
+    """Drawn from bounds ``a_j`` on the terms (a convolution's samples), the variance is
+    ``sum_j (1 / pi_j - 1) ||t_j||^2`` with ``pi`` from ``a``: neither formula of one alone."""
+    gen = torch.Generator().manual_seed(2)
+    norms = torch.rand(20, generator=gen, dtype=torch.float64)
+    bounds = norms * (1 + 3 * torch.rand(20, generator=gen, dtype=torch.float64))
+    got = sketch_variance_vector(bounds, torch.tensor([5, 20]), norms).tolist()
+    pi = water_fill(bounds, 5)
+    assert got == [pytest.approx(float(((1 / pi - 1) * norms.square()).sum()), rel=1e-9), 0.0]
+    assert got[0] != pytest.approx(sketch_variances(bounds, [5])[0], rel=1e-3)
+    assert got[0] != pytest.approx(sketch_variances(norms, [5])[0], rel=1e-3)
 
 
 def _minibatch_variance_z(biased: bool) -> float:
@@ -225,17 +238,23 @@ def test_a_gradient_spike_falls_back_towards_exact():
     assert site.ceiling == before - 1 and site.current.level <= before - 1
 
 
+def input_grads_agree(model: nn.Module, x: torch.Tensor, backend) -> bool:
+    """Whether one backward of ``model`` compiled with ``backend`` gives the input exact Inductor's gradient."""
+    grads = []
+    for compiler in (backend, "inductor"):
+        inputs = x.clone().requires_grad_()
+        torch.compile(model, backend=compiler)(inputs).square().sum().backward()
+        grads.append(inputs.grad)
+    return torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+
+
 def test_auto_backend_hands_weight_gradients_to_the_controlled_op():
     """Weight gradients go to the controller; the propagated ones (layers 2 and 4: layer 0's is not
     needed) stay the graph's exact products, and the input's gradient is exact Inductor's."""
     torch.manual_seed(0)
     model, x = mlp(32, 128, 128, 4), torch.randn(96, 32)
     backend = ubcompile.backend(p="auto", min_dim=16)
-    grads = []
-    for compiler in (backend, "inductor"):
-        inputs = x.clone().requires_grad_()
-        torch.compile(model, backend=compiler)(inputs).square().sum().backward()
-        grads.append(inputs.grad)
+    exact_input_grad = input_grads_agree(model, x, backend)
     report = backend.report()
     assert sorted((e.module, e.role) for e in report.entries if e.adaptive) == [
         ("0", "grad_weight"), ("2", "grad_weight"), ("4", "grad_weight")]
@@ -244,16 +263,43 @@ def test_auto_backend_hands_weight_gradients_to_the_controlled_op():
     assert sorted(s.module for s in backend.sampler.auto.sites) == ["0", "2", "4"]
     assert report.backward_code.count("ubcompile.auto_contraction.default(") == 3
     assert "auto/96 rows" in str(report) and "option used" in str(report)
-    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+    assert exact_input_grad
 
 
-def test_convolutions_stay_exact_under_auto():
-    model = nn.Sequential(nn.Conv2d(8, 64, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64 * 36, 64))
-    backend = ubcompile.backend(p="auto", min_dim=4, compiler="eager")
-    torch.compile(model, backend=backend)(torch.randn(32, 8, 8, 8)).sum().backward()
-    reasons = {e.role: e.reason for e in backend.report().entries if e.module == "0"}
-    assert "convolutions stay exact" in reasons["conv grad_weight"]
-    assert [s.module for s in backend.sampler.auto.sites] == ["3"]
+def conv_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(32 * 36, 5))
+
+
+def test_convolution_weight_gradients_go_to_the_controller():
+    """Each convolution's weight gradient is a controlled op over its batch; their input gradients
+    (the first one's too: the input requires one) stay in the node, exact; the bias gradients move
+    out to sums, and the input's gradient is exact Inductor's."""
+    torch.manual_seed(0)
+    model, x = conv_net(), torch.randn(32, 3, 16, 16)
+    backend = ubcompile.backend(p="auto", min_dim=4, min_speedup=0)
+    exact_input_grad = input_grads_agree(model, x, backend)
+    report = backend.report()
+    assert sorted((e.module, e.role) for e in report.entries if e.adaptive) == [
+        ("0", "conv grad_weight"), ("2", "conv grad_weight"), ("5", "grad_weight")]
+    assert [e.reason for e in report.entries if e.role == "conv grad_input"] == [
+        "p='auto' keeps propagated gradients exact: their noise would reach every earlier layer"] * 2
+    assert report.backward_code.count("ubcompile.auto_conv_weight.default(") == 2
+    sites = {s.module: s for s in backend.sampler.auto.sites}
+    assert (sites["2"].family, sites["2"].shape, sites["2"].span) == ("conv", (32, 32, 36 * 16 * 9), 36)
+    assert all(o.sketch == "norm" for o in sites["2"].options)
+    assert exact_input_grad
+
+
+def test_auto_convolution_gradients_are_unbiased():
+    """The draw's weights are bounds on the samples' terms, not their norms: unbiased all the same."""
+    torch.manual_seed(0)
+    model = conv_net()
+    x, target = torch.randn(64, 3, 16, 16), torch.randint(0, 5, (64,))
+    backend = ubcompile.backend(p="auto", min_dim=4, budget=4.0, compiler="eager", seed=0, min_speedup=0)
+    assert_unbiased(model, lambda out: F.cross_entropy(out, target), x, draws=200, backend=backend)
+    uses = {s.module: s.uses for s in backend.sampler.auto.sites}
+    assert sum(uses["0"][1:]) > 150 and sum(uses["2"][1:]) > 150, uses
 
 
 def test_tokens_per_sequence_are_found_for_the_sgd_variance():

@@ -58,16 +58,18 @@ def test_narrow_layers_stay_exact_and_wide_ones_are_sampled():
     assert "ubcompile.cost_model" in narrow.table()
 
 
-def test_a_patch_embedding_stays_exact_and_a_wide_convolution_is_sampled():
-    """Convolutions are judged as implicit GEMMs by their own fitted model."""
+@pytest.mark.parametrize("options", [{}, {"p": "auto"}])
+def test_a_patch_embedding_stays_exact_and_a_wide_convolution_is_sampled(options):
+    """Convolutions are judged as implicit GEMMs by their own fitted model (under ``p="auto"``, at
+    the controller's lowest fraction)."""
     def conv_report(conv, x):
-        return ubcompile.explain(conv, x, loss_fn=loss_of, compiler="eager", min_dim=16)
+        return ubcompile.explain(conv, x, loss_fn=loss_of, compiler="eager", min_dim=16, **options)
 
     torch.manual_seed(0)
     patches = conv_report(torch.nn.Conv2d(1, 64, 7, stride=7), torch.randn(128, 1, 28, 28))
     wide = conv_report(torch.nn.Conv2d(64, 64, 3, padding=1), torch.randn(32, 64, 28, 28))
     (patch_weight,) = [e for e in patches.declined if e.role == "conv grad_weight"]
-    assert "the exact conv's time on cpu" in patch_weight.reason
+    assert "the exact conv" in patch_weight.reason and "on cpu (ubcompile.cost_model)" in patch_weight.reason
     assert [e.role for e in wide.sampled] == ["conv grad_weight"]
 
 

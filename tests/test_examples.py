@@ -190,7 +190,7 @@ def test_the_timed_grids_pair_each_model_with_its_earlier_runs_under_a_key_and_l
     """``wide-timed`` and ``timed``: ``p="auto"`` with the cost rule on, at the learning rates and seeds
     of the runs it is compared with; its key and label name ``min_speedup`` (every earlier record ran
     without the rule and names none)."""
-    for model in sweep.WIDE:
+    for model in sweep.WIDE_TRANSFORMERS:
         runs = sweep.GRIDS["wide-timed"][0](model)
         earlier = [c for c in sweep.GRIDS["wide-vcas"][0](model)]
         assert [(c["lr"], c["seed"]) for c in runs] == [(c["lr"], c["seed"]) for c in earlier]
@@ -204,6 +204,15 @@ def test_the_timed_grids_pair_each_model_with_its_earlier_runs_under_a_key_and_l
     assert sweep.GRIDS["timed"][1] == sweep.GRIDS["layer-scale"][1]
     assert [(c["lr"], c["seed"]) for c in timed] == [(c["lr"], c["seed"]) for c in layer]
     assert not {sweep.key(c) for c in timed} & {sweep.key(c) for c in layer}
+
+
+def test_the_wide_conv_grid_pairs_exact_and_default_auto_on_the_64_channel_bagnet():
+    runs = sweep.GRIDS["wide-conv"][0]("bagnet")
+    exact, auto = [c for c in runs if c.get("exact")], [c for c in runs if not c.get("exact")]
+    assert [c["seed"] for c in exact] == [c["seed"] for c in auto] == list(sweep.WIDE_SEEDS)
+    args = sweep.parse(auto[0])
+    assert (args.p, args.min_speedup, args.budget_scale, args.width, args.epochs) == ("auto", 1.0, "layer", 64, 10)
+    assert sweep.parse(exact[0]).exact and "bagnet" not in sweep.GRIDS["wide"][2]
 
 
 def test_auto_minus_each_vcas_run_of_the_same_seed():

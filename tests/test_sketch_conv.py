@@ -2,10 +2,14 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
+
+import ubcompile.sketches.conv
 
 from ubcompile.sketches import sampled_contraction, sampled_output, uniform_subset
 from ubcompile.sketches.axis import Diagonal, Projection
-from ubcompile.sketches.conv import ConvGeometry, batch_sketched_vjp, channel_sketched_vjp, conv_importance, conv_vjp
+from ubcompile.sketches.conv import (ConvGeometry, batch_sketched_vjp, channel_sketched_vjp, conv_importance, conv_vjp,
+                                     sample_weight_sq_norms)
 from ubcompile.sketches.lowrank import orthonormal_sketch
 from ubcompile.sketches.norm import contraction_importance
 from ubcompile.testing import assert_unbiased_samples
@@ -124,3 +128,20 @@ def test_a_shared_conv_importance_bounds_both_gradients_parts(axis, vjp):
     assert (importance > 0).all()
     alone = conv_importance(g, x, w, axis, geometry, (axis == 1, axis == 0))  # the contracting gradient alone
     assert alone[0] == 0  # its term of index 0 is zero: never drawn for it alone, and it needs none
+
+
+@pytest.mark.parametrize("transposed, groups, stride", [(False, 1, 1), (False, 2, 2), (True, 1, 2), (True, 2, 1)])
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_sample_weight_sq_norms_are_each_samples_own_weight_gradient(transposed, groups, stride, chunk, monkeypatch):
+    """The batch folded into the groups gives every sample's weight gradient, in chunks (of
+    ``chunk`` samples) or not."""
+    gen = torch.Generator().manual_seed(0)
+    geometry = ConvGeometry((stride, stride), (1, 1), (1, 1), transposed, (0, 0), groups)
+    x = torch.randn(5, 4, 7, 7, generator=gen, dtype=torch.float64)
+    w = torch.randn(*((4, 6 // groups) if transposed else (6, 4 // groups)), 3, 3, generator=gen, dtype=torch.float64)
+    conv = F.conv_transpose2d if transposed else F.conv2d
+    g = torch.randn_like(conv(x, w, stride=stride, padding=1, groups=groups))
+    if chunk is not None:
+        monkeypatch.setattr(ubcompile.sketches.conv, "_CHUNK_ELEMENTS", chunk * w.numel())
+    each = torch.stack([conv_vjp(g[b:b + 1], x[b:b + 1], w, geometry, (False, True))[1].square().sum() for b in range(5)])
+    assert torch.allclose(sample_weight_sq_norms(g, x, w, geometry), each)

@@ -11,8 +11,8 @@ generator of :mod:`ubcompile.sketches.counter_rng`, on the device, with no host 
 replayed, recomputed (activation checkpointing) or cached graph draws what its seed says, and no
 op needs a state outside the graph.
 
-``auto_contraction``, the product whose fraction ``p="auto"`` chooses at run time, draws from the
-seed input too; its controller's state stays in Python, found at run time through the graph's
+``auto_contraction`` and ``auto_conv_weight``, the products whose fraction ``p="auto"`` chooses at
+run time, draw from the seed input too; its controller's state stays in Python, found at run time through the graph's
 stream handle input (:func:`ubcompile.sampler.stream_of_handle`).
 """
 
@@ -23,7 +23,8 @@ from torch import Tensor
 
 from . import draw_kernels
 from .draw_kernels import stream_of
-from .sampler import stream_of_handle
+from .sampler import GraphStream, stream_of_handle
+from .sketches.conv import ConvGeometry, implicit_gemm_sizes
 from .sketches.norm import probability_dtype
 
 
@@ -38,19 +39,23 @@ def _(anchor: Tensor, n: int, k: int, kind: str, seed: Tensor, site: int) -> Ten
     return anchor.new_empty((n, k))
 
 
+def _controlled_stream(handle: Tensor) -> GraphStream:
+    """The stream ``handle`` (a 0-d int64 CPU tensor, a graph's second extra input) names
+    (:func:`ubcompile.sampler.stream_of_handle`), whose controller holds the graph's controlled sites:
+    nothing process-local is in the graph, so a compile cache may serve it."""
+    stream = stream_of_handle(handle)
+    if stream.auto is None:
+        raise RuntimeError(f"ubcompile stream {stream.id} has no p='auto' controller")
+    return stream
+
+
 @torch.library.custom_op("ubcompile::auto_contraction", mutates_args=())
 def auto_contraction(x: Tensor, y: Tensor, seed: Tensor, handle: Tensor, module: str, ordinal: int, index: int,
                      samples: int) -> Tensor:
     """``x @ y`` estimated at the keep fraction the controller chose for the site ``(module,
     ordinal)`` (rows of ``y``, the rows of ``samples`` samples), drawn from ``seed`` and ``index``,
-    the product's place among its graph's controlled ops.
-
-    ``handle`` (a 0-d int64 CPU tensor, the graph's second extra input) names the stream of the
-    graph's backend (:func:`ubcompile.sampler.stream_of_handle`), whose controller holds the site: nothing
-    process-local is in the graph, so a compile cache may serve it."""
-    stream = stream_of_handle(handle)
-    if stream.auto is None:
-        raise RuntimeError(f"ubcompile stream {stream.id} has no p='auto' controller")
+    the product's place among its graph's controlled ops; ``handle`` names the controller's stream."""
+    stream = _controlled_stream(handle)
     key = stream.auto.register(module, (x.shape[0], x.shape[1], y.shape[1]), stream.domain, ordinal, x.device.type)
     return stream.auto.contraction(x, y, key, seed, index, samples)
 
@@ -58,6 +63,28 @@ def auto_contraction(x: Tensor, y: Tensor, seed: Tensor, handle: Tensor, module:
 @auto_contraction.register_fake
 def _(x: Tensor, y: Tensor, seed: Tensor, handle: Tensor, module: str, ordinal: int, index: int, samples: int) -> Tensor:
     return x.new_empty((x.shape[0], y.shape[1]))
+
+
+@torch.library.custom_op("ubcompile::auto_conv_weight", mutates_args=())
+def auto_conv_weight(g: Tensor, x: Tensor, w: Tensor, seed: Tensor, handle: Tensor, module: str, ordinal: int,
+                     index: int, stride: list[int], padding: list[int], dilation: list[int], transposed: bool,
+                     output_padding: list[int], groups: int) -> Tensor:
+    """The weight gradient of the convolution ``(x, w)`` with cotangent ``g``, estimated from the
+    fraction of its batch the controller chose for the site ``(module, ordinal)``
+    (:meth:`~ubcompile.auto.AutoController.conv_weight`); as :func:`auto_contraction` otherwise."""
+    stream = _controlled_stream(handle)
+    geometry = ConvGeometry.of(stride, padding, dilation, transposed, output_padding, groups)
+    batch, channels, positions, per_channel = implicit_gemm_sizes(g.shape, x.shape, w.shape, transposed)
+    key = stream.auto.register(module, (channels, batch, positions * per_channel), stream.domain, ordinal,
+                               g.device.type, "conv", positions)
+    return stream.auto.conv_weight(g, x, w, geometry, key, seed, index).contiguous()
+
+
+@auto_conv_weight.register_fake
+def _(g: Tensor, x: Tensor, w: Tensor, seed: Tensor, handle: Tensor, module: str, ordinal: int, index: int,
+      stride: list[int], padding: list[int], dilation: list[int], transposed: bool, output_padding: list[int],
+      groups: int) -> Tensor:
+    return torch.empty_like(w, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("ubcompile::gemm_drawing_rows", mutates_args=())

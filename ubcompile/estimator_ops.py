@@ -143,14 +143,8 @@ def sketched_conv_backward(g: Tensor, x: Tensor, w: Tensor, idx: Tensor, scale: 
     """``(grad_input, grad_weight)`` of a convolution with the diagonal sketch ``(idx, scale)`` on
     ``axis`` of ``G`` (its output channels or its batch, :data:`~ubcompile.sketches.conv.SKETCHED_VJPS`);
     an output ``mask`` leaves out is an empty tensor."""
-    geometry = _geometry(stride, padding, dilation, transposed, output_padding, groups)
+    geometry = ConvGeometry.of(stride, padding, dilation, transposed, output_padding, groups)
     return sketched_conv_grads(g, x, w, idx, scale, geometry, axis, (mask[0], mask[1]))
-
-
-def _geometry(stride: list[int], padding: list[int], dilation: list[int], transposed: bool,
-              output_padding: list[int], groups: int) -> ConvGeometry:
-    """The :class:`ConvGeometry` of a convolution op's schema arguments (lists, not tuples)."""
-    return ConvGeometry(tuple(stride), tuple(padding), tuple(dilation), transposed, tuple(output_padding), groups)
 
 
 def sketched_conv_grads(g: Tensor, x: Tensor, w: Tensor, idx: Tensor, scale: Tensor, geometry: ConvGeometry,
@@ -181,7 +175,7 @@ def sampled_conv_backward(g: Tensor, x: Tensor, w: Tensor, stride: list[int], pa
     probabilities. Returns :func:`sketched_conv_backward`'s gradients (unbiased; the
     Horvitz-Thompson variance of :mod:`ubcompile.sketches.conv`), the kept indices and their weights.
     """
-    geometry = _geometry(stride, padding, dilation, transposed, output_padding, groups)
+    geometry = ConvGeometry.of(stride, padding, dilation, transposed, output_padding, groups)
     if sketch == "norm":
         importance = conv_importance(g, x, w, axis, geometry, (mask[0], mask[1]))
         idx, scale = draw_kernels.pps_indices(importance, k, seed, site, strata)

@@ -6,6 +6,10 @@ with one of the site's :class:`Option` s: exact, the norm sketch keeping a fract
 rows (:mod:`ubcompile.sketches.norm`), or the residual sketch, which computes a rank-``2 r`` part
 of ``T`` exactly and applies the norm sketch to the rest (:mod:`ubcompile.sketches.residual`;
 costlier per kept row, much less noisy where the batch's rows lie near a low-dimensional subspace).
+A convolution's weight gradient is a site too (:meth:`AutoController.conv_weight`): a sum over its
+batch's samples, of which the norm sketch keeps a fraction, drawn by bounds ``||G_b|| ||x_b||`` on
+the samples' terms (their norms would cost the exact gradient's FLOPs: they are computed at
+measurements only, where they give the variances their true terms).
 
 * **measure** (the site's first call, then after 5, 10, 20, ... calls, the gap doubling up to
   ``measure_every``, and after a spike): besides the product, the sketch variance of every option
@@ -31,7 +35,9 @@ costlier per kept row, much less noisy where the batch's rows lie near a low-dim
   the pass leaves them exact in the graph, and the report counts their FLOPs. (Computing them on
   ``G``'s nonzero rows only, where a class-token readout leaves the others zero, took a
   ``nonzero()`` per call: a host sync.)
-* **guard**: every call knows ``sum_j a_j^2`` (the squared norms of the product's terms) for free.
+* **guard**: every GEMM call knows ``sum_j a_j^2`` (the squared norms of the product's terms) for
+  free; a convolution's sampled and measured calls know ``sum_b`` of its bounds squared (its exact
+  calls skip them: reading ``G`` and ``x`` costs a tenth of the gradient).
   When it jumps above :data:`SPIKE` times its running mean (a loss spike), the site's next calls
   are computed exactly and it is measured again, and its most aggressive allowed fraction moves
   one level towards exact; each clean measurement later gives one level back.

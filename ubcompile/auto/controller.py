@@ -14,8 +14,9 @@ from ..readback import Readback
 from ..sketches import keep_count
 from ..sketches.control import sample_norms_flops, sample_sq_norms, sgd_variance_of_sum
 from ..sketches.residual import basis_flops, coordinate_flops, tracking_flops
-from .execution import (controlled_product, measurement, norm_sketched_call, residual_bases, residual_coordinates,
-                        term_norms, tracked_residual_bases)
+from ..sketches.conv import ConvGeometry, conv_vjp, implicit_gemm_sizes, sample_weight_sq_norms
+from .execution import (controlled_conv_weight, controlled_product, measurement, norm_sketched_call, residual_bases,
+                        residual_coordinates, sample_bounds, term_norms, tracked_residual_bases)
 from .policy import BASES_EVERY, LEVELS, RESIDUAL_RANK, Option, allocate, option_times, site_options
 from .table import controller_table
 
@@ -51,7 +52,8 @@ counting the controlled products of that module in one graph, in graph order."""
 @dataclasses.dataclass
 class AutoSite:
     """One product ``(M x n) @ (n x N)`` under control: a weight gradient whose ``n`` batch/token rows
-    are contracted.
+    are contracted (``family="gemm"``), or a convolution's whose ``n`` samples are, each ``span``
+    rows (its output positions) of the implicit GEMM (``"conv"``; see :mod:`.policy`).
 
     ``shape`` and ``group`` are those of its last call (a recompiled graph may change them);
     ``domain`` is the compiled model it belongs to: each domain has a budget of its own. ``device``
@@ -64,6 +66,8 @@ class AutoSite:
     domain: int = 0
     device: Optional[str] = None
     min_speedup: float = 1.0
+    family: str = "gemm"
+    span: int = 1
     group: int = 1  # rows per sample (tokens per sequence); 1 for a plain batch
     options: tuple[Option, ...] = dataclasses.field(init=False)
     costs: tuple[float, ...] = dataclasses.field(init=False)  # GEMM FLOPs of a call with each option, bases amortised
@@ -88,14 +92,14 @@ class AutoSite:
     spent_flops: float = 0.0
 
     def __post_init__(self) -> None:
-        self.options = site_options(self.shape, self.device, self.min_speedup)
+        self.options = site_options(self.shape, self.device, self.min_speedup, self.family, self.span)
         self._price(self.shape)
         self.uses = [0] * len(self.options)
 
     def _price(self, shape: tuple[int, int, int]) -> None:
         self.costs = tuple(o.flops(*shape) for o in self.options)
         self.call_costs = tuple(o.flops(*shape, bases=0) for o in self.options)
-        times = option_times(self.options, shape, self.device) if self.min_speedup > 0 else None
+        times = option_times(self.options, shape, self.device, self.family, self.span) if self.min_speedup > 0 else None
         self.savings = tuple(times[0] - t for t in times[1]) if times else tuple(self.costs[0] - c for c in self.costs)
 
     @property
@@ -124,11 +128,11 @@ class AutoSite:
         """Whether the bases have served :data:`BASES_EVERY` calls."""
         return self.calls - 1 - self.bases_made >= BASES_EVERY
 
-    def bind(self, shape: tuple[int, int, int], samples: int) -> None:
-        """Take the shape of this call (its options stay the ones of the first) and the rows per
+    def bind(self, shape: tuple[int, int, int], samples: int, span: int = 1) -> None:
+        """Take the shape and span of this call (its options stay the ones of the first) and the rows per
         sample: ``n / samples`` when the ``n`` contracted rows split evenly into ``samples``."""
-        if shape != self.shape:
-            self.shape = shape
+        if (shape, span) != (self.shape, self.span):
+            self.shape, self.span = shape, span
             self._price(shape)
         n = shape[1]
         self.group = n // samples if 0 < samples < n and n % samples == 0 else 1
@@ -162,16 +166,16 @@ class AutoController:
         self._unread: set[int] = set()  # sites that posted statistics since the last collect
 
     def register(self, module: str, shape: tuple[int, int, int], domain: int = 0, ordinal: int = 0,
-                 device: Optional[str] = None) -> int:
+                 device: Optional[str] = None, family: str = "gemm", span: int = 1) -> int:
         """The key of the site ``(domain, module, ordinal)`` (see :data:`SiteId`): the existing
-        one (a recompiled graph has the same products), else a new one, of ``shape``, on a device
-        of type ``device``. The compiled op registers at its call, so a graph served by a compile
-        cache finds its sites too."""
+        one (a recompiled graph has the same products), else a new one of ``family``, ``shape`` and
+        ``span`` (:class:`AutoSite`), on a device of type ``device``. The compiled op registers at
+        its call, so a graph served by a compile cache finds its sites too."""
         identity = (domain, module, ordinal)
         key = self._keys.get(identity)
         if key is None:
             key = self._keys[identity] = len(self.sites)
-            self.sites.append(AutoSite(module, shape, domain, device, self.min_speedup))
+            self.sites.append(AutoSite(module, shape, domain, device, self.min_speedup, family, span))
         return key
 
     def live(self, site: AutoSite) -> bool:
@@ -180,13 +184,11 @@ class AutoController:
         from the allocation until it is called again."""
         return self._domain_calls[site.domain] - site.last_seen < 2 * len(self.sites)
 
-    def contraction(self, x: Tensor, y: Tensor, key: int, seed: Tensor, stream: int,
-                    samples: Optional[int] = None) -> Tensor:
-        """``x @ y`` for the site ``key``, sampled with its current option (rows of ``y`` = batch/token
-        rows, from ``samples`` samples; ``None``: one row each). Every random number comes from the
-        0-d ``seed`` and the draw's ``stream`` (the compiled op passes the product's place in its graph).
-        Before a site's call it acts on what was read back since its last one (:meth:`collect`): in a
-        step of several sites, once, for all of them, in one read."""
+    def _start(self, key: int, shape: tuple[int, int, int], samples: int, span: int = 1) -> tuple[AutoSite, int, bool]:
+        """Begin a call of the site ``key`` on a product of ``shape`` (its ``n`` indices from
+        ``samples`` samples, each ``span`` rows): act on what was read back since its last one
+        (:meth:`collect`; in a step of several sites, once, for all of them, in one read), count
+        it, and return the site, its keep count ``k`` and whether the call measures."""
         if key in self._unread:
             self.collect()
         site = self.sites[key]
@@ -194,13 +196,21 @@ class AutoController:
         if site.calls and calls - site.last_seen >= 2 * len(self.sites):
             site.due = True  # back from retirement: its last measurement is old
         site.last_seen = calls
-        site.bind((x.shape[0], x.shape[1], y.shape[1]), x.shape[1] if samples is None else samples)
+        site.bind(shape, samples, span)
         site.calls += 1
         site.exact_flops += site.costs[0]
         site.uses[site.option] += 1
         site.spent_flops += site.call_costs[site.option]
-        k = min(x.shape[1], keep_count(x.shape[1], site.p))
-        measuring = site.due or site.calls - 1 >= site.next_measure
+        n = shape[1]
+        return site, min(n, keep_count(n, site.p)), site.due or site.calls - 1 >= site.next_measure
+
+    def contraction(self, x: Tensor, y: Tensor, key: int, seed: Tensor, stream: int,
+                    samples: Optional[int] = None) -> Tensor:
+        """``x @ y`` for the site ``key``, sampled with its current option (rows of ``y`` = batch/token
+        rows, from ``samples`` samples; ``None``: one row each). Every random number comes from the
+        0-d ``seed`` and the draw's ``stream`` (the compiled op passes the product's place in its graph)."""
+        site, k, measuring = self._start(key, (x.shape[0], x.shape[1], y.shape[1]),
+                                         x.shape[1] if samples is None else samples)
         if not measuring and site.current.sketch == "norm" and k < x.shape[1]:
             out, sq_norm = norm_sketched_call(x, y, k, seed, draw_kernels.stream_of(stream, 0))
             self._post_guard(key, site, sq_norm)
@@ -214,7 +224,38 @@ class AutoController:
         if split is not None and not residual:  # made for the measurement alone
             site.spent_flops += coordinate_flops(*site.shape, RESIDUAL_RANK)
         if measuring:
-            self._measure(key, x, y, a, sq_norm, split, out)
+            (m, n), big_n = x.shape, y.shape[1]
+            group = site.group
+            # With one row per sample, sum_i ||s_i||^2 is the call's sum_j a_j^2, computed already.
+            sq_sum = sq_norm if group == 1 else sample_sq_norms(x, y, group).sum().reshape(1)
+            site.spent_flops += sample_norms_flops(m, n, big_n, group)
+            r = a if split is None else split[-1]
+            self._measure(key, out, sq_sum, torch.stack([a, a, r, r]).reshape(2, 2, n), n // group)
+        return out
+
+    def conv_weight(self, g: Tensor, x: Tensor, w: Tensor, geometry: ConvGeometry, key: int, seed: Tensor,
+                    stream: int) -> Tensor:
+        """The weight gradient of a convolution (cotangent ``g``, input ``x``, weight ``w``) for the
+        site ``key``, on the norm sketch of its batch at the site's current fraction: a convolution
+        backward on the kept samples, drawn by the bounds ``||G[b]|| ||x[b]||`` from ``seed`` and
+        ``stream``. A measurement computes every sample's own weight gradient, at exact's FLOPs,
+        for their norms: the sketch's variance is that of the true terms, not of the bounds.
+
+        An exact call that does not measure computes the exact gradient alone: the bounds read all
+        of ``G`` and ``x`` (on a CPU core, 4-5 ms for a 128-sample batch at 64-128 channels, a
+        tenth of the gradient itself), so the spike guard watches the sampled calls only."""
+        batch, channels, positions, per_channel = implicit_gemm_sizes(g.shape, x.shape, w.shape, geometry.transposed)
+        site, k, measuring = self._start(key, (channels, batch, positions * per_channel), batch, positions)
+        if k == batch and not measuring:
+            return conv_vjp(g, x, w, geometry, (False, True))[1]
+        a, sq_norm = sample_bounds(g, x)
+        self._post_guard(key, site, sq_norm)
+        out = controlled_conv_weight(g, x, w, geometry, k, a, seed, stream)
+        if measuring:
+            sq_norms = sample_weight_sq_norms(g, x, w, geometry)
+            site.spent_flops += site.costs[0]
+            terms = torch.stack([a, sq_norms.sqrt().to(a.dtype)]).repeat(2, 1, 1)
+            self._measure(key, out.flatten(1), sq_norms.sum().reshape(1), terms, batch)
         return out
 
     def _post_guard(self, key: int, site: AutoSite, sq_norm: Tensor) -> None:
@@ -262,19 +303,13 @@ class AutoController:
             site.due = True
             site.gap = _FIRST_GAP  # re-measure soon after
 
-    def _measure(self, key: int, x: Tensor, y: Tensor, a: Tensor, sq_norm: Tensor,
-                 split: Optional[tuple[Tensor, ...]], out: Tensor) -> None:
-        """Post this call's statistics (``sum_i ||s_i||^2``, ``||T_hat||^2``, each option's
-        ``V_sketch``) for :meth:`_record`, and schedule the next measurement. With one row per
-        sample, ``sum_i ||s_i||^2`` is the call's ``sum_j a_j^2`` (``sq_norm``), computed already."""
+    def _measure(self, key: int, out: Tensor, sq_sum: Tensor, terms: Tensor, samples: int) -> None:
+        """Post this call's statistics (``sum_i ||s_i||^2`` of its ``samples`` samples, ``||T_hat||^2``,
+        each option's ``V_sketch`` from ``terms``: see :func:`~.execution.measurement`) for
+        :meth:`_record`, and schedule the next measurement."""
         site = self.sites[key]
-        (m, n), big_n = x.shape, y.shape[1]
-        group = site.group
-        sq_sum = sq_norm if group == 1 else sample_sq_norms(x, y, group).sum().reshape(1)
-        site.spent_flops += sample_norms_flops(m, n, big_n, group)
-        importances = torch.stack([a, a if split is None else split[-1]])
-        stats = measurement(out, sq_sum, site.keep_counts(n, x.device), importances)
-        self.readback.post(stats, ("measure", key, site.calls - 1, n // group, site.option))
+        stats = measurement(out, sq_sum, site.keep_counts(terms.shape[-1], out.device), terms)
+        self.readback.post(stats, ("measure", key, site.calls - 1, samples, site.option))
         if not site.due:
             site.ceiling = min(len(LEVELS) - 1, site.ceiling + 1)
         site.due = False

@@ -1,5 +1,5 @@
 """The tensor code of one controlled call: the terms' norms, the residual split, the draw and the
-product, each part but the plain sketched product compiled once for all sizes
+product, each part but the plain sketched product and the convolutions compiled once for all sizes
 (:func:`ubcompile.kernels.kernel`)."""
 
 from __future__ import annotations
@@ -10,11 +10,12 @@ import torch
 from torch import Tensor
 
 from .. import draw_kernels
-from ..estimator_ops import CONTRACTED, sketched_product
+from ..estimator_ops import CONTRACTED, sketched_conv_grads, sketched_product
 from ..kernels import kernel
 from ..sketches.control import sketch_variance_vector
 from ..sketches.counter_rng import normal
-from ..sketches.norm import factor_norms
+from ..sketches.conv import BATCH, ConvGeometry, conv_vjp
+from ..sketches.norm import factor_norms, output_importance
 from ..sketches.residual import ResidualSplit, range_bases, residual_contraction, tracked_bases
 from .policy import RESIDUAL_RANK
 
@@ -45,17 +46,39 @@ def norm_sketched_call(x: Tensor, y: Tensor, k: int, seed: Tensor, key: int) -> 
 
 
 @kernel
-def measurement(out: Tensor, sq_sum: Tensor, ks: Tensor, importances: Tensor) -> Tensor:
+def measurement(out: Tensor, sq_sum: Tensor, ks: Tensor, terms: Tensor) -> Tensor:
     """A measurement's statistics as one float64 vector: ``sum_i ||s_i||^2`` (``sq_sum``, shape
     ``(1,)``), ``||T_hat||^2`` of the call's product ``out``, then ``V_sketch`` at each keep count
-    ``ks`` (one per :data:`~.policy.LEVELS`) of the norm sketch and of the residual sketch, from
-    ``importances``: the norm sketch's in row 0, the residual sketch's in row 1 (a site without the
-    residual sketch repeats row 0). One signature, so one compilation: with the counts computed
+    ``ks`` (one per :data:`~.policy.LEVELS`) of the norm sketch and of the residual sketch.
+    ``terms[s]`` holds sketch ``s``'s draw weights (row 0) and its terms' norms (row 1): the norm
+    sketch's in ``terms[0]``, the residual sketch's in ``terms[1]`` (a site without the residual
+    sketch repeats ``terms[0]``). One signature, so one compilation: with the counts computed
     inside from the symbolic ``n`` the body took 4 s to trace again at each warm start, per variant,
-    and with the two rows as two arguments Dynamo compiled it again for the site that passed one
+    and with the rows as separate arguments Dynamo compiled it again for the site that passed one
     tensor twice."""
     return torch.cat([sq_sum.double(), out.double().square().sum().reshape(1),
-                      sketch_variance_vector(importances[0], ks), sketch_variance_vector(importances[1], ks)])
+                      sketch_variance_vector(terms[0, 0], ks, terms[0, 1]),
+                      sketch_variance_vector(terms[1, 0], ks, terms[1, 1])])
+
+
+@kernel
+def sample_bounds(g: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """A convolution's batch sketch for its weight gradient: the draw weights ``a_b = ||G[b]|| ||x[b]||``
+    (:func:`~ubcompile.sketches.conv.conv_importance`: a bound on the sample's term ``||t_b||``, up
+    to a factor common to every ``b``) and ``sum_b a_b^2`` (float64, shape ``(1,)``) for the spike guard."""
+    a = output_importance(g, BATCH) * output_importance(x, BATCH)
+    return a, a.double().square().sum().reshape(1)
+
+
+def controlled_conv_weight(g: Tensor, x: Tensor, w: Tensor, geometry: ConvGeometry, k: int, a: Tensor,
+                           seed: Tensor, key: int) -> Tensor:
+    """A convolution's weight gradient from ``k`` of its ``b`` samples, drawn from the weights ``a``
+    (:func:`sample_bounds`) by the site's ``key`` of ``seed``: a convolution backward on the kept
+    samples (:func:`~ubcompile.sketches.conv.batch_sketched_vjp`); exact at ``k = b``."""
+    if k == g.shape[BATCH]:
+        return conv_vjp(g, x, w, geometry, (False, True))[1]
+    idx, weights = draw_kernels.pps(a, k, seed, draw_kernels.stream_of(key, 0))
+    return sketched_conv_grads(g, x, w, idx, weights, geometry, BATCH, (False, True))[1]
 
 
 @kernel

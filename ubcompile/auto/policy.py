@@ -1,5 +1,9 @@
 """What a ``p="auto"`` site may run and how the budget is spread: the options (exact, the norm
-sketch at each of :data:`LEVELS`, the residual sketch where it can pay) and :func:`allocate`."""
+sketch at each of :data:`LEVELS`, the residual sketch where it can pay) and :func:`allocate`.
+
+A site's ``shape`` is ``(M, n, N)``: its product is ``(M x n) @ (n x N)`` summed over the ``n``
+contracted indices (a GEMM's batch/token rows; a convolution's samples, with ``N`` the input
+channels, kernel taps and output positions of one, the terms of its implicit GEMM)."""
 
 from __future__ import annotations
 
@@ -57,15 +61,23 @@ class Option:
         return residual_flops(m, n, big_n, RESIDUAL_RANK, k) - made + tracking_flops(m, n, big_n, RESIDUAL_RANK) * bases
 
 
-def flop_options(shape: tuple[int, int, int]) -> tuple[Option, ...]:
-    """Exact, the norm sketch at every level, and the residual sketch at the levels where it costs
-    less than exact, if its cheapest level costs less than the mildest norm sketch (half the rows)
-    with its bases made fresh at every refresh, as a measurement makes them: elsewhere (few
-    features against many rows) its bases cost about what they could save, and measuring it would
-    cost more than it ever returns."""
+FAMILIES = {"gemm": "auto", "conv": "conv"}
+"""A site's family (a GEMM's batch/token rows, a convolution's samples): the op family of
+:mod:`ubcompile.cost_model` that prices its calls in time. A controlled GEMM call has a model of its
+own; a controlled convolution's follows the fixed-fraction ``sampled_conv_backward``'s, without the
+controller's per-call cost."""
+
+
+def flop_options(shape: tuple[int, int, int], family: str = "gemm") -> tuple[Option, ...]:
+    """Exact, the norm sketch at every level, and (for a GEMM) the residual sketch at the levels
+    where it costs less than exact, if its cheapest level costs less than the mildest norm sketch
+    (half the rows) with its bases made fresh at every refresh, as a measurement makes them:
+    elsewhere (few features against many rows) its bases cost about what they could save, and
+    measuring it would cost more than it ever returns. A convolution's terms are not rank one:
+    the residual sketch's split does not apply."""
     m, n, big_n = shape
     options = [Option("norm", level) for level in range(len(LEVELS))]
-    if 2 * RESIDUAL_RANK >= min(m, big_n):
+    if family != "gemm" or 2 * RESIDUAL_RANK >= min(m, big_n):
         return tuple(options)
     residual = [Option("residual", level) for level in range(1, len(LEVELS))]
     fresh = (basis_flops(*shape, RESIDUAL_RANK) - tracking_flops(*shape, RESIDUAL_RANK)) / BASES_EVERY
@@ -74,28 +86,32 @@ def flop_options(shape: tuple[int, int, int]) -> tuple[Option, ...]:
     return tuple(options + [o for o in residual if o.flops(*shape) < options[0].flops(*shape)])
 
 
-def option_times(options: tuple[Option, ...], shape: tuple[int, int, int],
-                 device: Optional[str]) -> Optional[tuple[float, tuple[float, ...]]]:
+def option_times(options: tuple[Option, ...], shape: tuple[int, int, int], device: Optional[str],
+                 family: str = "gemm", span: int = 1) -> Optional[tuple[float, tuple[float, ...]]]:
     """The exact product's time and each option's call's, in microseconds, on ``device`` (a device
-    type), by the fitted cost models of the controlled call (:mod:`ubcompile.cost_model`, family
-    ``"auto"``); ``None`` without a device or where a model is missing."""
-    models = {sketch: model_for(device, "auto", sketch) for sketch in {o.sketch for o in options}}
+    type), by the fitted cost models of the site's family (:data:`FAMILIES`,
+    :mod:`ubcompile.cost_model`); ``None`` without a device or where a model is missing. Each of the
+    ``n`` contracted indices spans ``span`` rows of the implicit GEMM (a convolution's sample, its
+    positions), whose ``big_n`` columns are ``span`` times those of one row."""
+    models = {sketch: model_for(device, FAMILIES[family], sketch) for sketch in {o.sketch for o in options}}
     if device is None or None in models.values():
         return None
     m, n, big_n = shape
-    exact = models["norm"].exact_us(n, m, big_n)
-    return exact, tuple(exact if o.level == 0 else models[o.sketch].sampled_us(n, min(n, keep_count(n, o.p)), m, big_n)
+    rows, columns = n * span, big_n // span
+    exact = models["norm"].exact_us(rows, m, columns)
+    return exact, tuple(exact if o.level == 0 else
+                        models[o.sketch].sampled_us(rows, min(n, keep_count(n, o.p)) * span, m, columns)
                         for o in options)
 
 
-def site_options(shape: tuple[int, int, int], device: Optional[str] = None,
-                 min_speedup: float = 1.0) -> tuple[Option, ...]:
+def site_options(shape: tuple[int, int, int], device: Optional[str] = None, min_speedup: float = 1.0,
+                 family: str = "gemm", span: int = 1) -> tuple[Option, ...]:
     """The options of a site (:func:`flop_options`), less those its device's fitted cost models
     (:func:`option_times`) predict less than ``min_speedup`` times faster than the exact product
     (the cost rule; ``min_speedup = 0`` keeps them all): on a CPU at width 256 the residual
     sketch's extra passes over the operands cost more time than its FLOPs save."""
-    options = flop_options(shape)
-    times = option_times(options, shape, device) if min_speedup > 0 else None
+    options = flop_options(shape, family)
+    times = option_times(options, shape, device, family, span) if min_speedup > 0 else None
     if times is None:
         return options
     exact, each = times

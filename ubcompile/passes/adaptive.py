@@ -1,11 +1,12 @@
-"""The ``p="auto"`` family: backward GEMMs handed to the run-time controller.
+"""The ``p="auto"`` family: backward GEMMs and convolution gradients handed to the run-time controller.
 
-A weight gradient ``G^T A`` of a linear layer contracts the cotangent's batch/token rows: the
-controller samples them. Under ``p="auto"`` the pass replaces the product by one call of
-``torch.ops.ubcompile.auto_contraction``, whose output has the exact product's shape, so the graph
+A weight gradient ``G^T A`` of a linear layer contracts the cotangent's batch/token rows, and a
+convolution's weight gradient its batch: the controller samples them. Under ``p="auto"`` the pass
+replaces the product by one call of ``torch.ops.ubcompile.auto_contraction`` (a GEMM) or
+``auto_conv_weight`` (a convolution), whose output has the exact product's shape, so the graph
 stays static while the controller (:mod:`ubcompile.auto`) decides at every call. A propagated
-gradient ``G W`` stays the graph's own exact ``mm`` (its noise would reach every earlier layer),
-counted at its exact FLOPs by the report.
+gradient stays the graph's own exact ``mm`` or convolution backward (its noise would reach every
+earlier layer), counted at its exact FLOPs by the report.
 """
 
 from __future__ import annotations
@@ -21,12 +22,16 @@ from torch import Tensor
 from .._torch_private import size_hint
 from ..auto import LEVELS
 from ..config import SamplingConfig
+from ..sketches.conv import BATCH
+from .conv import ConvSite, bias_grad, conv_product, narrow_exact
 from .gemm import GemmSite
 from .graph import ROWS, Role, module_path, shape_of
 from .inline import inline_call
 from .rules import Draws, decline
 
 aten = torch.ops.aten
+
+PROPAGATED = "p='auto' keeps propagated gradients exact: their noise would reach every earlier layer"
 
 _RESHAPES = (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.t.default,
              aten.permute.default, aten.transpose.int, aten.clone.default)
@@ -49,9 +54,7 @@ class AdaptiveRewrite:
         The number of samples is read at run time, so a dynamic sequence length groups each call's
         rows by its own length."""
         node = self.site.node
-        module = module_path(node)
-        ordinal, index = draws.controlled.count(module), len(draws.controlled)
-        draws.controlled.append(module)
+        module, ordinal, index = _place(node, draws)
 
         def controlled(x: Tensor, y: Tensor, seed: Tensor, handle: Tensor, *samples: Tensor) -> Tensor:
             count = samples[0].shape[0] if samples else y.shape[0]
@@ -62,6 +65,62 @@ class AdaptiveRewrite:
             call = inline_call(graph, controlled, operands, meta_from=node)
         node.replace_all_uses_with(call)
         graph.erase_node(node)
+
+
+def _place(node: torch.fx.Node, draws: Draws) -> tuple[str, int, int]:
+    """A new controlled op's site in its graph: the module of ``node``, its ordinal among that
+    module's controlled ops and its index among all of them (the key of its draws); recorded in ``draws``."""
+    module = module_path(node)
+    place = (module, draws.controlled.count(module), len(draws.controlled))
+    draws.controlled.append(module)
+    return place
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptiveConvRewrite:
+    """A convolution's weight gradient handed to the controller, which samples its ``n`` samples."""
+
+    site: ConvSite
+    n: int
+
+    def insert(self, graph: torch.fx.Graph, draws: Draws) -> None:
+        """Replace the weight gradient's output of the node by the controlled op (as
+        :meth:`AdaptiveRewrite.insert`) and its bias gradient, if any, by a sum; the node keeps
+        computing the input gradient, exact, or goes."""
+        site = self.site
+        module, ordinal, index = _place(site.node, draws)
+        geometry = [list(v) if isinstance(v, tuple) else v for v in dataclasses.astuple(site.geometry)]
+
+        def controlled(g: Tensor, x: Tensor, w: Tensor, seed: Tensor, handle: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+            grad_weight = torch.ops.ubcompile.auto_conv_weight(g, x, w, seed, handle, module, ordinal, index, *geometry)
+            return grad_weight, bias_grad(g) if site.outputs[2] is not None else None
+
+        with graph.inserting_before(site.node):
+            calls = inline_call(graph, controlled, [*site.node.args[:3], draws.seed, draws.handle], meta_from=site.node)
+        for output, call in zip(site.outputs[1:], calls):
+            if call is not None:
+                output.replace_all_uses_with(call)
+                graph.erase_node(output)
+        narrow_exact(site, (False, True))
+
+
+def plan_adaptive_conv(site: ConvSite, config: SamplingConfig) -> tuple[Optional[AdaptiveConvRewrite], dict[int, str]]:
+    """The controlled rewrite of ``site``'s weight gradient under ``p="auto"`` (or ``None``), and the
+    reason each gradient left to the node stays exact (by output index, as :func:`~.conv.plan_conv`)."""
+    product = conv_product(site, BATCH)
+    n = product.s // product.span
+    reasons = {}
+    for output, role in enumerate(site.roles):
+        if role is None:
+            continue
+        reason = PROPAGATED if role is Role.GRAD_INPUT else decline(config, role, module_path(site.node), n,
+                                                                      span=product.s, product=product)
+        if reason is None and n < 1 / LEVELS[-1]:
+            reason = f"{n} samples are too few to sample"
+        if reason is not None:
+            reasons[output] = reason
+    weight = [output for output, role in enumerate(site.roles) if role is Role.GRAD_WEIGHT and output not in reasons]
+    return (AdaptiveConvRewrite(site, n) if weight == [1] else None), reasons
 
 
 def sample_batch(operand: torch.fx.Node, n: int) -> Optional[torch.fx.Node]:
@@ -81,7 +140,7 @@ def sample_batch(operand: torch.fx.Node, n: int) -> Optional[torch.fx.Node]:
 def plan_adaptive(site: GemmSite, config: SamplingConfig) -> Union[AdaptiveRewrite, str]:
     """The controlled rewrite of ``site`` under ``p="auto"``, or the reason it stays exact."""
     if site.role is Role.GRAD_INPUT:
-        return "p='auto' keeps propagated gradients exact: their noise would reach every earlier layer"
+        return PROPAGATED
     n = size_hint(site.cotangent.meta["val"].shape[-2])
     reason = decline(config, site.role, module_path(site.node), n, product=site.product(ROWS))
     if reason is not None:

@@ -27,7 +27,7 @@ from .._torch_private import size_hint
 from ..config import SamplingConfig
 from ..sketches.axis import axis_sketch
 from ..estimator_ops import sampled_conv_backward, sketched_conv_backward
-from ..sketches.conv import BATCH, CHANNELS, SKETCHED_VJPS, ConvGeometry
+from ..sketches.conv import BATCH, CHANNELS, SKETCHED_VJPS, ConvGeometry, implicit_gemm_sizes
 from .graph import FEATURES, ROWS, GradientFlow, Role, module_path, shape_of
 from .rules import AXIS_BY_NAME, SKETCH_TABLE, DrawKey, Product, decline, sample_size
 
@@ -57,27 +57,22 @@ def conv_sites(graph: torch.fx.Graph, dependent: set[torch.fx.Node], flow: Gradi
             getitems = {u.args[1]: u for u in node.users if u.target is operator.getitem}
             outputs = (getitems.get(0), getitems.get(1), getitems.get(2))
             roles = tuple(flow.role(out) if out is not None else None for out in outputs[:2])
-            stride, padding, dilation, transposed, output_padding, groups = node.args[4:10]
-            geometry = ConvGeometry(tuple(stride), tuple(padding), tuple(dilation), bool(transposed),
-                                    tuple(output_padding), int(groups))
+            geometry = ConvGeometry.of(*node.args[4:10])
             sites.append(ConvSite(node, outputs, roles, geometry))
     return sites
 
 
-def _sizes(site: ConvSite) -> tuple[int, int, int]:
-    """``(batch, channels of G, positions)``: each position of the convolution's input side (``x``
-    for a transposed convolution, else ``G``) meets the whole kernel once."""
-    g, x, w = (shape_of(a) for a in site.node.args[:3])
-    small_side = x if site.geometry.transposed else g
-    positions = math.prod(size_hint(d) for d in small_side[2:])
-    return size_hint(g[0]), size_hint(g[1]), positions
-
-
 def _gemm_sizes(site: ConvSite) -> tuple[int, int, int]:
-    """``(rows, channels of G, per_channel)`` of the implicit GEMMs: a row per batch sample and
-    position, and a weight slice's size (input channels times the kernel's size, per group)."""
-    batch, channels, positions = _sizes(site)
-    return batch * positions, channels, math.prod(size_hint(d) for d in shape_of(site.node.args[2])) // channels
+    """``(rows, channels of G, per_channel)`` of the implicit GEMMs (:func:`implicit_gemm_sizes`):
+    a row per batch sample and position, and a weight slice's size."""
+    batch, channels, positions, per_channel = _implicit_gemm(site)
+    return batch * positions, channels, per_channel
+
+
+def _implicit_gemm(site: ConvSite) -> tuple[int, int, int, int]:
+    """:func:`~ubcompile.sketches.conv.implicit_gemm_sizes` at the example sizes."""
+    g, x, w = ([size_hint(d) for d in shape_of(a)] for a in site.node.args[:3])
+    return implicit_gemm_sizes(g, x, w, site.geometry.transposed)
 
 
 def conv_dims(site: ConvSite, output: int) -> tuple[int, int, int]:
@@ -88,9 +83,11 @@ def conv_dims(site: ConvSite, output: int) -> tuple[int, int, int]:
 
 def conv_product(site: ConvSite, g_axis: int) -> Product:
     """The implicit GEMM's sizes with ``g_axis`` of ``G`` sampled, for the cost rule."""
-    rows, channels, per_channel = _gemm_sizes(site)
-    s, x = (rows, channels) if g_axis == BATCH else (channels, rows)
-    return Product(site.cotangent.meta["val"].device.type, "conv", s, x, per_channel)
+    _, channels, positions, per_channel = _implicit_gemm(site)
+    rows, device = _gemm_sizes(site)[0], site.cotangent.meta["val"].device.type
+    if g_axis == BATCH:
+        return Product(device, "conv", rows, channels, per_channel, span=positions)
+    return Product(device, "conv", channels, rows, per_channel)
 
 
 def conv_flops(site: ConvSite, output: int) -> int:
@@ -169,7 +166,7 @@ class ConvRewrite:
 
     def _grad_bias(self, g: Tensor) -> Optional[Tensor]:
         """The exact bias gradient, if the convolution has one."""
-        return g.sum([0, *range(2, g.dim())]) if self.site.outputs[2] is not None else None
+        return bias_grad(g) if self.site.outputs[2] is not None else None
 
     def sampled_flops(self, output: int) -> int:
         exact = conv_flops(self.site, output)
@@ -197,8 +194,6 @@ def _geometry_reason(site: ConvSite, g_axis: int, sketch: str) -> Optional[str]:
 
 def _linear_only(config: SamplingConfig) -> Optional[str]:
     """Why ``config`` leaves every convolution exact, if it does."""
-    if config.adaptive:
-        return "p='auto' controls linear layers only; convolutions stay exact"
     if config.draws_in_forward:
         return "the activation sketch samples linear layers only; convolutions stay exact"
     return None
@@ -213,7 +208,7 @@ def plan_conv(site: ConvSite, config: SamplingConfig) -> tuple[Optional[ConvRewr
     axis = AXIS_BY_NAME[config.axis]
     g_axis = _AXIS_OF_G[axis]
     n = size_hint(shape_of(site.cotangent)[g_axis])
-    span = n * _sizes(site)[2] if g_axis == BATCH else n  # a sample spans its positions' GEMM rows
+    span = n * _implicit_gemm(site)[2] if g_axis == BATCH else n  # a sample spans its positions' GEMM rows
     strata = site.geometry.groups if g_axis == CHANNELS else 1
     reasons: dict[int, str] = {}
     for output, role in enumerate(site.roles):
@@ -232,6 +227,11 @@ def plan_conv(site: ConvSite, config: SamplingConfig) -> tuple[Optional[ConvRewr
             return None, {**reasons, output: f"a rank-{rewrite.k} {config.sketch} projection costs more "
                                              "than the exact convolution"}
     return rewrite, reasons
+
+
+def bias_grad(g: Tensor) -> Tensor:
+    """A convolution's exact bias gradient: ``G`` summed over all but its channels."""
+    return g.sum([0, *range(2, g.dim())])
 
 
 def narrow_exact(site: ConvSite, sampled: tuple[bool, bool]) -> None:

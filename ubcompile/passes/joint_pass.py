@@ -24,7 +24,7 @@ from .. import cost_model
 from .._torch_private import CustomGraphPass
 from ..config import SamplingConfig
 from ..report import GemmEntry, GraphReport
-from .adaptive import AdaptiveRewrite, plan_adaptive
+from .adaptive import AdaptiveConvRewrite, AdaptiveRewrite, plan_adaptive, plan_adaptive_conv
 from .conv import ConvRewrite, ConvSite, conv_dims, conv_flops, conv_sites, narrow_exact, plan_conv
 from .forward_rows import ForwardRowsRewrite, plan_forward_rows
 from .gemm import GEMMS, GemmRewrite, GemmSite, gemm_dims, gemm_flops, gemm_sites, plan_gemm
@@ -34,6 +34,7 @@ from .seed_input import seed_node
 from .rules import AXIS_NAMES, SKETCH_TABLE, DrawKey, Draws
 
 Rewrite = Union[GemmRewrite, AdaptiveRewrite, ForwardRowsRewrite]
+ConvPlan = Union[ConvRewrite, AdaptiveConvRewrite]
 
 
 @functools.lru_cache(maxsize=None)
@@ -87,8 +88,7 @@ class JointSamplingPass(CustomGraphPass):
         entries = [_exact_entry(u) for u in unmatched + fused_kernels(graph, dependent)]
         handle = seed_node(graph, self.seed_input + 1) if self.config.adaptive else None
         draws = Draws(seed_node(graph, self.seed_input), handle)
-        plans = [self._plan(site, dependent) if isinstance(site, GemmSite) else plan_conv(site, self.config)
-                 for site in sites]
+        plans = [self._plan(site, dependent) if isinstance(site, GemmSite) else self._plan_conv(site) for site in sites]
         shared = _share_draws(plans)
         for site, plan in zip(sites, plans):
             if isinstance(site, GemmSite):
@@ -110,7 +110,7 @@ class JointSamplingPass(CustomGraphPass):
         failed = self._guarded(graph, site.node, draws, functools.partial(self._rewrite_gemm, graph, decision, draws, shared))
         return [entry if failed is None else _gemm_entry(site.node, site.role, failed)]
 
-    def _sample_conv(self, graph: torch.fx.Graph, site: ConvSite, plan: tuple[Optional[ConvRewrite], dict[int, str]],
+    def _sample_conv(self, graph: torch.fx.Graph, site: ConvSite, plan: tuple[Optional[ConvPlan], dict[int, str]],
                      draws: Draws) -> list[GemmEntry]:
         """Rewrite the gradients of ``site`` that ``plan`` samples; their report entries."""
         rewrite, reasons = plan
@@ -119,6 +119,9 @@ class JointSamplingPass(CustomGraphPass):
             return entries
         failed = self._guarded(graph, site.node, draws, functools.partial(self._rewrite_conv, graph, rewrite, draws))
         return entries if failed is None else _conv_entries(site, None, dict.fromkeys(range(len(site.roles)), failed))
+
+    def _plan_conv(self, site: ConvSite) -> tuple[Optional[ConvPlan], dict[int, str]]:
+        return plan_adaptive_conv(site, self.config) if self.config.adaptive else plan_conv(site, self.config)
 
     def _plan(self, site: GemmSite, dependent: set[torch.fx.Node]) -> Union[Rewrite, str]:
         if self.config.adaptive:
@@ -183,7 +186,10 @@ class JointSamplingPass(CustomGraphPass):
         node.replace_all_uses_with(sampled)
         graph.erase_node(node)
 
-    def _rewrite_conv(self, graph: torch.fx.Graph, rewrite: ConvRewrite, draws: Draws) -> None:
+    def _rewrite_conv(self, graph: torch.fx.Graph, rewrite: ConvPlan, draws: Draws) -> None:
+        if isinstance(rewrite, AdaptiveConvRewrite):
+            rewrite.insert(graph, draws)
+            return
         node = rewrite.site.node
         with graph.inserting_before(node):
             estimates = self._estimate(graph, rewrite, list(node.args[:3]), draws, {})
@@ -244,7 +250,7 @@ def _gemm_entry(node: torch.fx.Node, role: Role, decision) -> GemmEntry:
     return GemmEntry(**common, sampled_flops=flops, reason=decision)
 
 
-def _conv_entries(site: ConvSite, rewrite: Optional[ConvRewrite], reasons: dict[int, str]) -> list[GemmEntry]:
+def _conv_entries(site: ConvSite, rewrite: Optional[ConvPlan], reasons: dict[int, str]) -> list[GemmEntry]:
     entries = []
     for output, role in enumerate(site.roles):
         if role is None:
@@ -253,6 +259,8 @@ def _conv_entries(site: ConvSite, rewrite: Optional[ConvRewrite], reasons: dict[
                       exact_flops=conv_flops(site, output))
         if output in reasons or rewrite is None:
             entries.append(GemmEntry(**common, sampled_flops=common["exact_flops"], reason=reasons.get(output, "")))
+        elif isinstance(rewrite, AdaptiveConvRewrite):
+            entries.append(GemmEntry(**common, sampled_flops=common["exact_flops"], axis="rows", sketch="norm", n=rewrite.n))
         else:
             entries.append(GemmEntry(**common, sampled_flops=rewrite.sampled_flops(output), **_sampling_fields(rewrite)))
     return entries

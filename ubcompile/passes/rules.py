@@ -87,7 +87,8 @@ class Sampled(Protocol):
 class Product(NamedTuple):
     """A (implicit) GEMM's sizes as the cost rule sees them (:mod:`ubcompile.cost_model`): the device
     type, the op family (``"gemm"``, ``"conv"``), the sampled dim's length ``s``, the other two dims
-    ``x`` and ``y``, and the number of products of a ``bmm``, at their example values."""
+    ``x`` and ``y``, the number of products of a ``bmm``, and the rows of ``s`` each sampled index
+    spans (a convolution's sample: its positions), at their example values."""
 
     device: str
     op: str
@@ -95,6 +96,7 @@ class Product(NamedTuple):
     x: int
     y: int
     batch: int = 1
+    span: int = 1
 
 
 def sample_size(n: int, p: float, strata: int = 1) -> int:
@@ -143,14 +145,15 @@ def _too_small(config: SamplingConfig, span: int) -> Optional[str]:
 
 def _too_slow(config: SamplingConfig, product: Product, strata: int) -> Optional[str]:
     """Why sampling ``product`` would not pay on its device, by the device's cost model. Under
-    ``p="auto"`` a GEMM is left to the controller if it has any option besides exact
+    ``p="auto"`` a product is left to the controller if it has any option besides exact
     (:func:`ubcompile.auto.policy.site_options`, which offers only those predicted to pay)."""
     if config.min_speedup == 0:
         return None
-    if config.adaptive and product.op == "gemm":
-        if len(site_options((product.x, product.s, product.y), product.device, config.min_speedup)) > 1:
+    if config.adaptive:
+        shape = (product.x, product.s // product.span, product.y * product.span)
+        if len(site_options(shape, product.device, config.min_speedup, product.op, product.span)) > 1:
             return None
-        return (f"no fraction of p='auto' is predicted {config.min_speedup:g}x faster than the exact gemm on "
+        return (f"no fraction of p='auto' is predicted {config.min_speedup:g}x faster than the exact {product.op} on "
                 f"{product.device} (ubcompile.cost_model)")
     model = model_for(product.device, product.op, config.sketch)
     if model is None:

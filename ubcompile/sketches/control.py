@@ -18,7 +18,7 @@ needs about ``1 + r`` times the steps.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -28,16 +28,19 @@ from .norm import contraction_importance, floored
 _CHUNK_ELEMENTS = 1 << 24  # bound on the per-sample products held at once
 
 
-def sketch_variance_vector(importance: Tensor, ks: Tensor) -> Tensor:
-    """``V_sketch(k) = sum_j (1 / pi_j(k) - 1) a_j^2`` for each ``k`` of the int64 tensor ``ks``
-    (``0`` for ``k >= n``), as one float64 tensor on ``importance``'s device (no host read).
+def sketch_variance_vector(importance: Tensor, ks: Tensor, norms: Optional[Tensor] = None) -> Tensor:
+    """``V_sketch(k) = sum_j (1 / pi_j(k) - 1) ||t_j||^2`` for each ``k`` of the int64 tensor ``ks``
+    (``0`` for ``k >= n``), as one float64 tensor on ``importance``'s device (no host read), with
+    ``pi_j`` drawn from ``importance`` (``a_j``) and ``||t_j||`` the terms' norms ``norms``: ``a``
+    itself where the draw's weights are the terms' norms (rank-one terms of a GEMM), a bound on
+    them elsewhere (a convolution's samples, :func:`~.conv.conv_importance`).
 
     :func:`~.norm.water_fill` for every ``k`` at once: one descending sort of the floored ``a``, and
     for each ``k`` the first ``m < k`` with ``(k - m) a_(m) <= sum_{j >= m} a_(j)`` (``k`` if none)
     caps the ``m`` largest at 1 and gives the rest ``pi_j = c a_j``, ``c = (k - m) / (sum of the
     uncapped)``.
     """
-    a, f = importance.double(), floored(importance)
+    a, f = (importance if norms is None else norms).double(), floored(importance)
     top = f.sort(descending=True).values
     tail = (f.sum() - (top.cumsum(0) - top)).clamp_min(0.0)  # sum of all but the m largest
     m = torch.arange(a.shape[0], device=a.device)
