@@ -12,8 +12,8 @@ replayed, recomputed (activation checkpointing) or cached graph draws what its s
 op needs a state outside the graph.
 
 ``auto_contraction`` and ``auto_conv_weight``, the products whose fraction ``p="auto"`` chooses at
-run time, draw from the seed input too; its controller's state stays in Python, found at run time through the graph's
-stream handle input (:func:`ubcompile.sampler.stream_of_handle`).
+run time, draw from the seed input too; their controller's state stays in Python, found at run
+time through the graph's stream handle input (:func:`ubcompile.sampler.stream_of_handle`).
 """
 
 from __future__ import annotations

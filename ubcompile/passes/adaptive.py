@@ -91,8 +91,10 @@ class AdaptiveConvRewrite:
         module, ordinal, index = _place(site.node, draws)
         geometry = [list(v) if isinstance(v, tuple) else v for v in dataclasses.astuple(site.geometry)]
 
-        def controlled(g: Tensor, x: Tensor, w: Tensor, seed: Tensor, handle: Tensor) -> tuple[Tensor, Optional[Tensor]]:
-            grad_weight = torch.ops.ubcompile.auto_conv_weight(g, x, w, seed, handle, module, ordinal, index, *geometry)
+        def controlled(g: Tensor, x: Tensor, w: Tensor, seed: Tensor,
+                       handle: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+            grad_weight = torch.ops.ubcompile.auto_conv_weight(g, x, w, seed, handle, module, ordinal, index,
+                                                               *geometry)
             return grad_weight, bias_grad(g) if site.outputs[2] is not None else None
 
         with graph.inserting_before(site.node):
