@@ -291,15 +291,22 @@ def test_convolution_weight_gradients_go_to_the_controller():
     assert exact_input_grad
 
 
-def test_auto_convolution_gradients_are_unbiased():
-    """The draw's weights are bounds on the samples' terms, not their norms: unbiased all the same."""
+def grouped_transposed_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 16, 3, groups=1), nn.ReLU(), nn.Conv2d(16, 16, 3, groups=2), nn.ReLU(),
+                         nn.ConvTranspose2d(16, 8, 3, stride=2, groups=2), nn.Flatten(), nn.Linear(8 * 25 * 25, 5))
+
+
+@pytest.mark.parametrize("net", [conv_net, grouped_transposed_net])
+def test_auto_convolution_gradients_are_unbiased(net):
+    """The draw's weights are bounds on the samples' terms, not their norms: unbiased all the same,
+    grouped and transposed convolutions too."""
     torch.manual_seed(0)
-    model = conv_net()
+    model = net()
     x, target = torch.randn(64, 3, 16, 16), torch.randint(0, 5, (64,))
     backend = ubcompile.backend(p="auto", min_dim=4, budget=4.0, compiler="eager", seed=0, min_speedup=0)
     assert_unbiased(model, lambda out: F.cross_entropy(out, target), x, draws=200, backend=backend)
-    uses = {s.module: s.uses for s in backend.sampler.auto.sites}
-    assert sum(uses["0"][1:]) > 150 and sum(uses["2"][1:]) > 150, uses
+    uses = {s.module: s.uses for s in backend.sampler.auto.sites if s.family == "conv"}
+    assert len(uses) == (2 if net is conv_net else 3) and all(sum(u[1:]) > 150 for u in uses.values()), uses
 
 
 def test_tokens_per_sequence_are_found_for_the_sgd_variance():
