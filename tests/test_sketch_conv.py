@@ -9,7 +9,7 @@ import ubcompile.sketches.conv
 from ubcompile.sketches import sampled_contraction, sampled_output, uniform_subset
 from ubcompile.sketches.axis import Diagonal, Projection
 from ubcompile.sketches.conv import (ConvGeometry, batch_sketched_vjp, channel_sketched_vjp, conv_importance, conv_vjp,
-                                     sample_weight_sq_norms)
+                                     sample_term_bounds, sample_weight_sq_norms)
 from ubcompile.sketches.lowrank import orthonormal_sketch
 from ubcompile.sketches.norm import contraction_importance
 from ubcompile.testing import assert_unbiased_samples
@@ -145,3 +145,8 @@ def test_sample_weight_sq_norms_are_each_samples_own_weight_gradient(transposed,
         monkeypatch.setattr(ubcompile.sketches.conv, "_CHUNK_ELEMENTS", chunk * w.numel())
     each = torch.stack([conv_vjp(g[b:b + 1], x[b:b + 1], w, geometry, (False, True))[1].square().sum() for b in range(5)])
     assert torch.allclose(sample_weight_sq_norms(g, x, w, geometry), each)
+    # p="auto"'s draw weights: conv_importance's for the weight gradient alone, bounds on each term
+    # up to the kernel's sqrt(taps) (Cauchy-Schwarz through the unfolded GEMM)
+    bounds = sample_term_bounds(g, x)
+    assert torch.equal(bounds, conv_importance(g, x, w, 0, geometry, (False, True)))
+    assert (bounds * 3 >= each.sqrt() * (1 - 1e-9)).all()

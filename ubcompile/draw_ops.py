@@ -24,7 +24,8 @@ from torch import Tensor
 from . import draw_kernels
 from .draw_kernels import stream_of
 from .sampler import GraphStream, stream_of_handle
-from .sketches.conv import ConvGeometry, implicit_gemm_sizes
+from .auto.policy import conv_site_shape
+from .sketches.conv import ConvGeometry
 from .sketches.norm import probability_dtype
 
 
@@ -74,9 +75,8 @@ def auto_conv_weight(g: Tensor, x: Tensor, w: Tensor, seed: Tensor, handle: Tens
     (:meth:`~ubcompile.auto.AutoController.conv_weight`); as :func:`auto_contraction` otherwise."""
     stream = _controlled_stream(handle)
     geometry = ConvGeometry.of(stride, padding, dilation, transposed, output_padding, groups)
-    batch, channels, positions, per_channel = implicit_gemm_sizes(g.shape, x.shape, w.shape, transposed)
-    key = stream.auto.register(module, (channels, batch, positions * per_channel), stream.domain, ordinal,
-                               g.device.type, "conv", positions)
+    shape, span = conv_site_shape(g.shape, x.shape, w.shape, transposed)
+    key = stream.auto.register(module, shape, stream.domain, ordinal, g.device.type, "conv", span)
     return stream.auto.conv_weight(g, x, w, geometry, key, seed, index).contiguous()
 
 

@@ -14,10 +14,11 @@ from ..readback import Readback
 from ..sketches import keep_count
 from ..sketches.control import sample_norms_flops, sample_sq_norms, sgd_variance_of_sum
 from ..sketches.residual import basis_flops, coordinate_flops, tracking_flops
-from ..sketches.conv import ConvGeometry, conv_vjp, implicit_gemm_sizes, sample_weight_sq_norms
-from .execution import (controlled_conv_weight, controlled_product, measurement, norm_sketched_call, residual_bases,
-                        residual_coordinates, sample_bounds, term_norms, tracked_residual_bases)
-from .policy import BASES_EVERY, LEVELS, RESIDUAL_RANK, Option, allocate, option_times, site_options
+from ..sketches.conv import ConvGeometry, conv_vjp, sample_weight_sq_norms
+from .execution import (controlled_product, measurement, norm_sketched_call, residual_bases, residual_coordinates,
+                        sample_bounds, sampled_conv_weight, term_norms, tracked_residual_bases)
+from .policy import (BASES_EVERY, LEVELS, RESIDUAL_RANK, Option, allocate, conv_site_shape, option_times,
+                     site_options)
 from .table import controller_table
 
 SPIKE = 4.0
@@ -244,13 +245,16 @@ class AutoController:
         An exact call that does not measure computes the exact gradient alone: the bounds read all
         of ``G`` and ``x`` (on a CPU core, 4-5 ms for a 128-sample batch at 64-128 channels, a
         tenth of the gradient itself), so the spike guard watches the sampled calls only."""
-        batch, channels, positions, per_channel = implicit_gemm_sizes(g.shape, x.shape, w.shape, geometry.transposed)
-        site, k, measuring = self._start(key, (channels, batch, positions * per_channel), batch, positions)
-        if k == batch and not measuring:
-            return conv_vjp(g, x, w, geometry, (False, True))[1]
-        a, sq_norm = sample_bounds(g, x)
-        self._post_guard(key, site, sq_norm)
-        out = controlled_conv_weight(g, x, w, geometry, k, a, seed, stream)
+        shape, span = conv_site_shape(g.shape, x.shape, w.shape, geometry.transposed)
+        batch = shape[1]
+        site, k, measuring = self._start(key, shape, batch, span)
+        if k < batch or measuring:
+            a, sq_norm = sample_bounds(g, x)
+            self._post_guard(key, site, sq_norm)
+        if k < batch:
+            out = sampled_conv_weight(g, x, w, geometry, k, a, seed, stream)
+        else:
+            out = conv_vjp(g, x, w, geometry, (False, True))[1]
         if measuring:
             sq_norms = sample_weight_sq_norms(g, x, w, geometry)
             site.spent_flops += site.costs[0]

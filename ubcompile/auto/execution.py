@@ -14,8 +14,8 @@ from ..estimator_ops import CONTRACTED, sketched_conv_grads, sketched_product
 from ..kernels import kernel
 from ..sketches.control import sketch_variance_vector
 from ..sketches.counter_rng import normal
-from ..sketches.conv import BATCH, ConvGeometry, conv_vjp
-from ..sketches.norm import factor_norms, output_importance
+from ..sketches.conv import BATCH, ConvGeometry, sample_term_bounds
+from ..sketches.norm import factor_norms
 from ..sketches.residual import ResidualSplit, range_bases, residual_contraction, tracked_bases
 from .policy import RESIDUAL_RANK
 
@@ -63,20 +63,18 @@ def measurement(out: Tensor, sq_sum: Tensor, ks: Tensor, terms: Tensor) -> Tenso
 
 @kernel
 def sample_bounds(g: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-    """A convolution's batch sketch for its weight gradient: the draw weights ``a_b = ||G[b]|| ||x[b]||``
-    (:func:`~ubcompile.sketches.conv.conv_importance`: a bound on the sample's term ``||t_b||``, up
-    to a factor common to every ``b``) and ``sum_b a_b^2`` (float64, shape ``(1,)``) for the spike guard."""
-    a = output_importance(g, BATCH) * output_importance(x, BATCH)
+    """A convolution's batch sketch for its weight gradient: the draw weights
+    (:func:`~ubcompile.sketches.conv.sample_term_bounds`) and their squares' sum (float64, shape
+    ``(1,)``) for the spike guard, in one compiled body."""
+    a = sample_term_bounds(g, x)
     return a, a.double().square().sum().reshape(1)
 
 
-def controlled_conv_weight(g: Tensor, x: Tensor, w: Tensor, geometry: ConvGeometry, k: int, a: Tensor,
-                           seed: Tensor, key: int) -> Tensor:
-    """A convolution's weight gradient from ``k`` of its ``b`` samples, drawn from the weights ``a``
+def sampled_conv_weight(g: Tensor, x: Tensor, w: Tensor, geometry: ConvGeometry, k: int, a: Tensor,
+                        seed: Tensor, key: int) -> Tensor:
+    """A convolution's weight gradient from ``k`` of its samples, drawn from the weights ``a``
     (:func:`sample_bounds`) by the site's ``key`` of ``seed``: a convolution backward on the kept
-    samples (:func:`~ubcompile.sketches.conv.batch_sketched_vjp`); exact at ``k = b``."""
-    if k == g.shape[BATCH]:
-        return conv_vjp(g, x, w, geometry, (False, True))[1]
+    samples (:func:`~ubcompile.sketches.conv.batch_sketched_vjp`)."""
     idx, weights = draw_kernels.pps(a, k, seed, draw_kernels.stream_of(key, 0))
     return sketched_conv_grads(g, x, w, idx, weights, geometry, BATCH, (False, True))[1]
 

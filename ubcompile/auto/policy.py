@@ -10,10 +10,11 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from typing import Optional
+from typing import Optional, Sequence
 
 from ..cost_model import model_for
 from ..sketches import keep_count
+from ..sketches.conv import implicit_gemm_sizes
 from ..sketches.residual import basis_flops, residual_flops, tracking_flops
 
 LEVELS = (1.0, 0.5, 0.35, 0.25, 0.18, 0.12, 0.08, 0.05)
@@ -66,6 +67,15 @@ FAMILIES = {"gemm": "auto", "conv": "conv"}
 :mod:`ubcompile.cost_model` that prices its calls in time. A controlled GEMM call has a model of its
 own; a controlled convolution's follows the fixed-fraction ``sampled_conv_backward``'s, without the
 controller's per-call cost."""
+
+
+def conv_site_shape(g: Sequence[int], x: Sequence[int], w: Sequence[int],
+                    transposed: bool) -> tuple[tuple[int, int, int], int]:
+    """The ``shape`` and ``span`` of a convolution's weight-gradient site, from the shapes of ``G``,
+    ``x`` and ``w``: ``(C_out, batch, positions * per_channel)`` and the positions
+    (:func:`~ubcompile.sketches.conv.implicit_gemm_sizes`)."""
+    batch, channels, positions, per_channel = implicit_gemm_sizes(g, x, w, transposed)
+    return (channels, batch, positions * per_channel), positions
 
 
 def flop_options(shape: tuple[int, int, int], family: str = "gemm") -> tuple[Option, ...]:

@@ -128,6 +128,13 @@ def conv_importance(g: Tensor, x: Tensor, w: Tensor, axis: int, geometry: ConvGe
     return weights * (co.square() + _slice_factor(x, w, axis, geometry, g.shape[CHANNELS]).square()).sqrt()
 
 
+def sample_term_bounds(g: Tensor, x: Tensor) -> Tensor:
+    """``||G[b]|| ||x[b]||``: :func:`conv_importance` of the batch for the weight gradient alone (a
+    bound on sample ``b``'s term ``||t_b||`` up to a factor common to every ``b``), which reads
+    neither ``w`` nor the geometry."""
+    return output_importance(g, BATCH) * output_importance(x, BATCH)
+
+
 def _slice_factor(x: Tensor, w: Tensor, axis: int, geometry: ConvGeometry, channels: int) -> Tensor:
     """``||o||_F`` of :func:`conv_importance`, per channel of ``G`` (per group of ``x``) or 0-d."""
     if axis == BATCH:
