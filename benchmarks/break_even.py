@@ -37,6 +37,7 @@ import torch
 import bench
 import ubcompile  # noqa: F401  (registers torch.ops.ubcompile)
 from ubcompile.auto import BASES_EVERY, AutoController
+from ubcompile.auto.policy import conv_site_shape
 from ubcompile.cost_model import CostModel, predicted_speedup
 from ubcompile.estimator_ops import CONTRACTED
 from ubcompile.sketches.conv import BATCH, ConvGeometry
@@ -70,10 +71,13 @@ def medians_of(calls: dict[str, Callable[[], object]], rounds: int, device: torc
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def record(medians: dict[str, float], sketches: list[str], s: int, k: int, x: int, y: int) -> dict[str, Any]:
+def record(medians: dict[str, float], sketches: list[str], s: int, k: int, x: int, y: int,
+           elements: Optional[int] = None) -> dict[str, Any]:
     """One shape's timings, with the sampled dim ``s`` (``k`` kept) and the other two, ``x`` and ``y``,
-    of the product's (implicit) GEMM: what :class:`CostModel` is fitted to."""
-    return {"s": s, "k": k, "x": x, "y": y, "exact_us": 1e6 * medians["exact"],
+    of the product's (implicit) GEMM, and the operand elements the sampled op reads (a GEMM's
+    ``s (x + y)`` unless given): what :class:`CostModel` is fitted to."""
+    return {"s": s, "k": k, "x": x, "y": y, "elements": s * (x + y) if elements is None else elements,
+            "exact_us": 1e6 * medians["exact"],
             **{f"{name}_us": 1e6 * medians[name] for name in sketches},
             **{f"{name}_ratio": medians[name] / medians["exact"] for name in sketches}}
 
@@ -162,8 +166,9 @@ def measure_conv(shape: tuple[int, ...], p: float, sketches: list[str], rounds: 
     calls = {"exact": lambda: torch.ops.aten.convolution_backward(g, x, w, None, *geometry, [False, True, False])}
     positions = out.shape[2] * out.shape[3]
     if auto:
+        site = conv_site_shape(g.shape, x.shape, w.shape, False)
         calls["auto_norm"] = held_call(
-            lambda c: c.register("conv", (c_out, batch, positions * c_in * kernel * kernel), family="conv", span=positions),
+            lambda c: c.register("conv", site[0], family="conv", span=site[1], reads=site[2]),
             lambda c, key: c.conv_weight(g, x, w, ConvGeometry.of(*geometry), key, seed, 0), "norm", p)
     for sketch in [] if auto else sketches:
         calls[sketch] = (lambda s: lambda: torch.ops.ubcompile.sampled_conv_backward(
@@ -171,7 +176,7 @@ def measure_conv(shape: tuple[int, ...], p: float, sketches: list[str], rounds: 
     sketches = ["auto_norm"] if auto else sketches
     return {"conv": ",".join(map(str, shape)),
             **record(medians_of(calls, rounds, device), sketches, batch * positions, k * positions, c_out,
-                     c_in * kernel * kernel)}
+                     c_in * kernel * kernel, g.numel() + x.numel())}
 
 
 def break_even(results: list[dict[str, Any]], rows: int, sketch: str) -> Optional[int]:
@@ -186,19 +191,36 @@ def break_even(results: list[dict[str, Any]], rows: int, sketch: str) -> Optiona
     return paying
 
 
-def fit(results: list[dict[str, Any]], sketch: str) -> CostModel:
-    """The :class:`CostModel` of ``sketch`` that fits ``results``: ``per_mac_us`` the median of the exact
-    products' time per multiply-add; ``fixed_us`` and ``per_element_us`` the least-squares fit, in
-    relative error, of each op's time less the kept share of the exact product's to
-    ``fixed + per_element * s * (x + y)``."""
-    per_mac = statistics.median(r["exact_us"] / (r["s"] * r["x"] * r["y"]) for r in results)
-    weights = torch.tensor([1 / r[f"{sketch}_us"] for r in results], dtype=torch.float64)
-    design = torch.tensor([[1.0, r["s"] * (r["x"] + r["y"])] for r in results], dtype=torch.float64)
-    overhead = torch.tensor([r[f"{sketch}_us"] - r["k"] / r["s"] * r["exact_us"] for r in results],
-                            dtype=torch.float64)
-    coef = torch.linalg.lstsq(design * weights[:, None], (overhead * weights)[:, None]).solution[:, 0]
-    return CostModel(fixed_us=round(coef[0].item(), 1), per_element_us=float(f"{coef[1].item():.3g}"),
-                     per_mac_us=float(f"{per_mac:.3g}"))
+def _least_squares(design: list[list[float]], target: list[float], scale: list[float]) -> list[float]:
+    """The coefficients of ``design`` that fit ``target`` best in error relative to ``scale``."""
+    weights = torch.tensor([1 / t for t in scale], dtype=torch.float64)
+    a = torch.tensor(design, dtype=torch.float64) * weights[:, None]
+    b = (torch.tensor(target, dtype=torch.float64) * weights)[:, None]
+    return torch.linalg.lstsq(a, b).solution[:, 0].tolist()
+
+
+def fit(results: list[dict[str, Any]], sketch: str, exact_reads: bool = False) -> CostModel:
+    """The :class:`CostModel` of ``sketch`` that fits ``results``. The exact product's time: the
+    median time per multiply-add (``per_mac_us``), or with ``exact_reads`` (convolutions) the
+    least-squares fit to ``per_mac * macs + exact_per_element * elements``. Then the least-squares
+    fit, in error relative to each op's time, of that time less the kept share of the modelled exact
+    product's to ``fixed + per_element * elements``, plus ``per_kept_element * (k / s) * elements``
+    where the results hold several fractions ``k / s`` (with one, the two terms are one)."""
+    if exact_reads:
+        exact_us = [r["exact_us"] for r in results]
+        per_mac, exact_per_element = _least_squares([[r["s"] * r["x"] * r["y"], r["elements"]] for r in results],
+                                                    exact_us, exact_us)
+    else:
+        per_mac, exact_per_element = statistics.median(r["exact_us"] / (r["s"] * r["x"] * r["y"]) for r in results), 0.0
+    exact = CostModel(0.0, 0.0, per_mac, exact_per_element)
+    fractions = len({r["k"] / r["s"] for r in results}) > 1
+    fixed, per_element, *per_kept = _least_squares(
+        [[1.0, r["elements"]] + ([r["k"] / r["s"] * r["elements"]] if fractions else []) for r in results],
+        [r[f"{sketch}_us"] - r["k"] / r["s"] * exact.exact_us(r["s"], r["x"], r["y"], elements=r["elements"])
+         for r in results], [r[f"{sketch}_us"] for r in results])
+    return CostModel(fixed_us=round(fixed, 1), per_element_us=float(f"{per_element:.3g}"),
+                     per_mac_us=float(f"{per_mac:.3g}"), exact_per_element_us=float(f"{exact_per_element:.3g}"),
+                     per_kept_element_us=float(f"{per_kept[0] if per_kept else 0.0:.3g}"))
 
 
 def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
@@ -209,7 +231,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     ap.add_argument("--rows", type=int, nargs="+", default=[2048, 8192])
     ap.add_argument("--widths", type=shape, nargs="+", default=[32, 64, 96, 128, 192, 256, 384, 512, 768, 1024],
                     metavar="D|XxY")
-    ap.add_argument("--p", type=float, default=0.25)
+    ap.add_argument("--p", type=float, nargs="+", default=[0.25], help="keep fractions, each timed and fitted")
     ap.add_argument("--sketch", nargs="+", default=["norm", "uniform"], choices=["norm", "uniform"])
     ap.add_argument("--rounds", type=int, default=21)
     ap.add_argument("--conv", type=conv_shape, nargs="+", metavar="B,C_in,C_out,HW,K[,STRIDE]",
@@ -222,33 +244,37 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     args = ap.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if args.conv:
-        results = [measure_conv(shape, args.p, args.sketch, args.rounds, device, dtype, args.auto) for shape in args.conv]
+        results = [measure_conv(shape, p, args.sketch, args.rounds, device, dtype, args.auto)
+                   for p in args.p for shape in args.conv]
     elif args.auto:
-        results = [measure_auto(rows, width, args.p, args.rounds, device, dtype)
-                   for rows in args.rows for width in args.widths]
+        results = [measure_auto(rows, width, p, args.rounds, device, dtype)
+                   for p in args.p for rows in args.rows for width in args.widths]
     else:
-        results = [measure(rows, width, args.p, args.sketch, args.rounds, device, dtype)
-                   for rows in args.rows for width in args.widths]
+        results = [measure(rows, width, p, args.sketch, args.rounds, device, dtype)
+                   for p in args.p for rows in args.rows for width in args.widths]
     sketches = ["auto_norm", "auto_residual"] if args.auto else args.sketch
     where = bench.machine(device, dtype)
-    print(f"{where}, p={args.p}; medians of {args.rounds} interleaved rounds\n")
-    print("| shape | s x (x, y) | exact us | " + " | ".join(f"{s} us | {s} / exact" for s in sketches) + " |")
-    print("|---" * (3 + 2 * len(sketches)) + "|")
+    print(f"{where}; medians of {args.rounds} interleaved rounds\n")
+    print("| shape | s x (x, y) | k / s | exact us | " + " | ".join(f"{s} us | {s} / exact" for s in sketches) + " |")
+    print("|---" * (4 + 2 * len(sketches)) + "|")
     for r in results:
         cells = " | ".join(f"{r[f'{s}_us']:.0f} | {r[f'{s}_ratio']:.2f}" if f"{s}_us" in r else "- | -"
                            for s in sketches)
-        print(f"| {r.get('conv') or r['rows']} | {r['s']} x ({r['x']}, {r['y']}) | {r['exact_us']:.0f} | {cells} |")
+        print(f"| {r.get('conv') or r['rows']} | {r['s']} x ({r['x']}, {r['y']}) | {r['k'] / r['s']:.2f} | "
+              f"{r['exact_us']:.0f} | {cells} |")
     print()
-    for rows in [] if args.conv else args.rows:
-        for s in sketches:
-            width = break_even(results, rows, s)
-            print(f"rows {rows}, {s}: " + (f"pays (ratio < 1) from width {width} on" if width else
-                                            "does not pay at the widest width measured"))
+    for p in [] if args.conv else args.p:
+        for rows in args.rows:
+            for s in sketches:
+                width = break_even([r for r in results if r["k"] == keep_count(rows, p)], rows, s)
+                print(f"p {p}, rows {rows}, {s}: " + (f"pays (ratio < 1) from width {width} on" if width else
+                                                      "does not pay at the widest width measured"))
     timed = {s: [r for r in results if f"{s}_us" in r] for s in sketches}
-    models = {s: fit(timed[s], s) for s in sketches if timed[s]} if args.fit else {}
+    models = {s: fit(timed[s], s, exact_reads=bool(args.conv)) for s in sketches if timed[s]} if args.fit else {}
     for s, model in models.items():
         predicted = " ".join(f"{r['s']}x{r['x']}x{r['y']}: {r[f'{s}_ratio']:.2f}/"
-                             f"{1 / predicted_speedup(model, r['s'], r['k'], r['x'], r['y']):.2f}" for r in timed[s])
+                             f"{1 / predicted_speedup(model, r['s'], r['k'], r['x'], r['y'], elements=r['elements']):.2f}"
+                             for r in timed[s])
         print(f"\n{s}: {model}\n  measured/modelled op / exact: {predicted}")
     if args.json:
         with open(args.json, "w") as f:

@@ -6,7 +6,7 @@
 #    step run under torch.cuda.set_sync_debug_mode("error"); exact with and without
 #    mode="reduce-overhead" (ubcompile refuses reduce-overhead: README "Compile options").
 # 2. The benchmark suite on CUDA, bf16: step and backward time against exact, 5 rounds.
-# 3. One sampled weight-gradient product, one convolution's and p="auto"'s controlled call, against
+# 3. One sampled weight-gradient product, one convolution's and p="auto"'s controlled calls (GEMM, conv), against
 #    exact by size (where sampling starts to pay), each with the cost model fitted to it: the constants to enter in
 #    ubcompile/cost_model.py's MODELS["cuda"] (until then the cost rule keeps nothing exact on a GPU).
 set -uo pipefail
@@ -32,3 +32,6 @@ python benchmarks/break_even.py --device cuda --dtype bfloat16 --fit \
   --json "$out/break_even_conv.json" 2>&1 | tee "$out/break_even_conv.txt"
 python benchmarks/break_even.py --device cuda --dtype bfloat16 --auto --rows 1024 4096 16384 \
   --widths 256 1024 4096 768x3072 --fit --json "$out/break_even_auto.json" 2>&1 | tee "$out/break_even_auto.txt"
+python benchmarks/break_even.py --device cuda --dtype bfloat16 --auto --p 0.25 0.5 --fit \
+  --conv 128,3,64,224,7,2 64,64,64,56,3 64,64,256,56,1 64,128,128,28,3 64,256,256,14,3 64,512,512,7,3 \
+  --json "$out/break_even_conv_auto.json" 2>&1 | tee "$out/break_even_conv_auto.txt"

@@ -16,7 +16,7 @@ For ``--grid auto-confirm`` (the default budget on fresh seeds): ``auto-confirm.
 table; ``--grid wide`` (the realistic widths): ``wide.md`` and ``wide_fractions.png``, with the ViT's VCAS runs
 (``--grid wide-vcas`` and ``wide-vcas-matched``); ``--grid wide-stable``: ``wide-stable.md``, the wide GPT at
 ``sweep.WIDE_STABLE_LR`` with its VCAS runs; ``--grid wide-conv``: ``wide-conv.md`` and
-``wide-conv_fractions.png``, the 64-channel BagNet; ``wide`` and ``wide-stable`` add ``p="auto"`` minus each VCAS run of the same seed; ``--grid vcas``
+``wide-conv_fractions.png``, the 64-channel BagNet (``--grid wide-conv-reads``: its re-run); ``wide`` and ``wide-stable`` add ``p="auto"`` minus each VCAS run of the same seed; ``--grid vcas``
 and ``--grid layer-scale``: ``vcas.md`` and ``layer-scale.md``, with the exact and ``p="auto"`` runs of
 ``auto-confirm`` on the same seeds. For ``--grid memory`` (``python examples/sweep.py --grid memory``): ``memory.md``, the same
 table for the norm and activation sketches at ``p = 0.25``.
@@ -189,8 +189,8 @@ def with_pairs(records: dict[str, list[Record]], path: pathlib.Path) -> dict[str
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--grid", choices=["auto", "auto-confirm", "memory", "wide", "wide-stable", "wide-conv", "vcas",
-                                       "layer-scale"],
+    ap.add_argument("--grid", choices=["auto", "auto-confirm", "memory", "wide", "wide-stable", "wide-conv",
+                                       "wide-conv-reads", "vcas", "layer-scale"],
                     default="auto")
     ap.add_argument("--out", type=pathlib.Path, default=sweep.ROOT / "docs" / "experiments")
     args = ap.parse_args()
@@ -198,7 +198,7 @@ def main() -> None:
     records = records_by_model(args.out / filename, models)
     if args.grid in PAIRED:
         records = with_pairs(records, args.out / sweep.GRIDS[PAIRED[args.grid]][1])
-    if args.grid in ("auto", "wide", "wide-conv"):
+    if args.grid in ("auto", "wide", "wide-conv", "wide-conv-reads"):
         plot(records, args.out / f"{args.grid}_fractions.png")
     lr = sweep.WIDE_STABLE_LR if args.grid == "wide-stable" else None  # its VCAS runs (wide-vcas, -matched) too
     tables = [model_table(m, runs, memory_labels() if args.grid == "memory" else auto_labels(runs),

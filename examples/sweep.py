@@ -18,7 +18,8 @@ learning rate its exact training survives, ``--grid wide-vcas`` VCAS on the GPT'
 ViT's ``wide-layer`` runs, ``--grid wide-vcas-matched`` VCAS at the ``tau`` that matches ``p="auto"``'s
 backward FLOPs on each, :data:`MATCHED_VCAS_TAU`; ``--grid wide-timed`` ``p="auto"`` there with the
 cost rule on, :func:`wide_timed_grid`; ``--grid wide-conv`` the BagNet at 64 channels, exact and
-``p="auto"`` with its default options, :func:`wide_conv_grid`), ``--grid vcas`` VCAS on the confirmation
+``p="auto"`` with its default options, :func:`wide_conv_grid`; ``--grid wide-conv-reads`` the same again,
+into ``wide_conv_reads_runs.jsonl``, after the conv cost models counted what the op reads), ``--grid vcas`` VCAS on the confirmation
 seeds (:func:`vcas_grid`, into ``vcas_runs.jsonl``; ``--grid vcas-matched`` at the ``tau`` that matches
 ``p="auto"``'s backward FLOPs there, :data:`MATCHED_VCAS_TAU_CONFIRM`), ``--grid layer-scale`` ``p="auto"``
 with each layer's variance over its own gradient (:func:`layer_scale_grid`, into
@@ -260,6 +261,7 @@ GRIDS = {"main": (grid, "runs.jsonl", tuple(MODELS)), "auto": (auto_grid, "auto_
          "wide-vcas-matched": (wide_vcas_matched_grid, "wide_runs.jsonl", tuple(MATCHED_VCAS_TAU)),
          "wide-timed": (wide_timed_grid, "wide_runs.jsonl", WIDE_TRANSFORMERS),
          "wide-conv": (wide_conv_grid, "wide_runs.jsonl", ("bagnet",)),
+         "wide-conv-reads": (wide_conv_grid, "wide_conv_reads_runs.jsonl", ("bagnet",)),
          "vcas": (vcas_grid, "vcas_runs.jsonl", tuple(CONFIRM_SEEDS)),
          "vcas-matched": (vcas_matched_grid, "vcas_runs.jsonl", tuple(MATCHED_VCAS_TAU_CONFIRM)),
          "layer-scale": (layer_scale_grid, "layer_scale_runs.jsonl", tuple(CONFIRM_SEEDS)),

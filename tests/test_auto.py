@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import ubcompile
 from ubcompile.auto import BASES_EVERY, LEVELS, AutoController, allocate, lower_hull, site_options
+from ubcompile.sketches import keep_count
 from ubcompile.sketches.control import sample_sq_norms, sgd_variance, sketch_variance_vector, sketch_variances
 from ubcompile.sketches.norm import water_fill
 from ubcompile.sketches.residual import tracked_bases
@@ -150,6 +151,22 @@ def test_options_are_priced_in_time_where_the_device_has_fitted_models(monkeypat
     assert [o.label for o in site_options(shape, "cpu")] == ["exact"]
     assert site_options(shape, "cpu", min_speedup=0) == by_flops  # the rule off: FLOPs, every option
     assert AutoSite("m", shape, device="cpu", min_speedup=0).savings == flops_site.savings
+
+
+def test_a_convolution_site_is_priced_by_the_elements_it_reads(monkeypatch):
+    """A convolution's controlled call reads ``G`` and ``x`` once each (``reads`` per sample), not
+    the unfolded input its implicit GEMM's sizes count (9 times ``x`` for a 3x3)."""
+    from ubcompile import cost_model
+    from ubcompile.auto.policy import conv_site_shape, option_times
+
+    shape, span, reads = conv_site_shape((8, 16, 10, 10), (8, 4, 10, 10), (16, 4, 3, 3), False)
+    assert (shape, span, reads) == ((16, 8, 100 * 36), 100, 16 * 100 + 4 * 100)
+    reading = cost_model.CostModel(fixed_us=0.0, per_element_us=1.0, per_mac_us=0.0, exact_per_element_us=1.0)
+    monkeypatch.setitem(cost_model.MODELS, "cpu", {("auto_conv", "norm"): reading})
+    options = site_options(shape, "cpu", min_speedup=0, family="conv", span=span, reads=reads)
+    exact, times = option_times(options, shape, "cpu", "conv", span, reads)
+    assert exact == 8 * reads
+    assert times == tuple(exact if o.level == 0 else exact + exact * min(8, keep_count(8, o.p)) / 8 for o in options)
 
 
 def _seed(gen):

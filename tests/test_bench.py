@@ -85,6 +85,7 @@ def test_break_even_times_the_controlled_call_and_the_convolution():
     assert auto["s"] == 64 and auto["k"] == 16 and auto["auto_norm_us"] > 0
     (conv,) = break_even.main(["--conv", "8,4,4,8,3", "--rounds", "1"])
     assert (conv["s"], conv["k"], conv["x"], conv["y"]) == (8 * 64, 2 * 64, 4, 36)
+    assert conv["elements"] == 8 * 4 * 64 * 2  # G and x, each 8 samples of 4 channels at 8 x 8
     assert conv["norm_us"] > 0 and conv["uniform_us"] > 0
 
 
@@ -95,11 +96,32 @@ def test_break_even_fit_recovers_a_known_cost_model():
 
     truth = CostModel(fixed_us=150.0, per_element_us=0.0004, per_mac_us=1e-05)
     shapes = [(rows, x, y) for rows in (256, 1024, 4096) for x, y in ((64, 64), (256, 256), (64, 256), (1024, 1024))]
-    results = [{"s": r, "x": x, "y": y, "k": r // 4, "exact_us": truth.exact_us(r, x, y),
-                "norm_us": truth.sampled_us(r, r // 4, x, y)} for r, x, y in shapes]
+    # a GEMM's operands (s (x + y) elements) and a 3x3 convolution's (G and x: a ninth of the unfolded y)
+    reads = [r * (x + y) for r, x, y in shapes] + [r * (x + y // 9) for r, x, y in shapes]
+    results = [{"s": r, "x": x, "y": y, "k": r // 4, "elements": e, "exact_us": truth.exact_us(r, x, y),
+                "norm_us": truth.sampled_us(r, r // 4, x, y, elements=e)} for (r, x, y), e in zip(shapes * 2, reads)]
     fitted = break_even.fit(results, "norm")
     assert fitted.fixed_us == pytest.approx(truth.fixed_us, rel=1e-3)
     assert fitted.per_element_us == pytest.approx(truth.per_element_us, rel=1e-2)
     assert fitted.per_mac_us == pytest.approx(truth.per_mac_us, rel=1e-2)
     doubled = [{**r, "norm_us": r["norm_us"] + 150.0} for r in results]  # a fixed cost it must see
     assert break_even.fit(doubled, "norm").fixed_us == pytest.approx(300.0, rel=1e-3)
+
+
+def test_break_even_fit_recovers_a_convolution_model_from_two_fractions():
+    """A convolution's model: an exact time partly bound by its reads, and kept copies whose cost
+    grows with ``k / s``, told apart from the reads by timings at two fractions."""
+    import break_even
+    from ubcompile.cost_model import CostModel
+
+    truth = CostModel(fixed_us=400.0, per_element_us=3e-4, per_mac_us=1.2e-5, exact_per_element_us=5e-4,
+                      per_kept_element_us=6e-4)
+    shapes = [(s, x, y, e) for s in (18432, 100352) for x, y, e in ((64, 9, 7e6), (128, 64, 16e6), (128, 1152, 5e6))]
+    results = [{"s": s, "x": x, "y": y, "k": int(s * p), "elements": e, "exact_us": truth.exact_us(s, x, y, elements=e),
+                "auto_norm_us": truth.sampled_us(s, int(s * p), x, y, elements=e)}
+               for s, x, y, e in shapes for p in (0.25, 0.5)]
+    fitted = break_even.fit(results, "auto_norm", exact_reads=True)
+    for field in ("fixed_us", "per_element_us", "per_mac_us", "exact_per_element_us", "per_kept_element_us"):
+        assert getattr(fitted, field) == pytest.approx(getattr(truth, field), rel=1e-2), field
+    one_fraction = [r for r in results if r["k"] * 4 == r["s"]]
+    assert break_even.fit(one_fraction, "auto_norm", exact_reads=True).per_kept_element_us == 0.0

@@ -106,6 +106,11 @@ def test_model_parts_add_up():
     assert model.exact_us(10, 20, 30) == pytest.approx(60.0)
     assert model.sampled_us(10, 5, 20, 30) == pytest.approx(100 + 0.5 * 10 * 50 + 30.0)
     assert model.sampled_us(10, 5, 20, 30, batch=2) - model.fixed_us == pytest.approx(2 * (250 + 30.0))
+    # a convolution: the elements it reads, given, and an exact product partly bound by reading them
+    conv = CostModel(fixed_us=100.0, per_element_us=0.5, per_mac_us=0.01, exact_per_element_us=0.25,
+                     per_kept_element_us=0.125)
+    assert conv.exact_us(10, 20, 30, elements=40) == pytest.approx(60.0 + 10.0)
+    assert conv.sampled_us(10, 5, 20, 30, elements=40) == pytest.approx(100 + (0.5 + 0.5 * 0.125) * 40 + 0.5 * 70.0)
 
 
 def test_assert_unbiased_warns_when_nothing_was_sampled():

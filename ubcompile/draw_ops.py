@@ -75,8 +75,8 @@ def auto_conv_weight(g: Tensor, x: Tensor, w: Tensor, seed: Tensor, handle: Tens
     (:meth:`~ubcompile.auto.AutoController.conv_weight`); as :func:`auto_contraction` otherwise."""
     stream = _controlled_stream(handle)
     geometry = ConvGeometry.of(stride, padding, dilation, transposed, output_padding, groups)
-    shape, span = conv_site_shape(g.shape, x.shape, w.shape, transposed)
-    key = stream.auto.register(module, shape, stream.domain, ordinal, g.device.type, "conv", span)
+    shape, span, reads = conv_site_shape(g.shape, x.shape, w.shape, transposed)
+    key = stream.auto.register(module, shape, stream.domain, ordinal, g.device.type, "conv", span, reads)
     return stream.auto.conv_weight(g, x, w, geometry, key, seed, index).contiguous()
 
 

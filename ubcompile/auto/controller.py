@@ -54,7 +54,8 @@ counting the controlled products of that module in one graph, in graph order."""
 class AutoSite:
     """One product ``(M x n) @ (n x N)`` under control: a weight gradient whose ``n`` batch/token rows
     are contracted (``family="gemm"``), or a convolution's whose ``n`` samples are, each ``span``
-    rows (its output positions) of the implicit GEMM (``"conv"``; see :mod:`.policy`).
+    rows (its output positions) of the implicit GEMM and ``reads`` elements of ``G`` and ``x``
+    (``"conv"``; see :mod:`.policy`).
 
     ``shape`` and ``group`` are those of its last call (a recompiled graph may change them);
     ``domain`` is the compiled model it belongs to: each domain has a budget of its own. ``device``
@@ -69,6 +70,7 @@ class AutoSite:
     min_speedup: float = 1.0
     family: str = "gemm"
     span: int = 1
+    reads: int = 0  # operand elements a call reads per contracted index (0: a GEMM's M + N)
     group: int = 1  # rows per sample (tokens per sequence); 1 for a plain batch
     options: tuple[Option, ...] = dataclasses.field(init=False)
     costs: tuple[float, ...] = dataclasses.field(init=False)  # GEMM FLOPs of a call with each option, bases amortised
@@ -93,14 +95,15 @@ class AutoSite:
     spent_flops: float = 0.0
 
     def __post_init__(self) -> None:
-        self.options = site_options(self.shape, self.device, self.min_speedup, self.family, self.span)
+        self.options = site_options(self.shape, self.device, self.min_speedup, self.family, self.span, self.reads)
         self._price(self.shape)
         self.uses = [0] * len(self.options)
 
     def _price(self, shape: tuple[int, int, int]) -> None:
         self.costs = tuple(o.flops(*shape) for o in self.options)
         self.call_costs = tuple(o.flops(*shape, bases=0) for o in self.options)
-        times = option_times(self.options, shape, self.device, self.family, self.span) if self.min_speedup > 0 else None
+        times = (option_times(self.options, shape, self.device, self.family, self.span, self.reads)
+                 if self.min_speedup > 0 else None)
         self.savings = tuple(times[0] - t for t in times[1]) if times else tuple(self.costs[0] - c for c in self.costs)
 
     @property
@@ -129,11 +132,11 @@ class AutoSite:
         """Whether the bases have served :data:`BASES_EVERY` calls."""
         return self.calls - 1 - self.bases_made >= BASES_EVERY
 
-    def bind(self, shape: tuple[int, int, int], samples: int, span: int = 1) -> None:
-        """Take the shape and span of this call (its options stay the ones of the first) and the rows per
-        sample: ``n / samples`` when the ``n`` contracted rows split evenly into ``samples``."""
-        if (shape, span) != (self.shape, self.span):
-            self.shape, self.span = shape, span
+    def bind(self, shape: tuple[int, int, int], samples: int, span: int = 1, reads: int = 0) -> None:
+        """Take the shape, span and reads of this call (its options stay the ones of the first) and the
+        rows per sample: ``n / samples`` when the ``n`` contracted rows split evenly into ``samples``."""
+        if (shape, span, reads) != (self.shape, self.span, self.reads):
+            self.shape, self.span, self.reads = shape, span, reads
             self._price(shape)
         n = shape[1]
         self.group = n // samples if 0 < samples < n and n % samples == 0 else 1
@@ -167,16 +170,16 @@ class AutoController:
         self._unread: set[int] = set()  # sites that posted statistics since the last collect
 
     def register(self, module: str, shape: tuple[int, int, int], domain: int = 0, ordinal: int = 0,
-                 device: Optional[str] = None, family: str = "gemm", span: int = 1) -> int:
+                 device: Optional[str] = None, family: str = "gemm", span: int = 1, reads: int = 0) -> int:
         """The key of the site ``(domain, module, ordinal)`` (see :data:`SiteId`): the existing
-        one (a recompiled graph has the same products), else a new one of ``family``, ``shape`` and
-        ``span`` (:class:`AutoSite`), on a device of type ``device``. The compiled op registers at
+        one (a recompiled graph has the same products), else a new one of ``family``, ``shape``,
+        ``span`` and ``reads`` (:class:`AutoSite`), on a device of type ``device``. The compiled op registers at
         its call, so a graph served by a compile cache finds its sites too."""
         identity = (domain, module, ordinal)
         key = self._keys.get(identity)
         if key is None:
             key = self._keys[identity] = len(self.sites)
-            self.sites.append(AutoSite(module, shape, domain, device, self.min_speedup, family, span))
+            self.sites.append(AutoSite(module, shape, domain, device, self.min_speedup, family, span, reads))
         return key
 
     def live(self, site: AutoSite) -> bool:
@@ -185,9 +188,10 @@ class AutoController:
         from the allocation until it is called again."""
         return self._domain_calls[site.domain] - site.last_seen < 2 * len(self.sites)
 
-    def _start(self, key: int, shape: tuple[int, int, int], samples: int, span: int = 1) -> tuple[AutoSite, int, bool]:
+    def _start(self, key: int, shape: tuple[int, int, int], samples: int, span: int = 1,
+               reads: int = 0) -> tuple[AutoSite, int, bool]:
         """Begin a call of the site ``key`` on a product of ``shape`` (its ``n`` indices from
-        ``samples`` samples, each ``span`` rows): act on what was read back since its last one
+        ``samples`` samples, each ``span`` rows, ``reads`` elements): act on what was read back since its last one
         (:meth:`collect`; in a step of several sites, once, for all of them, in one read), count
         it, and return the site, its keep count ``k`` and whether the call measures."""
         if key in self._unread:
@@ -197,7 +201,7 @@ class AutoController:
         if site.calls and calls - site.last_seen >= 2 * len(self.sites):
             site.due = True  # back from retirement: its last measurement is old
         site.last_seen = calls
-        site.bind(shape, samples, span)
+        site.bind(shape, samples, span, reads)
         site.calls += 1
         site.exact_flops += site.costs[0]
         site.uses[site.option] += 1
@@ -245,9 +249,9 @@ class AutoController:
         An exact call that does not measure computes the exact gradient alone: the bounds read all
         of ``G`` and ``x`` (on a CPU core, 4-5 ms for a 128-sample batch at 64-128 channels, a
         tenth of the gradient itself), so the spike guard watches the sampled calls only."""
-        shape, span = conv_site_shape(g.shape, x.shape, w.shape, geometry.transposed)
+        shape, span, reads = conv_site_shape(g.shape, x.shape, w.shape, geometry.transposed)
         batch = shape[1]
-        site, k, measuring = self._start(key, shape, batch, span)
+        site, k, measuring = self._start(key, shape, batch, span, reads)
         if k < batch or measuring:
             a, sq_norm = sample_bounds(g, x)
             self._post_guard(key, site, sq_norm)

@@ -62,20 +62,18 @@ class Option:
         return residual_flops(m, n, big_n, RESIDUAL_RANK, k) - made + tracking_flops(m, n, big_n, RESIDUAL_RANK) * bases
 
 
-FAMILIES = {"gemm": "auto", "conv": "conv"}
+FAMILIES = {"gemm": "auto", "conv": "auto_conv"}
 """A site's family (a GEMM's batch/token rows, a convolution's samples): the op family of
-:mod:`ubcompile.cost_model` that prices its calls in time. A controlled GEMM call has a model of its
-own; a controlled convolution's follows the fixed-fraction ``sampled_conv_backward``'s, without the
-controller's per-call cost."""
+:mod:`ubcompile.cost_model` that prices its calls in time, each a model of the controlled call."""
 
 
 def conv_site_shape(g: Sequence[int], x: Sequence[int], w: Sequence[int],
-                    transposed: bool) -> tuple[tuple[int, int, int], int]:
-    """The ``shape`` and ``span`` of a convolution's weight-gradient site, from the shapes of ``G``,
-    ``x`` and ``w``: ``(C_out, batch, positions * per_channel)`` and the positions
-    (:func:`~ubcompile.sketches.conv.implicit_gemm_sizes`)."""
+                    transposed: bool) -> tuple[tuple[int, int, int], int, int]:
+    """The ``shape``, ``span`` and ``reads`` of a convolution's weight-gradient site, from the shapes
+    of ``G``, ``x`` and ``w``: ``(C_out, batch, positions * per_channel)``, the positions
+    (:func:`~ubcompile.sketches.conv.implicit_gemm_sizes`) and the elements of ``G`` and ``x`` per sample."""
     batch, channels, positions, per_channel = implicit_gemm_sizes(g, x, w, transposed)
-    return (channels, batch, positions * per_channel), positions
+    return (channels, batch, positions * per_channel), positions, math.prod(g[1:]) + math.prod(x[1:])
 
 
 def flop_options(shape: tuple[int, int, int], family: str = "gemm") -> tuple[Option, ...]:
@@ -97,31 +95,33 @@ def flop_options(shape: tuple[int, int, int], family: str = "gemm") -> tuple[Opt
 
 
 def option_times(options: tuple[Option, ...], shape: tuple[int, int, int], device: Optional[str],
-                 family: str = "gemm", span: int = 1) -> Optional[tuple[float, tuple[float, ...]]]:
+                 family: str = "gemm", span: int = 1, reads: int = 0) -> Optional[tuple[float, tuple[float, ...]]]:
     """The exact product's time and each option's call's, in microseconds, on ``device`` (a device
     type), by the fitted cost models of the site's family (:data:`FAMILIES`,
     :mod:`ubcompile.cost_model`); ``None`` without a device or where a model is missing. Each of the
     ``n`` contracted indices spans ``span`` rows of the implicit GEMM (a convolution's sample, its
-    positions), whose ``big_n`` columns are ``span`` times those of one row."""
+    positions), whose ``big_n`` columns are ``span`` times those of one row, and the call reads
+    ``reads`` operand elements per index (``0``: the GEMM's ``M + N``)."""
     models = {sketch: model_for(device, FAMILIES[family], sketch) for sketch in {o.sketch for o in options}}
     if device is None or None in models.values():
         return None
     m, n, big_n = shape
-    rows, columns = n * span, big_n // span
-    exact = models["norm"].exact_us(rows, m, columns)
+    rows, columns, elements = n * span, big_n // span, (n * reads if reads else None)
+    exact = models["norm"].exact_us(rows, m, columns, elements=elements)
     return exact, tuple(exact if o.level == 0 else
-                        models[o.sketch].sampled_us(rows, min(n, keep_count(n, o.p)) * span, m, columns)
+                        models[o.sketch].sampled_us(rows, min(n, keep_count(n, o.p)) * span, m, columns,
+                                                    elements=elements)
                         for o in options)
 
 
 def site_options(shape: tuple[int, int, int], device: Optional[str] = None, min_speedup: float = 1.0,
-                 family: str = "gemm", span: int = 1) -> tuple[Option, ...]:
+                 family: str = "gemm", span: int = 1, reads: int = 0) -> tuple[Option, ...]:
     """The options of a site (:func:`flop_options`), less those its device's fitted cost models
     (:func:`option_times`) predict less than ``min_speedup`` times faster than the exact product
     (the cost rule; ``min_speedup = 0`` keeps them all): on a CPU at width 256 the residual
     sketch's extra passes over the operands cost more time than its FLOPs save."""
     options = flop_options(shape, family)
-    times = option_times(options, shape, device, family, span) if min_speedup > 0 else None
+    times = option_times(options, shape, device, family, span, reads) if min_speedup > 0 else None
     if times is None:
         return options
     exact, each = times

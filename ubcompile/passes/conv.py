@@ -69,10 +69,14 @@ def _gemm_sizes(site: ConvSite) -> tuple[int, int, int]:
     return batch * positions, channels, per_channel
 
 
+def _operand_sizes(site: ConvSite) -> list[list[int]]:
+    """The example sizes of ``G``, ``x`` and ``w``."""
+    return [[size_hint(d) for d in shape_of(a)] for a in site.node.args[:3]]
+
+
 def _implicit_gemm(site: ConvSite) -> tuple[int, int, int, int]:
     """:func:`~ubcompile.sketches.conv.implicit_gemm_sizes` at the example sizes."""
-    g, x, w = ([size_hint(d) for d in shape_of(a)] for a in site.node.args[:3])
-    return implicit_gemm_sizes(g, x, w, site.geometry.transposed)
+    return implicit_gemm_sizes(*_operand_sizes(site), site.geometry.transposed)
 
 
 def conv_dims(site: ConvSite, output: int) -> tuple[int, int, int]:
@@ -82,11 +86,13 @@ def conv_dims(site: ConvSite, output: int) -> tuple[int, int, int]:
 
 
 def conv_product(site: ConvSite, g_axis: int) -> Product:
-    """The implicit GEMM's sizes with ``g_axis`` of ``G`` sampled, for the cost rule."""
+    """The implicit GEMM's sizes with ``g_axis`` of ``G`` sampled, for the cost rule. Sampling the
+    batch reads ``G`` and ``x``; sampling channels, ``G`` and the weight (a GEMM's count)."""
     _, channels, positions, per_channel = _implicit_gemm(site)
     rows, device = _gemm_sizes(site)[0], site.cotangent.meta["val"].device.type
     if g_axis == BATCH:
-        return Product(device, "conv", rows, channels, per_channel, span=positions)
+        elements = sum(math.prod(sizes) for sizes in _operand_sizes(site)[:2])
+        return Product(device, "conv", rows, channels, per_channel, span=positions, elements=elements)
     return Product(device, "conv", channels, rows, per_channel)
 
 

@@ -87,8 +87,9 @@ class Sampled(Protocol):
 class Product(NamedTuple):
     """A (implicit) GEMM's sizes as the cost rule sees them (:mod:`ubcompile.cost_model`): the device
     type, the op family (``"gemm"``, ``"conv"``), the sampled dim's length ``s``, the other two dims
-    ``x`` and ``y``, the number of products of a ``bmm``, and the rows of ``s`` each sampled index
-    spans (a convolution's sample: its positions), at their example values."""
+    ``x`` and ``y``, the number of products of a ``bmm``, the rows of ``s`` each sampled index
+    spans (a convolution's sample: its positions), and the operand elements the sampled op reads
+    (``None``: a GEMM's; a convolution's batch: ``|G| + |x|``), at their example values."""
 
     device: str
     op: str
@@ -97,6 +98,7 @@ class Product(NamedTuple):
     y: int
     batch: int = 1
     span: int = 1
+    elements: Optional[int] = None
 
 
 def sample_size(n: int, p: float, strata: int = 1) -> int:
@@ -150,8 +152,9 @@ def _too_slow(config: SamplingConfig, product: Product, strata: int) -> Optional
     if config.min_speedup == 0:
         return None
     if config.adaptive:
-        shape = (product.x, product.s // product.span, product.y * product.span)
-        if len(site_options(shape, product.device, config.min_speedup, product.op, product.span)) > 1:
+        n = product.s // product.span
+        shape, reads = (product.x, n, product.y * product.span), (product.elements or 0) // n
+        if len(site_options(shape, product.device, config.min_speedup, product.op, product.span, reads)) > 1:
             return None
         return (f"no fraction of p='auto' is predicted {config.min_speedup:g}x faster than the exact {product.op} on "
                 f"{product.device} (ubcompile.cost_model)")
@@ -159,7 +162,7 @@ def _too_slow(config: SamplingConfig, product: Product, strata: int) -> Optional
     if model is None:
         return None
     k = sample_size(product.s, config.p, strata)
-    speedup = predicted_speedup(model, product.s, k, product.x, product.y, product.batch)
+    speedup = predicted_speedup(model, product.s, k, product.x, product.y, product.batch, product.elements)
     if speedup >= config.min_speedup:
         return None
     return (f"sampled, it would take {1 / speedup:.1f}x the exact {product.op}'s time on {product.device} "

@@ -76,11 +76,11 @@ class Diagonal:
             return self.weighted(t.transpose(0, dim), 0).transpose(0, dim)
         kept, scale = self.restrict(t, dim), self.scale
         if not isinstance(scale, Tensor):
-            return kept * scale
+            return kept.mul_(scale)
         if scale.dim() == 1:
             scale = scale.view(-1, *([1] * (t.dim() - 1 - dim)))
         if scale.dtype == t.dtype:  # no casts to dispatch: each is an op, a launch on a GPU
-            return kept * scale
+            return kept.mul_(scale)  # in place: the gathered copy is this call's own
         return (kept.to(torch.promote_types(t.dtype, scale.dtype)) * scale).to(t.dtype)
 
     def extend(self, t: Tensor, dim: int, n: int) -> Tensor:

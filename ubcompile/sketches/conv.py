@@ -92,7 +92,12 @@ def channel_sketched_vjp(g: Tensor, x: Tensor, w: Tensor, sketch: AxisSketch, ge
 
 def batch_sketched_vjp(g: Tensor, x: Tensor, w: Tensor, sketch: AxisSketch, geometry: ConvGeometry,
                        mask: tuple[bool, bool]) -> Grads:
-    """``(G S) J`` with ``S`` on the batch: a convolution backward on ``k`` (mixed) samples."""
+    """``(G S) J`` with ``S`` on the batch: a convolution backward on ``k`` (mixed) samples.
+
+    The weight gradient alone is a sum of one bilinear term per sample, ``G_b`` with ``x_b``: the
+    sketch's weights may scale either, and scale the smaller (a pass over the kept copy less)."""
+    if not mask[0] and x.numel() < g.numel():
+        return None, conv_vjp(sketch.restrict(g, BATCH), sketch.weighted(x, BATCH), w, geometry, mask)[1]
     gi, gw = conv_vjp(sketch.weighted(g, BATCH), sketch.restrict(x, BATCH), w, geometry, mask)
     return (sketch.extend(gi, BATCH, x.shape[0]) if gi is not None else None), gw
 
