@@ -16,7 +16,9 @@ saves grow as ``d^2``, what it adds as ``d``: below some width it costs more tha
 A width ``XxY`` times a layer of ``Y`` inputs and ``X`` outputs. ``--fit`` fits
 :class:`ubcompile.cost_model.CostModel`'s constants to the timings (least squares in relative error) and
 prints them with the ratio the model predicts beside each measured one: the rule that keeps narrow
-products exact (``min_speedup``) reads them from ``ubcompile/cost_model.py``.
+products exact (``min_speedup``) reads them from ``ubcompile/cost_model.py``. ``--conv`` times
+convolutions' weight gradients (their fit adds the exact backward's cost per operand element read);
+``--p`` takes several fractions, whose timings fit the kept copies' cost per element apart.
 
 Each round times one call of the exact ``mm`` and one of each sketch on the same warm operands
 (interleaved; medians over ``--rounds``). Operands read cold in a real step make the exact product

@@ -46,15 +46,19 @@ class CostModel:
 
     def exact_us(self, s: int, x: int, y: int, batch: int = 1, elements: Optional[int] = None) -> float:
         """Modelled time of the exact product on operands of ``elements`` elements (``None``: a GEMM's)."""
-        read = batch * s * (x + y) if elements is None else elements
-        return self.per_mac_us * batch * s * x * y + self.exact_per_element_us * read
+        return self.per_mac_us * batch * s * x * y + self.exact_per_element_us * _read(s, x, y, batch, elements)
 
     def sampled_us(self, s: int, k: int, x: int, y: int, batch: int = 1, elements: Optional[int] = None) -> float:
         """Modelled time of the sampled op keeping ``k`` of the ``s`` entries of the sampled dim, on
         operands of ``elements`` elements (``None``: a GEMM's, ``batch * s * (x + y)``)."""
-        read, kept = batch * s * (x + y) if elements is None else elements, k / s
+        read, kept = _read(s, x, y, batch, elements), k / s
         return (self.fixed_us + (self.per_element_us + kept * self.per_kept_element_us) * read
                 + kept * self.exact_us(s, x, y, batch, read))
+
+
+def _read(s: int, x: int, y: int, batch: int, elements: Optional[int]) -> int:
+    """``elements``, or where ``None`` a GEMM's operand elements along the sampled dim."""
+    return batch * s * (x + y) if elements is None else elements
 
 
 MODELS: dict[str, dict[tuple[str, str], CostModel]] = {
