@@ -88,10 +88,11 @@ def conv_dims(site: ConvSite, output: int) -> tuple[int, int, int]:
 def conv_product(site: ConvSite, g_axis: int) -> Product:
     """The implicit GEMM's sizes with ``g_axis`` of ``G`` sampled, for the cost rule. Sampling the
     batch reads ``G`` and ``x``; sampling channels, ``G`` and the weight (a GEMM's count)."""
-    _, channels, positions, per_channel = _implicit_gemm(site)
-    rows, device = _gemm_sizes(site)[0], site.cotangent.meta["val"].device.type
+    sizes = _operand_sizes(site)
+    batch, channels, positions, per_channel = implicit_gemm_sizes(*sizes, site.geometry.transposed)
+    rows, device = batch * positions, site.cotangent.meta["val"].device.type
     if g_axis == BATCH:
-        elements = sum(math.prod(sizes) for sizes in _operand_sizes(site)[:2])
+        elements = math.prod(sizes[0]) + math.prod(sizes[1])
         return Product(device, "conv", rows, channels, per_channel, span=positions, elements=elements)
     return Product(device, "conv", channels, rows, per_channel)
 
