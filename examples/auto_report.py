@@ -16,7 +16,9 @@ For ``--grid auto-confirm`` (the default budget on fresh seeds): ``auto-confirm.
 table; ``--grid wide`` (the realistic widths): ``wide.md`` and ``wide_fractions.png``, with the ViT's VCAS runs
 (``--grid wide-vcas`` and ``wide-vcas-matched``); ``--grid wide-stable``: ``wide-stable.md``, the wide GPT at
 ``sweep.WIDE_STABLE_LR`` with its VCAS runs; ``--grid wide-conv``: ``wide-conv.md`` and
-``wide-conv_fractions.png``, the 64-channel BagNet (``--grid wide-conv-reads``: its re-run); ``wide`` and ``wide-stable`` add ``p="auto"`` minus each VCAS run of the same seed; ``--grid vcas``
+``wide-conv_fractions.png``, the 64-channel BagNet (``--grid wide-conv-reads``: its re-run); ``--grid
+propagated``: ``propagated.md`` and ``propagated_fractions.png``, the MLP's exact, ``grad="weight"`` and
+``grad="both"`` runs of one sweep (``--grid propagated-long``: for 10 epochs); ``wide`` and ``wide-stable`` add ``p="auto"`` minus each VCAS run of the same seed; ``--grid vcas``
 and ``--grid layer-scale``: ``vcas.md`` and ``layer-scale.md``, with the exact and ``p="auto"`` runs of
 ``auto-confirm`` on the same seeds. For ``--grid memory`` (``python examples/sweep.py --grid memory``): ``memory.md``, the same
 table for the norm and activation sketches at ``p = 0.25``.
@@ -155,7 +157,8 @@ def plot(records_by_model: dict[str, list[Record]], path: pathlib.Path) -> None:
         for site in (s for s in run["auto"]["sites"] if s["timeline"]):  # (sites of the records before 2026-12-03 of kind "rows" have none)
             steps = [change[0] for change in site["timeline"]] + [total]
             fractions = [change[1] for change in site["timeline"]]
-            line, = ax.step(steps, fractions + fractions[-1:], where="post", label=site["module"])
+            name = site["module"] + (" (propagated)" if site.get("family") == "propagated" else "")
+            line, = ax.step(steps, fractions + fractions[-1:], where="post", label=name)
             residual = [change[:2] for change in site["timeline"] if change[2] == "residual"]
             if residual:
                 ax.plot(*zip(*residual), "o", color=line.get_color(), markersize=4)
@@ -190,7 +193,8 @@ def with_pairs(records: dict[str, list[Record]], path: pathlib.Path) -> dict[str
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--grid", choices=["auto", "auto-confirm", "memory", "wide", "wide-stable", "wide-conv",
-                                       "wide-conv-reads", "vcas", "layer-scale"],
+                                       "wide-conv-reads", "vcas", "layer-scale", "propagated",
+                                       "propagated-long"],
                     default="auto")
     ap.add_argument("--out", type=pathlib.Path, default=sweep.ROOT / "docs" / "experiments")
     args = ap.parse_args()
@@ -198,7 +202,7 @@ def main() -> None:
     records = records_by_model(args.out / filename, models)
     if args.grid in PAIRED:
         records = with_pairs(records, args.out / sweep.GRIDS[PAIRED[args.grid]][1])
-    if args.grid in ("auto", "wide", "wide-conv", "wide-conv-reads"):
+    if args.grid in ("auto", "wide", "wide-conv", "wide-conv-reads", "propagated", "propagated-long"):
         plot(records, args.out / f"{args.grid}_fractions.png")
     lr = sweep.WIDE_STABLE_LR if args.grid == "wide-stable" else None  # its VCAS runs (wide-vcas, -matched) too
     tables = [model_table(m, runs, memory_labels() if args.grid == "memory" else auto_labels(runs),

@@ -163,7 +163,7 @@ def label(args: argparse.Namespace) -> str:
         return "vcas" if args.vcas_tau == vcas.VCASConfig.act_tau else f"vcas tau={args.vcas_tau:g}"
     rule = f" min_speedup={args.min_speedup:g}" if args.min_speedup else ""  # no rule in every earlier record
     if args.p == "auto":
-        return auto_label(args.budget, args.budget_scale) + rule
+        return auto_label(args.budget, args.budget_scale) + ("" if args.grad == "weight" else f" grad={args.grad}") + rule
     return f"{args.grad}:{args.sketch} p={args.p:g}" + rule
 
 
@@ -203,7 +203,8 @@ def auto_record(backend: Any) -> Optional[dict[str, Any]]:
     return {"budget": auto.budget, "measure_every": auto.measure_every, "levels": list(LEVELS),
             "rank": RESIDUAL_RANK,
             "flop_ratio": auto.spent_flops / auto.exact_flops if auto.exact_flops else 1.0,
-            "sites": [{"module": s.module, "shape": list(s.shape), "group": s.group, "calls": s.calls,
+            "propagation": [dataclasses.asdict(g) for g in auto.propagation.values()],
+            "sites": [{"module": s.module, "family": s.family, "shape": list(s.shape), "group": s.group, "calls": s.calls,
                        "options": [o.label for o in s.options], "uses": s.uses, "spikes": s.spikes,
                        "timeline": s.timeline,
                        "measurements": [dataclasses.asdict(m) for m in s.measurements]} for s in auto.sites]}
@@ -298,6 +299,7 @@ def run(task: Task, args: argparse.Namespace) -> dict[str, Any]:
                    "axis": backend.config.axis if sampler_config else None,
                    "compiler": "eager" if args.vcas else args.compiler, "optimizer": args.optimizer, "lr": args.lr,
                    "epochs": args.epochs, "seed": args.seed, "device": str(device),
+                   **({"min_speedup": args.min_speedup} if sampler_config and args.min_speedup else {}),
                    **({"vcas": True, "vcas_tau": args.vcas_tau} if args.vcas else {})},
         "status": "ok" if finished else "diverged", "diverged_step": diverged_step,
         "final_acc": curve[-1]["acc"] if finished else None,

@@ -59,6 +59,7 @@ def measure(model_name: str, p: float, rounds: int, steps: int, only: Optional[l
                                            for g in sweep.GRADS for s in sweep.SKETCHES}
     configs["p=auto"] = {"p": "auto", "budget": sweep.SamplingConfig.budget,
                          "budget_scale": sweep.SamplingConfig.budget_scale}
+    configs["p=auto grad=both"] = {**configs["p=auto"], "grad": "both"}
     if only is not None:
         unknown = set(only) - set(configs)
         if unknown:

@@ -23,7 +23,9 @@ into ``wide_conv_reads_runs.jsonl``, after the conv cost models counted what the
 seeds (:func:`vcas_grid`, into ``vcas_runs.jsonl``; ``--grid vcas-matched`` at the ``tau`` that matches
 ``p="auto"``'s backward FLOPs there, :data:`MATCHED_VCAS_TAU_CONFIRM`), ``--grid layer-scale`` ``p="auto"``
 with each layer's variance over its own gradient (:func:`layer_scale_grid`, into
-``layer_scale_runs.jsonl``; ``--grid timed`` the same on the MLP with the cost rule on, :func:`timed_grid`) and ``--grid memory`` the memory-saving activation sketch against the norm sketch (:func:`memory_grid`,
+``layer_scale_runs.jsonl``; ``--grid timed`` the same on the MLP with the cost rule on, :func:`timed_grid`;
+``--grid propagated`` that with ``grad="both"``, :func:`propagated_grid`, into ``propagated_runs.jsonl``;
+``--grid propagated-long`` for 10 epochs, into ``propagated_long_runs.jsonl``) and ``--grid memory`` the memory-saving activation sketch against the norm sketch (:func:`memory_grid`,
 into ``memory_runs.jsonl``), both at exact's epochs.
 
 Runs go to ``--workers`` processes of one thread each, so every run is timed under the same load
@@ -240,6 +242,32 @@ def timed_grid(model: str) -> list[dict[str, Any]]:
     return [{**c, "min_speedup": 1.0} for c in layer_scale_grid(model)]
 
 
+def propagated_grid(model: str) -> list[dict[str, Any]]:
+    """:func:`timed_grid` with ``grad="both"`` (the controller samples the propagated gradients too:
+    one nested draw a step, :class:`ubcompile.auto.controller.Propagation`), with exact and
+    :func:`timed_grid` again on the same seeds, all timed in one sweep."""
+    timed = timed_grid(model)
+    exact = [c for c in confirm_grid(model, CONFIRM_SEEDS[model][:BASELINE_SEEDS]) if c.get("exact")]
+    both = [{**c, "grad": "both"} for c in timed]
+    runs = [c for trio in zip(exact, timed, both) for c in trio]  # seed by seed
+    return runs + [{**c, "budget": PROPAGATED_BUDGET} for c in both]
+
+
+PROPAGATED_BUDGET = 0.2
+"""A second budget for :func:`propagated_grid`'s ``grad="both"`` runs (2026-12-08, after the default
+budget's): how far more variance buys the 60% fewer backward FLOPs of issue 22."""
+
+LONG_EPOCHS = 10
+"""Exact's epochs in :func:`propagated_long_grid`: at 3 the MLP's test accuracy still rises between
+its last evaluations, and a run of 12 s is a quarter the controller's one-off compiles."""
+
+
+def propagated_long_grid(model: str) -> list[dict[str, Any]]:
+    """:func:`propagated_grid` at the default budget for :data:`LONG_EPOCHS` epochs, into its own
+    records (a run's key does not name its epochs)."""
+    return [{**c, "epochs": LONG_EPOCHS} for c in propagated_grid(model) if c.get("budget") != PROPAGATED_BUDGET]
+
+
 MEMORY_P = 0.25
 
 
@@ -265,7 +293,9 @@ GRIDS = {"main": (grid, "runs.jsonl", tuple(MODELS)), "auto": (auto_grid, "auto_
          "vcas": (vcas_grid, "vcas_runs.jsonl", tuple(CONFIRM_SEEDS)),
          "vcas-matched": (vcas_matched_grid, "vcas_runs.jsonl", tuple(MATCHED_VCAS_TAU_CONFIRM)),
          "layer-scale": (layer_scale_grid, "layer_scale_runs.jsonl", tuple(CONFIRM_SEEDS)),
-         "timed": (timed_grid, "layer_scale_runs.jsonl", ("mlp",))}
+         "timed": (timed_grid, "layer_scale_runs.jsonl", ("mlp",)),
+         "propagated": (propagated_grid, "propagated_runs.jsonl", ("mlp",)),
+         "propagated-long": (propagated_long_grid, "propagated_long_runs.jsonl", ("mlp",))}
 """name: (the runs of one model, the records file, the models it covers)."""
 
 
@@ -293,7 +323,11 @@ def vcas_key(config: dict[str, Any]) -> tuple:
 
 
 def record_key(record: dict[str, Any]) -> tuple:
-    return key({"model": record["task"], **record["config"]})
+    config = record["config"]
+    rule = record["label"].partition(" min_speedup=")[2]
+    if rule and "min_speedup" not in config:  # made before the records named it (2026-12-08): their label does
+        config = {**config, "min_speedup": float(rule.split()[0])}
+    return key({"model": record["task"], **config})
 
 
 def sizes(config: dict[str, Any]) -> tuple[list[str], int]:
@@ -304,6 +338,7 @@ def sizes(config: dict[str, Any]) -> tuple[list[str], int]:
 
 def argv(config: dict[str, Any]) -> list[str]:
     options, epochs = sizes(config)
+    epochs = config.get("epochs", epochs)
     args = options + ["--lr", repr(config["lr"]), "--seed", str(config["seed"]), "--threads", "1",
                       "--evals-per-epoch", "2", "--no-progress"]
     if config.get("exact"):
@@ -314,7 +349,7 @@ def argv(config: dict[str, Any]) -> list[str]:
         return args + ["--vcas", "--vcas-tau", repr(config.get("vcas_tau", DEFAULT_VCAS_TAU)), "--epochs", str(epochs)]
     if config["p"] == "auto":
         return args + ["--epochs", str(epochs), "--p", "auto", "--budget", str(config["budget"]),
-                       "--budget-scale", config.get("budget_scale", RECORDED_SCALE)]
+                       "--budget-scale", config.get("budget_scale", RECORDED_SCALE), "--grad", config.get("grad", "weight")]
     factor = 1 if config.get("same_epochs") else SAMPLED_EPOCH_FACTOR
     return args + ["--epochs", str(epochs * factor), "--p", str(config["p"]), "--grad", config["grad"],
                    "--sketch", config["sketch"]]

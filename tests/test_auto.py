@@ -6,6 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import ubcompile
+from ubcompile.passes import adaptive
 from ubcompile.auto import BASES_EVERY, LEVELS, AutoController, allocate, lower_hull, site_options
 from ubcompile.sketches import keep_count
 from ubcompile.sketches.control import sample_sq_norms, sgd_variance, sketch_variance_vector, sketch_variances
@@ -276,7 +277,7 @@ def test_auto_backend_hands_weight_gradients_to_the_controlled_op():
     assert sorted((e.module, e.role) for e in report.entries if e.adaptive) == [
         ("0", "grad_weight"), ("2", "grad_weight"), ("4", "grad_weight")]
     assert {e.reason for e in report.entries if e.role == "grad_input"} == {
-        "p='auto' keeps propagated gradients exact: their noise would reach every earlier layer"}
+        adaptive.PROPAGATED}
     assert sorted(s.module for s in backend.sampler.auto.sites) == ["0", "2", "4"]
     assert report.backward_code.count("ubcompile.auto_contraction.default(") == 3
     assert "auto/96 rows" in str(report) and "option used" in str(report)
@@ -300,7 +301,7 @@ def test_convolution_weight_gradients_go_to_the_controller():
     assert sorted((e.module, e.role) for e in report.entries if e.adaptive) == [
         ("0", "conv grad_weight"), ("2", "conv grad_weight"), ("5", "grad_weight")]
     assert [e.reason for e in report.entries if e.role == "conv grad_input"] == [
-        "p='auto' keeps propagated gradients exact: their noise would reach every earlier layer"] * 2
+        adaptive.PROPAGATED_CONV] * 2
     assert report.backward_code.count("ubcompile.auto_conv_weight.default(") == 2
     sites = {s.module: s for s in backend.sampler.auto.sites}
     assert (sites["2"].family, sites["2"].shape, sites["2"].span) == ("conv", (32, 32, 36 * 16 * 9), 36)
@@ -351,7 +352,7 @@ def test_auto_gradients_are_unbiased(widths, budget, residual):
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(grad="both"), "grad='weight'"),
+    (dict(grad="input"), "grad='weight' or 'both'"),
     (dict(sketch="uniform"), "sketch='norm'"),
     (dict(budget=0), "budget"),
     (dict(measure_every=0), "measure_every"),

@@ -55,7 +55,9 @@ class SamplingConfig:
             entries of its sampled axis. ``p = 1`` compiles exact gradients. ``"auto"`` chooses
             each weight-gradient GEMM's sketch (the norm sketch, or the residual sketch with a
             low-rank part exact) and fraction during training from measured variance
-            (:mod:`ubcompile.auto`); it needs ``grad="weight"``, rows and the norm sketch.
+            (:mod:`ubcompile.auto`); it needs rows and the norm sketch, and ``grad="weight"`` or
+            ``"both"`` (which also hands it the propagated gradients over a plain batch's rows,
+            sampled nested: see :mod:`ubcompile.auto`).
         budget: with ``p="auto"``, the sketch's added variance allowed, summed over the sampled
             layers, as a fraction of their summed minibatch-SGD variance (0.1: the smallest budget
             that cut the backward FLOPs by 40% on both experiment models, docs/EXPERIMENTS.md).
@@ -76,7 +78,7 @@ class SamplingConfig:
         grad: which gradient GEMMs are sampled, one of :data:`GRAD_MODES`.
         sketch: how the kept indices are drawn, one of :data:`SKETCHES`.
         axis: the sampled axis of the cotangent, one of :data:`AXES`; ``None`` takes
-            :data:`DEFAULT_AXIS` of ``grad`` (rows for ``"weight"``, features otherwise).
+            :data:`DEFAULT_AXIS` of ``grad`` (rows for ``"weight"``, features otherwise; rows under ``p="auto"``).
         seed: seed of the backend's own random generator; ``None`` derives it from
             ``torch.initial_seed()`` at the first draw, so ``torch.manual_seed`` reproduces runs.
         min_dim: minimum-size rule. A gradient is sampled only if its sampled axis spans at least
@@ -129,7 +131,7 @@ class SamplingConfig:
         _one_of("grad", self.grad, GRAD_MODES)
         _one_of("sketch", self.sketch, SKETCHES)
         if self.axis is None:
-            object.__setattr__(self, "axis", DEFAULT_AXIS[self.grad])
+            object.__setattr__(self, "axis", "rows" if self.adaptive else DEFAULT_AXIS[self.grad])
         _one_of("axis", self.axis, AXES)
         _one_of("compiler", self.compiler, COMPILERS)
         _one_of("budget_scale", self.budget_scale, BUDGET_SCALES)
@@ -156,11 +158,11 @@ class SamplingConfig:
             raise ValueError(
                 "sketch='activation' draws the weight gradients' batch/token rows in the forward pass: use "
                 f"grad='weight', axis='rows' (got grad={self.grad!r}, axis={self.axis!r}), or another sketch")
-        if self.adaptive and (self.grad, self.axis, self.sketch) != ("weight", "rows", "norm"):
+        if self.adaptive and (self.grad not in ("weight", "both") or (self.axis, self.sketch) != ("rows", "norm")):
             raise ValueError(
-                "p='auto' controls the weight gradients' batch/token rows with the norm sketch: use "
-                f"grad='weight', axis='rows', sketch='norm' (got grad={self.grad!r}, axis={self.axis!r}, "
-                f"sketch={self.sketch!r}), or give a number p")
+                "p='auto' controls the batch/token rows of the weight gradients (and with grad='both' of the "
+                "propagated gradients) with the norm sketch: use grad='weight' or 'both', axis='rows', "
+                f"sketch='norm' (got grad={self.grad!r}, axis={self.axis!r}, sketch={self.sketch!r}), or give a number p")
 
     @property
     def draws_in_forward(self) -> bool:

@@ -11,7 +11,7 @@ generator of :mod:`ubcompile.sketches.counter_rng`, on the device, with no host 
 replayed, recomputed (activation checkpointing) or cached graph draws what its seed says, and no
 op needs a state outside the graph.
 
-``auto_contraction`` and ``auto_conv_weight``, the products whose fraction ``p="auto"`` chooses at
+``auto_contraction``, ``auto_propagated`` and ``auto_conv_weight``, the products whose fraction ``p="auto"`` chooses at
 run time, draw from the seed input too; their controller's state stays in Python, found at run
 time through the graph's stream handle input (:func:`ubcompile.sampler.stream_of_handle`).
 """
@@ -52,24 +52,46 @@ def _controlled_stream(handle: Tensor) -> GraphStream:
 
 @torch.library.custom_op("ubcompile::auto_contraction", mutates_args=())
 def auto_contraction(x: Tensor, y: Tensor, seed: Tensor, handle: Tensor, module: str, ordinal: int, index: int,
-                     samples: int) -> Tensor:
+                     samples: int, graph: str, upstream: str) -> Tensor:
     """``x @ y`` estimated at the keep fraction the controller chose for the site ``(module,
     ordinal)`` (rows of ``y``, the rows of ``samples`` samples), drawn from ``seed`` and ``index``,
-    the product's place among its graph's controlled ops; ``handle`` names the controller's stream."""
+    the product's place among its graph's controlled ops; ``handle`` names the controller's stream,
+    ``graph`` the graph, ``upstream`` the controlled propagated gradients its operands are computed
+    from (their sites as :func:`ubcompile.passes.adaptive.site_name` names them, ``/``-separated)."""
     stream = _controlled_stream(handle)
     key = stream.auto.register(module, (x.shape[0], x.shape[1], y.shape[1]), stream.domain, ordinal, x.device.type)
-    return stream.auto.contraction(x, y, key, seed, index, samples)
+    return stream.auto.contraction(x, y, key, seed, index, samples, graph, upstream)
 
 
 @auto_contraction.register_fake
-def _(x: Tensor, y: Tensor, seed: Tensor, handle: Tensor, module: str, ordinal: int, index: int, samples: int) -> Tensor:
+def _(x: Tensor, y: Tensor, seed: Tensor, handle: Tensor, module: str, ordinal: int, index: int, samples: int,
+      graph: str, upstream: str) -> Tensor:
+    return x.new_empty((x.shape[0], y.shape[1]))
+
+
+@torch.library.custom_op("ubcompile::auto_propagated", mutates_args=())
+def auto_propagated(x: Tensor, y: Tensor, seed: Tensor, handle: Tensor, module: str, ordinal: int, index: int,
+                    out_dim: int, graph: str, upstream: str) -> Tensor:
+    """A propagated gradient ``x @ y`` whose output rows along ``out_dim`` (a plain batch's samples)
+    the controller samples for the site ``(module, ordinal)`` (:meth:`~ubcompile.auto.AutoController.propagated`);
+    as :func:`auto_contraction` otherwise."""
+    stream = _controlled_stream(handle)
+    n = x.shape[0] if out_dim == 0 else y.shape[1]
+    shape = (x.shape[1], n, y.shape[1] if out_dim == 0 else x.shape[0])
+    key = stream.auto.register(module, shape, stream.domain, ordinal, x.device.type, "propagated")
+    return stream.auto.propagated(x, y, out_dim, key, seed, index, graph, upstream)
+
+
+@auto_propagated.register_fake
+def _(x: Tensor, y: Tensor, seed: Tensor, handle: Tensor, module: str, ordinal: int, index: int, out_dim: int,
+      graph: str, upstream: str) -> Tensor:
     return x.new_empty((x.shape[0], y.shape[1]))
 
 
 @torch.library.custom_op("ubcompile::auto_conv_weight", mutates_args=())
 def auto_conv_weight(g: Tensor, x: Tensor, w: Tensor, seed: Tensor, handle: Tensor, module: str, ordinal: int,
                      index: int, stride: list[int], padding: list[int], dilation: list[int], transposed: bool,
-                     output_padding: list[int], groups: int) -> Tensor:
+                     output_padding: list[int], groups: int, graph: str, upstream: str) -> Tensor:
     """The weight gradient of the convolution ``(x, w)`` with cotangent ``g``, estimated from the
     fraction of its batch the controller chose for the site ``(module, ordinal)``
     (:meth:`~ubcompile.auto.AutoController.conv_weight`); as :func:`auto_contraction` otherwise."""
@@ -77,13 +99,13 @@ def auto_conv_weight(g: Tensor, x: Tensor, w: Tensor, seed: Tensor, handle: Tens
     geometry = ConvGeometry.of(stride, padding, dilation, transposed, output_padding, groups)
     shape, span, reads = conv_site_shape(g.shape, x.shape, w.shape, transposed)
     key = stream.auto.register(module, shape, stream.domain, ordinal, g.device.type, "conv", span, reads)
-    return stream.auto.conv_weight(g, x, w, geometry, key, seed, index).contiguous()
+    return stream.auto.conv_weight(g, x, w, geometry, key, seed, index, graph, upstream).contiguous()
 
 
 @auto_conv_weight.register_fake
 def _(g: Tensor, x: Tensor, w: Tensor, seed: Tensor, handle: Tensor, module: str, ordinal: int, index: int,
       stride: list[int], padding: list[int], dilation: list[int], transposed: bool, output_padding: list[int],
-      groups: int) -> Tensor:
+      groups: int, graph: str, upstream: str) -> Tensor:
     return torch.empty_like(w, memory_format=torch.contiguous_format)
 
 

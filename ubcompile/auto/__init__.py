@@ -31,10 +31,20 @@ measurements only, where they give the variances their true terms).
   ``1 + sum V_sketch / sum V_sgd`` times the steps.) The uniform sketch is never an option: at the
   same ``k`` the norm sketch's variance is never above it.
 * **sample** (other calls): the chosen option, dense GEMMs of inner size ``k`` (``2 r + k``).
-* **propagated gradients** ``G W`` are never sampled (their noise would reach every earlier layer):
-  the pass leaves them exact in the graph, and the report counts their FLOPs. (Computing them on
-  ``G``'s nonzero rows only, where a class-token readout leaves the others zero, took a
-  ``nonzero()`` per call: a host sync.)
+* **propagated gradients** ``G W`` stay exact under ``grad="weight"`` (the default; their noise
+  would reach every earlier layer): the pass leaves them in the graph, and the report counts their
+  FLOPs. Under ``grad="both"`` a linear layer's, over a plain batch's rows (one per sample), is a
+  site too, and all of a model's are one :class:`~.controller.Propagation`: in a step, the first
+  (the deepest layer's) keeps ``k`` of the ``n`` samples, drawn by the norms of its ``G``'s rows,
+  weighted ``1 / pi_j``; every layer below then sees at most ``k`` nonzero rows, and the next
+  propagated sites keep them all: one draw, whose variance at each weight gradient below is
+  ``sum_j (1 / pi_j - 1) ||t_j||^2`` over that product's per-sample terms ``t_j``, measured at steps
+  whose propagated gradients run exact. The allocation prices it as one more site: that variance
+  summed over the sites below, against what the propagated products save. Which products are below
+  a draw is the pass's dataflow (each op names the propagated ones its cotangent comes from). Where
+  rows do not stay samples (a residual connection carries the undrawn rows back, batch norm or
+  attention mixes them), the **nesting check** sees more nonzero samples below a draw than it kept
+  and turns the model's propagated gradients exact for good (the report says why).
 * **guard**: every GEMM call knows ``sum_j a_j^2`` (the squared norms of the product's terms) for
   free; a convolution's sampled and measured calls know ``sum_b`` of its bounds squared (its exact
   calls skip them: reading ``G`` and ``x`` costs a tenth of the gradient).

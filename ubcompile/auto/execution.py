@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import draw_kernels
-from ..estimator_ops import CONTRACTED, sketched_conv_grads, sketched_product
+from ..estimator_ops import CONTRACTED, gemm_importances, sketched_conv_grads, sketched_product
 from ..kernels import kernel
 from ..sketches.control import sketch_variance_vector
 from ..sketches.counter_rng import normal
@@ -31,18 +31,29 @@ def term_norms(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 @kernel
-def norm_sketched_call(x: Tensor, y: Tensor, k: int, seed: Tensor, key: int) -> tuple[Tensor, Tensor]:
+def norm_sketched_call(x: Tensor, y: Tensor, k: int, seed: Tensor, key: int) -> tuple[Tensor, Tensor, Tensor]:
     """A call on the norm sketch that neither measures nor uses the residual sketch, the most
     common call, compiled whole: ``x @ y`` from ``k`` of its ``n`` contracted rows, drawn from the
-    terms' norms ``a_j`` (:func:`term_norms`) by the stream ``key`` of ``seed``, and ``sum_j a_j^2``
-    (shape ``(1,)``) for the spike guard: ``sampled_gemm``'s norm path
+    terms' norms ``a_j`` (:func:`term_norms`) by the stream ``key`` of ``seed``, ``sum_j a_j^2``
+    (shape ``(1,)``) for the spike guard and ``a`` for the nesting check: ``sampled_gemm``'s norm path
     (:func:`~ubcompile.estimator_ops.drawn_product`) with the guard's sum, which that op has no use
     for. One body where :func:`term_norms`, the draw and the eager product were three calls: each
     call of a compiled body costs about 85 us on a CPU core (Dynamo's guards, the wrapper),
     whatever its size."""
     *_, a, sq_norm = term_norms(x, y)
     idx, weights = draw_kernels.pps(a, k, seed, key)
-    return sketched_product(x, y, idx, weights, CONTRACTED), sq_norm
+    return sketched_product(x, y, idx, weights, CONTRACTED), sq_norm, a
+
+
+@kernel
+def propagated_call(x: Tensor, y: Tensor, out_dim: int, k: int, seed: Tensor, key: int) -> tuple[Tensor, Tensor]:
+    """A propagated gradient ``x @ y`` from ``k`` of its output rows along ``out_dim``, drawn from the
+    rows' norms by the stream ``key`` of ``seed`` (:func:`~ubcompile.estimator_ops.drawn_product`'s
+    norm path), and how many of those norms are nonzero (shape ``(1,)``): what the nesting check
+    compares with the step's first draw (:class:`~.controller.Propagation`)."""
+    u = gemm_importances(x, y, out_dim)
+    idx, weights = draw_kernels.pps(u, k, seed, key)
+    return sketched_product(x, y, idx, weights, out_dim), (u > 0).sum().reshape(1)
 
 
 @kernel

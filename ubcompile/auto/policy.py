@@ -62,9 +62,11 @@ class Option:
         return residual_flops(m, n, big_n, RESIDUAL_RANK, k) - made + tracking_flops(m, n, big_n, RESIDUAL_RANK) * bases
 
 
-FAMILIES = {"gemm": "auto", "conv": "auto_conv"}
-"""A site's family (a GEMM's batch/token rows, a convolution's samples): the op family of
-:mod:`ubcompile.cost_model` that prices its calls in time, each a model of the controlled call."""
+FAMILIES = {"gemm": "auto", "conv": "auto_conv", "propagated": "auto"}
+"""A site's family (a GEMM's batch/token rows, a convolution's samples, a propagated gradient's
+output rows): the op family of :mod:`ubcompile.cost_model` that prices its calls in time, each a
+model of the controlled call. A propagated gradient borrows the weight gradient's: the same reads
+(``G``'s rows, the kept rows of the other operand's product), GEMMs of ``k / n`` of the work."""
 
 
 def conv_site_shape(g: Sequence[int], x: Sequence[int], w: Sequence[int],

@@ -10,7 +10,7 @@ from tabulate import tabulate
 from .policy import LEVELS, RESIDUAL_RANK
 
 if TYPE_CHECKING:
-    from .controller import AutoController
+    from .controller import AutoController, Propagation
 
 
 def controller_table(controller: AutoController) -> str:
@@ -33,4 +33,16 @@ def controller_table(controller: AutoController) -> str:
                f"or with a rank-{RESIDUAL_RANK} part exact (+r{RESIDUAL_RANK}), chosen at run time inside "
                f"one compiled op (no recompilation); controlled weight-gradient FLOPs "
                f"{ratio:.3f} of exact")
-    return tabulate(rows, headers=headers, disable_numparse=True) + "\n" + summary
+    return "\n".join([tabulate(rows, headers=headers, disable_numparse=True), summary,
+                      *(_propagation_line(group) for group in controller.propagation.values())])
+
+
+def _propagation_line(group: Propagation) -> str:
+    """What the domain's propagated gradients did (``grad="both"``)."""
+    if group.disabled:
+        state = f"exact for good: {group.disabled}"
+    else:
+        state = f"now at {LEVELS[group.level]:g}"
+    changes = ", ".join(f"{p:g} from step {step}" for step, p in group.timeline[-6:])
+    return (f"propagated gradients (one nested draw a step, the first propagated site's): {group.calls} steps, "
+            f"measured {group.measurements} times, {state}" + (f"; last changes: {changes}" if changes else ""))

@@ -5,8 +5,10 @@ convolution's weight gradient its batch: the controller samples them. Under ``p=
 replaces the product by one call of ``torch.ops.ubcompile.auto_contraction`` (a GEMM) or
 ``auto_conv_weight`` (a convolution), whose output has the exact product's shape, so the graph
 stays static while the controller (:mod:`ubcompile.auto`) decides at every call. A propagated
-gradient stays the graph's own exact ``mm`` or convolution backward (its noise would reach every
-earlier layer), counted at its exact FLOPs by the report.
+gradient ``G W`` stays the graph's own exact ``mm`` or convolution backward (its noise would reach
+every earlier layer), counted at its exact FLOPs by the report, unless ``grad="both"`` hands it to
+the controller too: a linear layer's, over a plain batch's rows (one per sample), becomes
+``auto_propagated``, which computes the rows of the output the controller keeps.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from .rules import Draws, decline
 
 aten = torch.ops.aten
 
-PROPAGATED = "p='auto' keeps propagated gradients exact: their noise would reach every earlier layer"
+PROPAGATED = ("p='auto' keeps propagated gradients exact unless grad='both': their noise would reach every "
+              "earlier layer")
+PROPAGATED_CONV = "p='auto' keeps a convolution's propagated gradient exact: its noise would reach every earlier layer"
 
 _RESHAPES = (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.t.default,
              aten.permute.default, aten.transpose.int, aten.clone.default)
@@ -41,11 +45,13 @@ _RESHAPES = (aten.view.default, aten._unsafe_view.default, aten.reshape.default,
 class AdaptiveRewrite:
     """An ``mm`` handed to the controller: a weight gradient whose ``n`` contracted rows it samples
     (the rows of ``samples`` samples: a node whose dim 0 is the batch of a flattened
-    ``(batch, tokens, ..., features)`` activation, or ``None`` for one row per sample)."""
+    ``(batch, tokens, ..., features)`` activation, or ``None`` for one row per sample), or with
+    ``out_dim`` (0 or 1) a propagated gradient whose ``n`` output rows (samples) along that dim it samples."""
 
     site: GemmSite
     n: int
     samples: Optional[torch.fx.Node] = None
+    out_dim: Optional[int] = None
 
     def insert(self, graph: torch.fx.Graph, draws: Draws) -> None:
         """Replace the product by the controlled op, which finds its site in the controller of the
@@ -55,16 +61,45 @@ class AdaptiveRewrite:
         rows by its own length."""
         node = self.site.node
         module, ordinal, index = _place(node, draws)
+        out_dim, upstream = self.out_dim, _upstream(self.site.cotangent, draws)
+        graph_id = draws.graph_id
 
         def controlled(x: Tensor, y: Tensor, seed: Tensor, handle: Tensor, *samples: Tensor) -> Tensor:
+            if out_dim is not None:
+                return torch.ops.ubcompile.auto_propagated(x, y, seed, handle, module, ordinal, index, out_dim,
+                                                           graph_id, upstream)
             count = samples[0].shape[0] if samples else y.shape[0]
-            return torch.ops.ubcompile.auto_contraction(x, y, seed, handle, module, ordinal, index, count)
+            return torch.ops.ubcompile.auto_contraction(x, y, seed, handle, module, ordinal, index, count, graph_id,
+                                                        upstream)
 
         operands = [*node.args, draws.seed, draws.handle, *([self.samples] if self.samples else [])]
         with graph.inserting_before(node):
             call = inline_call(graph, controlled, operands, meta_from=node)
         node.replace_all_uses_with(call)
         graph.erase_node(node)
+        if out_dim is not None:
+            draws.propagated[call] = site_name(module, ordinal)
+
+
+def site_name(module: str, ordinal: int) -> str:
+    """A controlled op's site as an op argument names it: ``"ordinal:module"`` (a module path has no ``/``)."""
+    return f"{ordinal}:{module}"
+
+
+def _upstream(cotangent: torch.fx.Node, draws: Draws) -> str:
+    """The sites (:func:`site_name`, ``/``-separated: an op takes no list of strings) of the
+    controlled propagated gradients (:attr:`Draws.propagated`) that ``cotangent`` is computed from:
+    the draws whose noise reaches this product. The controller prices and checks a draw at these
+    products alone (:class:`ubcompile.auto.controller.Propagation`)."""
+    if not draws.propagated:
+        return ""
+    seen, todo = {cotangent}, [cotangent]
+    while todo:
+        for parent in todo.pop().all_input_nodes:
+            if parent not in seen:
+                seen.add(parent)
+                todo.append(parent)
+    return "/".join(sorted(name for node, name in draws.propagated.items() if node in seen))
 
 
 def _place(node: torch.fx.Node, draws: Draws) -> tuple[str, int, int]:
@@ -90,11 +125,12 @@ class AdaptiveConvRewrite:
         site = self.site
         module, ordinal, index = _place(site.node, draws)
         geometry = [list(v) if isinstance(v, tuple) else v for v in dataclasses.astuple(site.geometry)]
+        upstream, graph_id = _upstream(site.node.args[0], draws), draws.graph_id
 
         def controlled(g: Tensor, x: Tensor, w: Tensor, seed: Tensor,
                        handle: Tensor) -> tuple[Tensor, Optional[Tensor]]:
             grad_weight = torch.ops.ubcompile.auto_conv_weight(g, x, w, seed, handle, module, ordinal, index,
-                                                               *geometry)
+                                                               *geometry, graph_id, upstream)
             return grad_weight, bias_grad(g) if site.outputs[2] is not None else None
 
         with graph.inserting_before(site.node):
@@ -115,7 +151,7 @@ def plan_adaptive_conv(site: ConvSite, config: SamplingConfig) -> tuple[Optional
     for output, role in enumerate(site.roles):
         if role is None:
             continue
-        reason = PROPAGATED if role is Role.GRAD_INPUT else decline(config, role, module_path(site.node), n,
+        reason = PROPAGATED_CONV if role is Role.GRAD_INPUT else decline(config, role, module_path(site.node), n,
                                                                       span=product.s, product=product)
         if reason is None and n < 1 / LEVELS[-1]:
             reason = f"{n} samples are too few to sample"
@@ -141,15 +177,24 @@ def sample_batch(operand: torch.fx.Node, n: int) -> Optional[torch.fx.Node]:
 
 def plan_adaptive(site: GemmSite, config: SamplingConfig) -> Union[AdaptiveRewrite, str]:
     """The controlled rewrite of ``site`` under ``p="auto"``, or the reason it stays exact."""
-    if site.role is Role.GRAD_INPUT:
+    propagated = site.role is Role.GRAD_INPUT
+    if propagated and config.grad != "both":
         return PROPAGATED
     n = size_hint(site.cotangent.meta["val"].shape[-2])
-    reason = decline(config, site.role, module_path(site.node), n, product=site.product(ROWS))
+    product = site.product(ROWS)
+    if propagated:  # its options are the norm sketch's, priced as a propagated product (ubcompile.auto.policy)
+        product = product._replace(op="propagated")
+    reason = decline(config, site.role, module_path(site.node), n, product=product)
     if reason is not None:
         return reason
-    if site.node.target is not aten.mm.default or site.contracted != ROWS:
-        return "p='auto' controls 2-D weight-gradient products over batch/token rows only"
+    if site.node.target is not aten.mm.default or site.contracted != ROWS and not propagated:
+        return "p='auto' controls 2-D weight-gradient products over batch/token rows, and 2-D propagated gradients, only"
     if n < 1 / LEVELS[-1]:
         return f"{n} rows are too few to sample"
+    if propagated:
+        if sample_batch(site.cotangent, n) is not None:
+            return ("p='auto' samples propagated gradients over a plain batch's rows only: these rows are tokens, "
+                    "whose gradients attention mixes")
+        return AdaptiveRewrite(site, n, out_dim=site.output_dim(ROWS))
     activation = site.node.args[1 - site.cotangent_arg]
     return AdaptiveRewrite(site, n, sample_batch(activation, n))
