@@ -35,7 +35,7 @@ def test_propagated_gradients_go_to_the_controller_with_the_draws_they_come_from
     has no propagated gradient (the input needs none)."""
     torch.manual_seed(0)
     model, x = mlp(32, 128, 128, 4), torch.randn(96, 32)
-    backend = ubcompile.backend(p="auto", grad="both", min_dim=16, min_speedup=0)
+    backend = ubcompile.backend(p="auto", grad="both", min_dim=16, min_speedup=0, compiler="eager")
     loss_of(torch.compile(model, backend=backend)(x)).backward()
     ops = controlled_ops(backend)
     assert sorted(m for m, _ in ops["auto_propagated"]) == ["2", "4"]
@@ -71,7 +71,8 @@ def test_nested_propagated_draws_are_unbiased():
     assert_unbiased(model, lambda out: F.cross_entropy(out, target), x, draws=200, backend=backend)
     controller = backend.sampler.auto
     group, = controller.propagation.values()
-    assert not group.disabled and group.measurements >= 3
+    assert not group.disabled and group.measurements >= 3  # the nesting check passes: rows stay samples
+    assert f"now at {LEVELS[group.level]:g}" in controller.table()
     propagated = [s for s in controller.sites if s.family == "propagated"]
     assert len(propagated) == 2 and all(sum(s.uses[1:]) > 150 for s in propagated), [s.uses for s in propagated]
 
@@ -157,19 +158,6 @@ def test_a_residual_connection_fails_the_nesting_check_and_turns_propagation_exa
     for _ in range(5):
         F.cross_entropy(compiled(x), target).backward()
     assert sum(fc2.uses[1:]) == sampled
-
-
-def test_a_plain_mlp_passes_the_nesting_check():
-    torch.manual_seed(0)
-    model = mlp(16, 64, 64, 3)
-    x, target = torch.randn(128, 16), torch.randint(0, 3, (128,))
-    backend = auto_both(budget=50.0)
-    compiled = torch.compile(model, backend=backend)
-    for _ in range(20):
-        F.cross_entropy(compiled(x), target).backward()
-    group, = backend.sampler.auto.propagation.values()
-    assert group.disabled == "" and group.level > 0
-    assert f"now at {LEVELS[group.level]:g}" in backend.sampler.auto.table()
 
 
 def test_propagated_draws_make_no_host_sync():

@@ -28,6 +28,9 @@ SPIKE = 4.0
 _SMOOTHING = 0.9  # running mean of sum_j a_j^2: mean <- s * mean + (1 - s) * value
 _WARMUP = 50  # calls before the spike guard is armed
 _FIRST_GAP = 5  # calls between the first two measurements; the gap then doubles up to measure_every
+NESTING_CHECKS = 5
+"""Steps with a propagated draw at which the products below it check that no other row came back,
+per graph (:class:`Propagation`): whether rows stay samples is the network's structure, not its data."""
 
 
 @dataclasses.dataclass
@@ -176,6 +179,7 @@ class Step:
     k: Optional[int] = None
     u: Optional[Tensor] = None
     measured: int = -1
+    checks: bool = False  # whether the products below the draw run the nesting check
 
     @property
     def drew(self) -> bool:
@@ -202,9 +206,10 @@ class Propagation:
     FLOPs) its sites save.
 
     This holds where rows stay samples down the network: no residual connection carrying the
-    undrawn rows, no batch norm or attention mixing them. The **nesting check** watches it: at
-    every call below a draw, the site counts its nonzero samples on the device, and a count above
-    ``k``, read back later, turns the group exact for good, with the reason in ``disabled``."""
+    undrawn rows, no batch norm or attention mixing them. The **nesting check** watches it: at the
+    first :data:`NESTING_CHECKS` steps of each graph that draw, every call below the draw counts its
+    nonzero samples on the device, and a count above ``k``, read back later, turns the group exact
+    for good, with the reason in ``disabled``."""
 
     level: int = 0
     first: Optional[int] = None  # key of the site that runs first in a step, as last seen
@@ -217,6 +222,7 @@ class Propagation:
     measurements: int = 0
     disabled: str = ""
     timeline: list[tuple[int, float]] = dataclasses.field(default_factory=list)  # (step, fraction) at each change
+    checked: dict[str, int] = dataclasses.field(default_factory=dict)  # per graph: steps whose draw was checked
     # per measurement priced: (its step, the allocation's allowance, each level's added variance in the budget's units)
     prices: list[tuple[int, float, tuple[float, ...]]] = dataclasses.field(default_factory=list)
 
@@ -342,7 +348,7 @@ class AutoController:
         An exact call that does not measure computes the exact gradient alone: the bounds read all
         of ``G`` and ``x`` (on a CPU core, 4-5 ms for a 128-sample batch at 64-128 channels, a
         tenth of the gradient itself), so the spike guard watches the sampled calls only, and the
-        calls after a propagated draw, which the nesting check needs them for (:class:`Propagation`)."""
+        calls below a checked propagated draw, which the nesting check needs them for (:class:`Propagation`)."""
         shape, span, reads = conv_site_shape(g.shape, x.shape, w.shape, geometry.transposed)
         batch = shape[1]
         site, step = self._enter(key)
@@ -351,7 +357,7 @@ class AutoController:
         measuring = measuring or step is not None and step.u is not None
         narrowed = self._narrowed(site, step, k, measuring)
         k = k if narrowed is None else narrowed
-        if k < batch or measuring or step is not None:
+        if k < batch or measuring or step is not None and step.checks:
             a, sq_norm = sample_bounds(g, x)
             self._post_guard(key, site, sq_norm)
             self._check_nesting(key, site, step, a)
@@ -401,7 +407,9 @@ class AutoController:
         out, nonzero = propagated_call(x, y, out_dim, k, seed, draw_kernels.stream_of(stream, 0))
         if first:
             step.k = k
-        else:
+            step.checks = group.checked.get(graph, 0) < NESTING_CHECKS
+            group.checked[graph] = group.checked.get(graph, 0) + step.checks
+        elif step.checks:
             self._post_nesting(key, nonzero, step.k)
         return out
 
@@ -445,7 +453,7 @@ class AutoController:
     def _check_nesting(self, key: int, site: AutoSite, step: Optional[Step], a: Tensor) -> None:
         """Below a propagated draw of this step, post how many of the site's samples have a nonzero
         term (``a``: the terms' norms, a convolution's per-sample bounds) for the nesting check."""
-        if step is None or step.k is None:
+        if step is None or step.k is None or not step.checks:
             return
         per_sample = a if site.group == 1 else a.reshape(-1, site.group).sum(1)
         self._post_nesting(key, (per_sample > 0).sum().reshape(1), step.k)

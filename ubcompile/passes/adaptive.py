@@ -29,7 +29,7 @@ from .conv import ConvSite, bias_grad, conv_product, narrow_exact
 from .gemm import GemmSite
 from .graph import ROWS, Role, module_path, shape_of
 from .inline import inline_call
-from .rules import Draws, decline
+from .rules import Draws, decline, site_name
 
 aten = torch.ops.aten
 
@@ -79,11 +79,6 @@ class AdaptiveRewrite:
         graph.erase_node(node)
         if out_dim is not None:
             draws.propagated[call] = site_name(module, ordinal)
-
-
-def site_name(module: str, ordinal: int) -> str:
-    """A controlled op's site as an op argument names it: ``"ordinal:module"`` (a module path has no ``/``)."""
-    return f"{ordinal}:{module}"
 
 
 def _upstream(cotangent: torch.fx.Node, draws: Draws) -> str:

@@ -51,13 +51,17 @@ class DrawKey(NamedTuple):
     sketch: str
 
 
+def site_name(module: str, ordinal: int) -> str:
+    """A controlled op's site as an op argument names it: ``"ordinal:module"`` (a module path has no ``/``)."""
+    return f"{ordinal}:{module}"
+
+
 class Draws(dict[Union[torch.fx.Node, DrawKey], tuple[torch.fx.Node, ...]]):
     """The draws a pass inserted so far: per :class:`DrawKey`, or per activation for draws in the
     forward, and the graph's inputs they come from: ``seed``, its seed, and under ``p="auto"``
     ``handle``, which names the backend's stream for the controlled ops (:mod:`.seed_input`).
     ``controlled`` lists the module of each controlled op inserted, in order, and ``propagated``
-    maps each controlled propagated gradient's op to its site's name
-    (:func:`~.adaptive.site_name`)."""
+    maps each controlled propagated gradient's op to its site's name (:func:`site_name`)."""
 
     def __init__(self, seed: torch.fx.Node, handle: Optional[torch.fx.Node] = None) -> None:
         super().__init__()
@@ -69,9 +73,9 @@ class Draws(dict[Union[torch.fx.Node, DrawKey], tuple[torch.fx.Node, ...]]):
     @property
     def graph_id(self) -> str:
         """What the graph's controlled ops pass to say which graph they are in: the name of its
-        first controlled op's site (:func:`~.adaptive.site_name`; site names are unique in a
-        compiled model). Empty before the first is placed."""
-        return f"0:{self.controlled[0]}" if self.controlled else ""
+        first controlled op's site (:func:`site_name`; site names are unique in a compiled
+        model). Empty before the first is placed."""
+        return site_name(self.controlled[0], 0) if self.controlled else ""
 
 
 Draw = Callable[..., tuple[Tensor, ...]]
