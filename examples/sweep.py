@@ -21,7 +21,8 @@ cost rule on, :func:`wide_timed_grid`; ``--grid wide-conv`` the BagNet at 64 cha
 ``p="auto"`` with its default options, :func:`wide_conv_grid`; ``--grid wide-conv-reads`` the same again,
 into ``wide_conv_reads_runs.jsonl``, after the conv cost models counted what the op reads), ``--grid vcas`` VCAS on the confirmation
 seeds (:func:`vcas_grid`, into ``vcas_runs.jsonl``; ``--grid vcas-matched`` at the ``tau`` that matches
-``p="auto"``'s backward FLOPs there, :data:`MATCHED_VCAS_TAU_CONFIRM`), ``--grid layer-scale`` ``p="auto"``
+``p="auto"``'s backward FLOPs there, :data:`MATCHED_VCAS_TAU_CONFIRM`; ``--grid vcas-propagated`` at those
+that match the MLP's ``grad="both"`` runs, :data:`MATCHED_VCAS_TAU_PROPAGATED`), ``--grid layer-scale`` ``p="auto"``
 with each layer's variance over its own gradient (:func:`layer_scale_grid`, into
 ``layer_scale_runs.jsonl``; ``--grid timed`` the same on the MLP with the cost rule on, :func:`timed_grid`;
 ``--grid propagated`` that with ``grad="both"``, :func:`propagated_grid`, into ``propagated_runs.jsonl``;
@@ -230,6 +231,18 @@ def vcas_matched_grid(model: str) -> list[dict[str, Any]]:
     return [{**c, "vcas_tau": MATCHED_VCAS_TAU_CONFIRM[model]} for c in vcas_grid(model)]
 
 
+MATCHED_VCAS_TAU_PROPAGATED = (0.05, 0.13)
+"""The MLP's ``tau`` at which VCAS's training steps spend about the backward FLOPs of
+:func:`propagated_grid`'s ``grad="both"`` runs, found on seed 16 (2026-12-08; the runs in
+``vcas_calibration_runs.jsonl``): 0.467 at 0.05 (``p="auto"`` at budget 0.1: 0.476 over the seeds)
+and 0.405 at 0.13 (budget 0.2: 0.411); 0.423 at 0.1 and 0.357 at 0.3."""
+
+
+def vcas_propagated_grid(model: str) -> list[dict[str, Any]]:
+    """:func:`vcas_grid` at each of :data:`MATCHED_VCAS_TAU_PROPAGATED`."""
+    return [{**c, "vcas_tau": tau} for tau in MATCHED_VCAS_TAU_PROPAGATED for c in vcas_grid(model)]
+
+
 def layer_scale_grid(model: str) -> list[dict[str, Any]]:
     """``p="auto"`` at the default budget with ``budget_scale="layer"`` on the same seeds."""
     return [{**c, "budget_scale": "layer"} for c in confirm_grid(model, CONFIRM_SEEDS[model][:BASELINE_SEEDS])
@@ -295,7 +308,8 @@ GRIDS = {"main": (grid, "runs.jsonl", tuple(MODELS)), "auto": (auto_grid, "auto_
          "layer-scale": (layer_scale_grid, "layer_scale_runs.jsonl", tuple(CONFIRM_SEEDS)),
          "timed": (timed_grid, "layer_scale_runs.jsonl", ("mlp",)),
          "propagated": (propagated_grid, "propagated_runs.jsonl", ("mlp",)),
-         "propagated-long": (propagated_long_grid, "propagated_long_runs.jsonl", ("mlp",))}
+         "propagated-long": (propagated_long_grid, "propagated_long_runs.jsonl", ("mlp",)),
+         "vcas-propagated": (vcas_propagated_grid, "vcas_runs.jsonl", ("mlp",))}
 """name: (the runs of one model, the records file, the models it covers)."""
 
 

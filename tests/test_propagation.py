@@ -5,14 +5,13 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
 
 import ubcompile
 from ubcompile.auto import LEVELS
 from ubcompile.testing import assert_unbiased, critical_z, gradient_accumulators
 
 from conftest import loss_of, mlp
-from test_syncs import SYNC_OPS
+from test_syncs import syncs_after_warmup
 
 pytestmark = pytest.mark.compiled_kernels
 
@@ -167,12 +166,6 @@ def test_propagated_draws_make_no_host_sync():
     model = mlp(96, 128, 128, 128, 10)
     x = torch.randn(64, 96)
     backend = ubcompile.backend(p="auto", grad="both", min_dim=16, seed=0, min_speedup=0, budget=50.0)
-    compiled = torch.compile(model, backend=backend)
-    for _ in range(6):
-        loss_of(compiled(x)).backward()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(10):
-            loss_of(compiled(x)).backward()
-    assert [e.name for e in prof.events() if e.name in SYNC_OPS] == []
+    assert syncs_after_warmup(model, x, backend) == []
     propagated = [s for s in backend.sampler.auto.sites if s.family == "propagated"]
     assert propagated and all(sum(s.uses[1:]) >= 8 for s in propagated), [s.uses for s in propagated]

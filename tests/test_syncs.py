@@ -47,22 +47,27 @@ def test_auto_makes_no_host_sync():
     assert syncs_per_step(ubcompile.backend(p="auto", min_dim=16, seed=0)) == []
 
 
-def test_auto_on_convolutions_makes_no_host_sync():
-    """Six steps (calls 0-5, measurements 0 and 5) compile every body the controller will call
-    (Dynamo reads 0-d tensors as it traces them: a one-off sync per body); the next ten, sampled,
-    measurement 15 included, make no sync."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3), torch.nn.ReLU(),
-                                torch.nn.Flatten(), torch.nn.Linear(32 * 144, 10))
-    x = torch.randn(32, 3, 16, 16)
-    backend = ubcompile.backend(p="auto", min_dim=16, seed=0, min_speedup=0, budget=4.0)
+def syncs_after_warmup(model: torch.nn.Module, x: torch.Tensor, backend) -> list[str]:
+    """The syncs of ten steps after six that compile every body the controller will call (Dynamo
+    reads 0-d tensors as it traces them: a one-off sync per body)."""
     compiled = torch.compile(model, backend=backend)
     for _ in range(6):
         loss_of(compiled(x)).backward()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(10):
             loss_of(compiled(x)).backward()
-    assert [e.name for e in prof.events() if e.name in SYNC_OPS] == []
+    return [e.name for e in prof.events() if e.name in SYNC_OPS]
+
+
+def test_auto_on_convolutions_makes_no_host_sync():
+    """After six steps (calls 0-5, measurements 0 and 5), the next ten, sampled, measurement 15
+    included, make no sync."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(32 * 144, 10))
+    x = torch.randn(32, 3, 16, 16)
+    backend = ubcompile.backend(p="auto", min_dim=16, seed=0, min_speedup=0, budget=4.0)
+    assert syncs_after_warmup(model, x, backend) == []
     backend.sampler.auto.collect(wait=True)
     conv = [s for s in backend.sampler.auto.sites if s.family == "conv"]
     assert len(conv) == 2 and all([m.call for m in s.measurements] == [0, 5, 15] and s.uses[0] == 1 for s in conv)
