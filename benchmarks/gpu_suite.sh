@@ -2,7 +2,8 @@
 # The GPU checks of issue 19, as one command for a session with a lent GPU (none was lent when it
 # was written; nothing here has been run on a GPU yet):
 #   bash benchmarks/gpu_suite.sh [out_dir]        # default benchmarks/results/gpu
-# 1. ATen ops, CUDA kernels and host syncs per warm step of the MLP in every mode, bf16, with the
+# 1. ATen ops, CUDA kernels and host syncs per warm step of the MLP in every mode (p="auto" with its propagated
+#    gradients drawing at every step too: grad="both", budget 50), bf16, with the
 #    step run under torch.cuda.set_sync_debug_mode("error"); exact with and without
 #    mode="reduce-overhead" (ubcompile refuses reduce-overhead: README "Compile options").
 # 2. The benchmark suite on CUDA, bf16: step and backward time against exact, 5 rounds.
@@ -16,7 +17,7 @@ mkdir -p "$out"
 {
   python -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"
   for options in exact '{}' '{"grad": "both"}' '{"grad": "both", "sketch": "uniform"}' \
-                 '{"sketch": "activation"}' '{"p": "auto"}'; do
+                 '{"sketch": "activation"}' '{"p": "auto"}' '{"p": "auto", "grad": "both", "budget": 50}'; do
     python benchmarks/step_ops.py "$options" --device cuda --dtype bfloat16 --sync-debug || echo "FAILED: $options"
   done
   python benchmarks/step_ops.py exact --device cuda --dtype bfloat16 --mode reduce-overhead || echo "FAILED: exact reduce-overhead"

@@ -57,7 +57,7 @@ def auto_contraction(x: Tensor, y: Tensor, seed: Tensor, handle: Tensor, module:
     ordinal)`` (rows of ``y``, the rows of ``samples`` samples), drawn from ``seed`` and ``index``,
     the product's place among its graph's controlled ops; ``handle`` names the controller's stream,
     ``graph`` the graph, ``upstream`` the controlled propagated gradients its operands are computed
-    from (their sites as :func:`ubcompile.passes.adaptive.site_name` names them, ``/``-separated)."""
+    from (their sites as :func:`ubcompile.passes.rules.site_name` names them, ``/``-separated)."""
     stream = _controlled_stream(handle)
     key = stream.auto.register(module, (x.shape[0], x.shape[1], y.shape[1]), stream.domain, ordinal, x.device.type)
     return stream.auto.contraction(x, y, key, seed, index, samples, graph, upstream)

@@ -15,13 +15,15 @@ if TYPE_CHECKING:
 
 def controller_table(controller: AutoController) -> str:
     """One row per site (calls, measurements, the share of calls at each option, the latest
-    ``V_sketch / V_sgd``, spikes, FLOPs against exact) and a summary line."""
+    ``V_sketch / V_sgd``, spikes, FLOPs against exact), a summary line, and a line per model whose
+    propagated gradients are controlled (they are measured as one, on that line)."""
     rows = []
     for s in controller.sites:
         calls = max(1, sum(s.uses))
         use = ", ".join(f"{o.label}: {100 * u / calls:.0f}%" for o, u in zip(s.options, s.uses) if u)
         last = s.measurements[-1].ratio(s.option) if s.measurements else math.nan
-        rows.append([s.module, "x".join(map(str, s.shape)), s.calls, len(s.measurements), use, s.current.label,
+        name = f"{s.module} (propagated)" if s.family == "propagated" else s.module
+        rows.append([name, "x".join(map(str, s.shape)), s.calls, len(s.measurements), use, s.current.label,
                      f"{last:.3g}", len(s.spikes),
                      f"{s.spent_flops / s.exact_flops:.3f}" if s.exact_flops else "-"])
     headers = ["module", "M x n x N", "calls", "measured", "option used (share of calls)", "now",
