@@ -159,6 +159,30 @@ def test_a_residual_connection_fails_the_nesting_check_and_turns_propagation_exa
     assert sum(fc2.uses[1:]) == sampled
 
 
+class BrokenMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.d = nn.Linear(32, 64), nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 3)
+
+    def forward(self, x):
+        h = F.relu(self.b(F.relu(self.a(x))))
+        torch._dynamo.graph_break()
+        return self.d(F.relu(self.c(h)))
+
+
+def test_a_graph_break_below_a_draw_turns_propagation_exact():
+    """The pass sees each graph alone: a product of another graph called after a draw may get it,
+    unseen, so the controller turns the model's propagated gradients exact and says why."""
+    torch.manual_seed(0)
+    x, target = torch.randn(128, 32), torch.randint(0, 3, (128,))
+    backend = auto_both(budget=50.0)
+    compiled = torch.compile(BrokenMLP(), backend=backend)
+    for _ in range(2):  # the first step measures: the draw's rows' norms reach the other graph's products
+        F.cross_entropy(compiled(x), target).backward()
+    group, = backend.sampler.auto.propagation.values()
+    assert "graph break" in group.disabled and group.level == 0, group
+
+
 def test_propagated_draws_make_no_host_sync():
     """As the weight gradients' (test_syncs): after warm-up steps that compile every body, sampled
     steps with propagated draws, nesting checks and a measurement make no sync."""

@@ -44,7 +44,8 @@ measurements only, where they give the variances their true terms).
   a draw is the pass's dataflow (each op names the propagated ones its cotangent comes from). Where
   rows do not stay samples (a residual connection carries the undrawn rows back, batch norm or
   attention mixes them), the **nesting check** sees more nonzero samples below a draw than it kept
-  and turns the model's propagated gradients exact for good (the report says why).
+  and turns the model's propagated gradients exact for good (the report says why); so does a
+  product of another graph called after a draw (a graph break: the pass cannot see across it).
 * **guard**: every GEMM call knows ``sum_j a_j^2`` (the squared norms of the product's terms) for
   free; a convolution's sampled and measured calls know ``sum_b`` of its bounds squared (its exact
   calls skip them: reading ``G`` and ``x`` costs a tenth of the gradient).
