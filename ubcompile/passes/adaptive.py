@@ -175,6 +175,8 @@ def plan_adaptive(site: GemmSite, config: SamplingConfig) -> Union[AdaptiveRewri
     propagated = site.role is Role.GRAD_INPUT
     if propagated and config.grad != "both":
         return PROPAGATED
+    if propagated and site.node.target is not aten.mm.default:
+        return "p='auto' controls 2-D propagated gradients only (a bmm's stay exact)"
     n = size_hint(site.cotangent.meta["val"].shape[-2])
     product = site.product(ROWS)
     if propagated:  # its options are the norm sketch's, priced as a propagated product (ubcompile.auto.policy)
@@ -182,8 +184,8 @@ def plan_adaptive(site: GemmSite, config: SamplingConfig) -> Union[AdaptiveRewri
     reason = decline(config, site.role, module_path(site.node), n, product=product)
     if reason is not None:
         return reason
-    if site.node.target is not aten.mm.default or site.contracted != ROWS and not propagated:
-        return "p='auto' controls 2-D weight-gradient products over batch/token rows, and 2-D propagated gradients, only"
+    if not propagated and (site.node.target is not aten.mm.default or site.contracted != ROWS):
+        return "p='auto' controls 2-D weight-gradient products over batch/token rows only"
     if n < 1 / LEVELS[-1]:
         return f"{n} rows are too few to sample"
     if propagated:
