@@ -170,15 +170,14 @@ class AutoSite:
 class Step:
     """One backward pass of a domain so far: the sites it called (a site called again begins the
     next), its first propagated site ``first`` (a key) and that site's graph, and its draw: the keep
-    count ``k`` (``None``: exact), or, measuring, the rows' norms ``u`` and the
-    :class:`Propagation`'s measurement ``measured``."""
+    count ``k`` (``None``: exact), or, measuring, the rows' norms ``u`` (that step is its
+    :class:`Propagation`'s latest measurement, ``measured``)."""
 
     seen: set[int] = dataclasses.field(default_factory=set)
     first: Optional[int] = None
     graph: str = ""
     k: Optional[int] = None
     u: Optional[Tensor] = None
-    measured: int = -1
     checks: bool = False  # whether the products below the draw run the nesting check
 
     @property
@@ -397,8 +396,8 @@ class AutoController:
         n = x.shape[0] if out_dim == 0 else y.shape[1]
         k, _ = self._count(site, (x.shape[1], n, y.shape[1] if out_dim == 0 else x.shape[0]), n)
         if measuring:
-            step.u, step.measured = gemm_importances(x, y, out_dim), group.calls - 1
-            group.measured, group.expected, group.measurements = step.measured, 0, group.measurements + 1
+            step.u = gemm_importances(x, y, out_dim)
+            group.measured, group.expected, group.measurements = group.calls - 1, 0, group.measurements + 1
             group.due = False
             group.next_measure = group.calls - 1 + min(group.gap, self.measure_every)
             group.gap *= 2
@@ -472,7 +471,7 @@ class AutoController:
             self._post_nesting(key, norms.new_full((1,), step.u.shape[0] + 1), step.u.shape[0])
             return
         counts = self.sites[group.first].keep_counts(step.u.shape[0], norms.device)
-        self.readback.post(sketch_variance_vector(step.u, counts, norms), ("propagation", key, step.measured))
+        self.readback.post(sketch_variance_vector(step.u, counts, norms), ("propagation", key, group.measured))
         self._unread.add(key)
         group.expected += 1
 
